@@ -1,0 +1,1 @@
+"""What the observer, dispatcher and runner share: messages, names, broker, settings."""

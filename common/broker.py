@@ -1,0 +1,407 @@
+"""The broker connection: the only module that imports pika.
+
+It turns pika's exceptions into our own (BrokerUnavailable, Unroutable), so
+the workers' logic never sees a pika type. Every publish is confirmed; shared
+messages are persistent and mandatory (delivery rule 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import pika
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel
+
+from common import naming
+from common.messages import Message
+from common.settings import BrokerSettings, redact_url
+
+log = logging.getLogger(__name__)
+
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+# A runner queue whose runner has been gone this long is deleted by the broker,
+# so the management UI does not fill with queues of runners long retired.
+RUNNER_QUEUE_EXPIRES_MS = 15 * 60 * 1000
+
+
+class BrokerError(Exception):
+    """Base of the errors this module raises."""
+
+
+class BrokerUnavailable(BrokerError):
+    """The connection or channel is gone (or never came); reconnect and retry."""
+
+
+class Unroutable(BrokerError):
+    """A mandatory publish found no queue (e.g. a runner queue that no longer exists)."""
+
+
+class RpcTimeout(BrokerError):
+    """No reply to a request in time."""
+
+
+@contextmanager
+def _translated() -> Iterator[None]:
+    try:
+        yield
+    except pika.exceptions.UnroutableError:
+        raise Unroutable("message was returned unroutable") from None
+    except pika.exceptions.NackError:
+        raise BrokerUnavailable("broker refused (nacked) a publish") from None
+    except (pika.exceptions.AMQPError, OSError) as exc:
+        raise BrokerUnavailable(f"{type(exc).__name__}: {exc}") from None
+
+
+@dataclass
+class Delivery:
+    """One received message; ack or reject it on the connection's thread."""
+
+    body: bytes
+    queue: str
+    headers: dict[str, Any]
+    redelivered: bool
+    reply_to: str | None
+    correlation_id: str | None
+    _channel: BlockingChannel = field(repr=False)
+    _tag: int = field(repr=False)
+
+    def ack(self) -> None:
+        with _translated():
+            self._channel.basic_ack(self._tag)
+
+    def requeue(self) -> None:
+        with _translated():
+            self._channel.basic_nack(self._tag, requeue=True)
+
+    def reject(self) -> None:
+        with _translated():
+            self._channel.basic_reject(self._tag, requeue=False)
+
+
+Handler = Callable[[Delivery], None]
+
+
+class Broker:
+    """A blocking connection with one confirmed channel, and the topology helpers."""
+
+    def __init__(self, settings: BrokerSettings, client_name: str) -> None:
+        self.settings = settings
+        self.ns = settings.namespace
+        self.client_name = client_name
+        self._conn: pika.BlockingConnection | None = None
+        self._ch: BlockingChannel | None = None
+        self._consumers: list[str] = []
+        self._rpc_replies: dict[str, bytes] = {}
+        self._rpc_consuming = False
+
+    # -- connection -------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return bool(self._conn and self._conn.is_open and self._ch and self._ch.is_open)
+
+    def connect(self, give_up_after: float | None = None) -> None:
+        """Connect, retrying with capped exponential backoff and full jitter.
+
+        With give_up_after, raise BrokerUnavailable once that many seconds pass.
+        """
+        params = pika.URLParameters(self.settings.amqp_url)
+        params.client_properties = {"connection_name": self.client_name}
+        params.connection_attempts = 1
+        params.socket_timeout = 5
+        params.blocked_connection_timeout = 60
+        params.heartbeat = 30
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            try:
+                self._conn = pika.BlockingConnection(params)
+                self._ch = self._conn.channel()
+                self._ch.confirm_delivery()
+                self._consumers = []
+                self._rpc_consuming = False
+                log.info("connected to %s as %s", redact_url(self.settings.amqp_url), self.client_name)
+                return
+            except (pika.exceptions.AMQPError, OSError) as exc:
+                self.close()
+                reason = _describe(exc)
+                waited = time.monotonic() - started
+                if give_up_after is not None and waited >= give_up_after:
+                    raise BrokerUnavailable(
+                        f"cannot reach RabbitMQ at {redact_url(self.settings.amqp_url)}: {reason}"
+                    ) from None
+                delay = random.uniform(0, min(10.0, 0.25 * 2**attempt))
+                if give_up_after is not None:
+                    delay = min(delay, max(0.0, give_up_after - waited))
+                attempt += 1
+                log.warning("broker unavailable (%s); retrying in %.1fs", reason, delay)
+                time.sleep(delay)
+
+    def close(self) -> None:
+        conn, self._conn, self._ch = self._conn, None, None
+        if conn is not None and conn.is_open:
+            try:
+                conn.close()
+            except (pika.exceptions.AMQPError, OSError):
+                pass
+
+    def process(self, time_limit: float) -> None:
+        """Run callbacks for up to time_limit seconds (returns sooner on activity)."""
+        with _translated():
+            self._connection().process_data_events(time_limit=max(0.0, time_limit))
+
+    def call_threadsafe(self, fn: Callable[[], None]) -> None:
+        """Run fn on the connection's thread; the only call safe from other threads."""
+        with _translated():
+            self._connection().add_callback_threadsafe(fn)
+
+    def _connection(self) -> pika.BlockingConnection:
+        if self._conn is None or not self._conn.is_open:
+            raise BrokerUnavailable("not connected")
+        return self._conn
+
+    def _channel(self) -> BlockingChannel:
+        if self._ch is None or not self._ch.is_open:
+            raise BrokerUnavailable("not connected")
+        return self._ch
+
+    # -- topology ---------------------------------------------------------
+
+    def declare_topology(self) -> None:
+        """Declare every shared exchange and queue; safe to repeat (idempotent)."""
+        ns = self.ns
+        ch = self._channel()
+        dlx = {"x-dead-letter-exchange": naming.dead_letter_exchange(ns)}
+        with _translated():
+            for name, kind in (
+                (naming.commits_exchange(ns), "fanout"),
+                (naming.control_exchange(ns), "fanout"),
+                (naming.results_exchange(ns), "fanout"),
+                (naming.jobs_exchange(ns), "direct"),
+                (naming.dead_letter_exchange(ns), "fanout"),
+            ):
+                ch.exchange_declare(name, exchange_type=kind, durable=True)
+            bindings = (
+                (naming.dispatcher_commits_queue(ns), naming.commits_exchange(ns), ""),
+                (naming.dispatcher_control_queue(ns), naming.control_exchange(ns), ""),
+                (naming.dispatcher_results_queue(ns), naming.results_exchange(ns), ""),
+                (naming.backlog_queue(ns), naming.jobs_exchange(ns), naming.BACKLOG_ROUTING_KEY),
+            )
+            for queue, exchange, key in bindings:
+                ch.queue_declare(queue, durable=True, arguments=dlx)
+                ch.queue_bind(queue, exchange, routing_key=key)
+            # Requests expire rather than pile up while the dispatcher is down,
+            # and an expired request is not worth a dead letter.
+            ch.queue_declare(naming.dispatcher_rpc_queue(ns), durable=True)
+            dead = naming.dead_letter_queue(ns)
+            ch.queue_declare(dead, durable=True)
+            ch.queue_bind(dead, naming.dead_letter_exchange(ns))
+
+    def declare_runner_queue(self, runner_id: str) -> str:
+        queue = naming.runner_queue(self.ns, runner_id)
+        args = {
+            "x-dead-letter-exchange": naming.dead_letter_exchange(self.ns),
+            "x-expires": RUNNER_QUEUE_EXPIRES_MS,
+        }
+        with _translated():
+            ch = self._channel()
+            ch.queue_declare(queue, durable=True, arguments=args)
+            ch.queue_bind(queue, naming.jobs_exchange(self.ns), naming.runner_routing_key(runner_id))
+        return queue
+
+    def queue_depth(self, queue: str) -> tuple[int, int] | None:
+        """(ready messages, consumers) of a queue, or None if it does not exist."""
+        conn = self._connection()
+        with _translated():
+            # A passive declare of a missing queue closes its channel, so
+            # ask on a throwaway one.
+            ch = conn.channel()
+        try:
+            ok = ch.queue_declare(queue, passive=True)
+            return ok.method.message_count, ok.method.consumer_count
+        except pika.exceptions.ChannelClosedByBroker:
+            return None
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            raise BrokerUnavailable(_describe(exc)) from None
+        finally:
+            if ch.is_open:
+                with _translated():
+                    ch.close()
+
+    def delete_queue(self, queue: str) -> None:
+        with _translated():
+            self._channel().queue_delete(queue)
+
+    def delete_exchange(self, exchange: str) -> None:
+        with _translated():
+            self._channel().exchange_delete(exchange)
+
+    def purge_queue(self, queue: str) -> None:
+        with _translated():
+            self._channel().queue_purge(queue)
+
+    # -- publishing -------------------------------------------------------
+
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        message: Message | bytes,
+        *,
+        persistent: bool = True,
+        mandatory: bool = True,
+        headers: dict[str, Any] | None = None,
+        reply_to: str | None = None,
+        correlation_id: str | None = None,
+        expiration_ms: int | None = None,
+    ) -> None:
+        """Publish and wait for the broker's confirm; raise Unroutable or BrokerUnavailable."""
+        body = message if isinstance(message, bytes) else message.to_json()
+        props = pika.BasicProperties(
+            content_type="application/json",
+            delivery_mode=pika.DeliveryMode.Persistent if persistent else None,
+            headers=headers,
+            reply_to=reply_to,
+            correlation_id=correlation_id,
+            expiration=str(expiration_ms) if expiration_ms is not None else None,
+            type=message.TYPE if isinstance(message, Message) else None,
+        )
+        with _translated():
+            self._channel().basic_publish(exchange, routing_key, body, properties=props, mandatory=mandatory)
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Move a message we cannot use to the dead-letter queue, with the reason."""
+        log.warning("dead-lettering a message from %s: %s", delivery.queue, reason)
+        headers = dict(delivery.headers)
+        headers.update({"x-volt-reason": reason[:1000], "x-volt-queue": delivery.queue})
+        try:
+            self.publish(naming.dead_letter_exchange(self.ns), "", delivery.body, headers=headers)
+        except Unroutable:
+            # No dead-letter queue bound: fall back on the queue's own DLX.
+            delivery.reject()
+            return
+        delivery.ack()
+
+    # -- consuming --------------------------------------------------------
+
+    def consume(self, queue: str, handler: Handler, prefetch: int = 1) -> None:
+        ch = self._channel()
+
+        def on_message(
+            channel: BlockingChannel,
+            method: Any,
+            props: pika.BasicProperties,
+            body: bytes,
+        ) -> None:
+            handler(
+                Delivery(
+                    body=body,
+                    queue=queue,
+                    headers=dict(props.headers or {}),
+                    redelivered=bool(method.redelivered),
+                    reply_to=props.reply_to,
+                    correlation_id=props.correlation_id,
+                    _channel=channel,
+                    _tag=method.delivery_tag,
+                )
+            )
+
+        with _translated():
+            ch.basic_qos(prefetch_count=prefetch)
+            self._consumers.append(ch.basic_consume(queue, on_message))
+
+    def stop_consuming(self) -> None:
+        """Cancel every consumer; messages not yet taken stay in their queues."""
+        ch = self._channel()
+        with _translated():
+            for tag in self._consumers:
+                ch.basic_cancel(tag)
+        self._consumers = []
+
+    def get(self, queue: str) -> Delivery | None:
+        """Take one message from a queue (basic.get), or None if it is empty."""
+        ch = self._channel()
+        with _translated():
+            method, props, body = ch.basic_get(queue, auto_ack=False)
+        if method is None:
+            return None
+        return Delivery(
+            body=body,
+            queue=queue,
+            headers=dict(props.headers or {}),
+            redelivered=bool(method.redelivered),
+            reply_to=props.reply_to,
+            correlation_id=props.correlation_id,
+            _channel=ch,
+            _tag=method.delivery_tag,
+        )
+
+    # -- request/reply ----------------------------------------------------
+
+    def reply(self, request: Delivery, message: Message) -> None:
+        """Answer a request; a requester that has gone away is not an error."""
+        if not request.reply_to:
+            return
+        try:
+            self.publish(
+                "",
+                request.reply_to,
+                message,
+                persistent=False,
+                # RabbitMQ returns mandatory publishes to direct reply-to
+                # even when it delivers them; a gone requester is no error.
+                mandatory=False,
+                correlation_id=request.correlation_id,
+            )
+        except Unroutable:
+            log.info("requester went away before its reply")
+
+    def request(self, message: Message, timeout: float) -> bytes:
+        """Send a request to the dispatcher and wait for the reply body."""
+        ch = self._channel()
+        if not self._rpc_consuming:
+
+            def on_reply(channel: Any, method: Any, props: Any, body: bytes) -> None:
+                if props.correlation_id:
+                    self._rpc_replies[props.correlation_id] = body
+
+            with _translated():
+                ch.basic_consume(DIRECT_REPLY_TO, on_reply, auto_ack=True)
+            self._rpc_consuming = True
+        corr = uuid.uuid4().hex
+        # Requests are transient and expire: a question nobody answered in
+        # time is not worth keeping across a broker restart.
+        self.publish(
+            "",
+            naming.dispatcher_rpc_queue(self.ns),
+            message,
+            persistent=False,
+            reply_to=DIRECT_REPLY_TO,
+            correlation_id=corr,
+            expiration_ms=int(timeout * 1000),
+        )
+        deadline = time.monotonic() + timeout
+        while corr not in self._rpc_replies:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RpcTimeout(f"no answer from the dispatcher within {timeout:g}s (is `volt dispatcher` running?)")
+            self.process(min(left, 0.5))
+        return self._rpc_replies.pop(corr)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, pika.exceptions.AMQPConnectionError) and exc.args:
+        inner = exc.args[0]
+        text = str(inner) or type(inner).__name__
+    if isinstance(exc, pika.exceptions.ProbableAuthenticationError):
+        text = "authentication refused (check the user and password in the AMQP URL)"
+    return text[:300]

@@ -1,0 +1,7 @@
+"""Process exit codes, named so scripts and service managers can tell them apart."""
+
+OK = 0
+UNHEALTHY = 1  # `volt check` found something wrong
+USAGE = 2  # a user mistake: bad flag, bad URL, missing repository
+BROKER_UNAVAILABLE = 3  # gave up reaching RabbitMQ
+INTERRUPTED = 130  # stopped by a second signal

@@ -1,0 +1,293 @@
+"""Message types: frozen dataclasses that travel as UTF-8 JSON.
+
+Every message carries `type` and `schema_version`. Decoding ignores unknown
+fields, fills defaults for optional ones, checks every field's type, and
+raises DecodeError with a reason for anything else. Never pickle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+SCHEMA_VERSION = 1
+# Far above any real message (a result's compressed log is capped well below
+# this); anything larger is hostile or broken.
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+_COMMIT = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
+STATUSES = ("passed", "failed", "error", "timeout", "cancelled")
+
+
+class DecodeError(ValueError):
+    """A message that cannot be turned into one of our types; says why."""
+
+
+def valid_commit(sha: str) -> bool:
+    return bool(_COMMIT.match(sha))
+
+
+def check_commit(sha: str) -> str:
+    """Return the commit id, or raise ValueError saying what is wrong with it."""
+    if not isinstance(sha, str) or not valid_commit(sha):
+        raise ValueError(f"not a commit id (40 or 64 lowercase hex characters): {sha!r:.80}")
+    return sha
+
+
+@dataclass(frozen=True)
+class Message:
+    TYPE: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["type"] = self.TYPE
+        data["schema_version"] = SCHEMA_VERSION
+        return data
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, body: bytes) -> Message:
+        msg = decode(body)
+        if not isinstance(msg, cls):
+            raise DecodeError(f"expected {cls.TYPE}, got {msg.TYPE}")
+        return msg
+
+
+@dataclass(frozen=True)
+class CommitSeen(Message):
+    """The observer (or a git hook) saw a new commit on a watched branch."""
+
+    TYPE: ClassVar[str] = "commit_seen"
+    repo: str
+    branch: str
+    commit: str
+    seen_at: float
+    source: str = "poll"
+
+    def __post_init__(self) -> None:
+        check_commit(self.commit)
+        _check_nonempty(repo=self.repo, branch=self.branch)
+
+
+@dataclass(frozen=True)
+class Job(Message):
+    """One attempt at testing one commit, sent to the backlog and then to one runner."""
+
+    TYPE: ClassVar[str] = "job"
+    job_id: str
+    attempt: int
+    repo: str
+    branch: str
+    commit: str
+
+    def __post_init__(self) -> None:
+        check_commit(self.commit)
+        _check_nonempty(job_id=self.job_id, repo=self.repo, branch=self.branch)
+        if self.attempt < 1:
+            raise ValueError(f"attempt must be at least 1, got {self.attempt}")
+
+
+@dataclass(frozen=True)
+class CancelJob(Message):
+    """Dispatcher to runner: stop this attempt (it was given away or cancelled)."""
+
+    TYPE: ClassVar[str] = "cancel_job"
+    job_id: str
+    attempt: int
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Hello(Message):
+    """A runner's state. Sent at start (Hello) and then every interval (Heartbeat).
+
+    Every heartbeat is a full snapshot, so a restarted dispatcher rebuilds its
+    registry from the next round of heartbeats. `session` changes with every
+    runner process, so a restart under the same id is told apart.
+    """
+
+    TYPE: ClassVar[str] = "hello"
+    runner_id: str
+    session: str
+    host: str = ""
+    pid: int = 0
+    state: str = "idle"  # idle | busy | draining
+    job_id: str = ""
+    attempt: int = 0
+    interval: float = 2.0
+    labels: list[str] = field(default_factory=list)
+    sent_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Heartbeat(Hello):
+    TYPE: ClassVar[str] = "heartbeat"
+
+
+@dataclass(frozen=True)
+class Goodbye(Message):
+    """A runner leaving on purpose; an abandoned job goes back to the backlog at once."""
+
+    TYPE: ClassVar[str] = "goodbye"
+    runner_id: str
+    session: str
+    job_id: str = ""
+    attempt: int = 0
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class JobStarted(Message):
+    TYPE: ClassVar[str] = "job_started"
+    job_id: str
+    attempt: int
+    runner_id: str
+    session: str
+    started_at: float
+
+
+@dataclass(frozen=True)
+class JobRejected(Message):
+    """A runner could not take a job it was sent (busy, draining); re-queue it."""
+
+    TYPE: ClassVar[str] = "job_rejected"
+    job_id: str
+    attempt: int
+    runner_id: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class JobResult(Message):
+    TYPE: ClassVar[str] = "job_result"
+    job_id: str
+    attempt: int
+    runner_id: str
+    status: str
+    exit_code: int | None = None
+    passed: int = 0
+    failed: int = 0
+    errors: int = 0
+    skipped: int = 0
+    duration_s: float = 0.0
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    reason: str = ""
+    log_head: str = ""
+    log_tail: str = ""
+    log_bytes: int = 0
+    # zlib-compressed, base64-encoded whole log; empty when it was too big to ship.
+    log_full: str = ""
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"unknown status {self.status!r}")
+
+
+@dataclass(frozen=True)
+class Request(Message):
+    """A question to the dispatcher over request/reply (status, results, log)."""
+
+    TYPE: ClassVar[str] = "request"
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Reply(Message):
+    TYPE: ClassVar[str] = "reply"
+    ok: bool
+    data: Any = None
+    error: str = ""
+
+
+def _check_nonempty(**values: str) -> None:
+    for name, value in values.items():
+        if not value:
+            raise ValueError(f"{name} must not be empty")
+
+
+TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (
+        CommitSeen,
+        Job,
+        CancelJob,
+        Hello,
+        Heartbeat,
+        Goodbye,
+        JobStarted,
+        JobRejected,
+        JobResult,
+        Request,
+        Reply,
+    )
+}
+
+
+def decode(body: bytes) -> Message:
+    """Turn a message body into its type, or raise DecodeError with the reason."""
+    if len(body) > MAX_MESSAGE_BYTES:
+        raise DecodeError(f"message too large: {len(body)} bytes (limit {MAX_MESSAGE_BYTES})")
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise DecodeError(f"not UTF-8 JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise DecodeError("not a JSON object")
+    kind = data.get("type")
+    cls = TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise DecodeError(f"unknown message type {kind!r:.60}")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise DecodeError(f"unknown schema_version {version!r:.60} for {kind}")
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _check_type(cls, f.name, data[f.name])
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field is missing
+        raise DecodeError(f"{kind}: {exc}") from None
+    except ValueError as exc:
+        raise DecodeError(f"{kind}: {exc}") from None
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _check_type(cls: type[Message], name: str, value: Any) -> Any:
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    if not _matches(hints[name], value):
+        raise DecodeError(f"{cls.TYPE}: field {name!r} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _matches(hint: Any, value: Any) -> bool:
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(arg, value) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_matches(item, v) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)

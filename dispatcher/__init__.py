@@ -1,0 +1,1 @@
+"""The dispatcher: the single owner of job state."""

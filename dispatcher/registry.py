@@ -1,0 +1,92 @@
+"""Live runners, kept alive by heartbeats.
+
+Liveness is a deadline: each heartbeat moves a runner's deadline to
+`now + interval * misses`, where the interval is the one the runner reports,
+and `expire()` removes the runners whose deadline passed. Time comes from an
+injected clock so tests control it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from common.messages import Hello
+
+
+@dataclass
+class RunnerInfo:
+    runner_id: str
+    session: str
+    host: str
+    pid: int
+    state: str
+    job_id: str
+    attempt: int
+    interval: float
+    labels: list[str]
+    first_seen: float
+    last_seen: float
+    deadline: float
+    last_assigned: float = 0.0
+    wall_last_seen: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class Seen:
+    info: RunnerInfo
+    new: bool  # first heartbeat from this runner id (or after it was lost)
+    restarted_from: str | None  # the previous session, when the runner restarted under its id
+
+
+class Registry:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, misses: int = 3) -> None:
+        self.clock = clock
+        self.misses = misses
+        self.runners: dict[str, RunnerInfo] = {}
+
+    def heartbeat(self, msg: Hello) -> Seen:
+        now = self.clock()
+        interval = min(max(msg.interval, 0.05), 3600.0)
+        old = self.runners.get(msg.runner_id)
+        info = RunnerInfo(
+            runner_id=msg.runner_id,
+            session=msg.session,
+            host=msg.host,
+            pid=msg.pid,
+            state=msg.state,
+            job_id=msg.job_id,
+            attempt=msg.attempt,
+            interval=interval,
+            labels=list(msg.labels),
+            first_seen=old.first_seen if old and old.session == msg.session else now,
+            last_seen=now,
+            deadline=now + interval * self.misses,
+            last_assigned=old.last_assigned if old else 0.0,
+        )
+        self.runners[msg.runner_id] = info
+        restarted = old.session if old and old.session != msg.session else None
+        return Seen(info, new=old is None, restarted_from=restarted)
+
+    def remove(self, runner_id: str) -> RunnerInfo | None:
+        return self.runners.pop(runner_id, None)
+
+    def expire(self) -> list[RunnerInfo]:
+        """Remove and return the runners whose heartbeats stopped."""
+        now = self.clock()
+        lost = [r for r in self.runners.values() if r.deadline < now]
+        for r in lost:
+            del self.runners[r.runner_id]
+        return lost
+
+    def alive(self, runner_id: str) -> bool:
+        return runner_id in self.runners
+
+    def get(self, runner_id: str) -> RunnerInfo | None:
+        return self.runners.get(runner_id)
+
+    def available(self, busy: set[str]) -> list[RunnerInfo]:
+        """Runners that can take a job now, the longest-unused first."""
+        free = [r for r in self.runners.values() if r.runner_id not in busy and r.state != "draining"]
+        return sorted(free, key=lambda r: r.last_assigned)

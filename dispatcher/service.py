@@ -1,0 +1,320 @@
+"""The dispatcher loop: commits in, jobs out to runners, results recorded.
+
+One thread owns the broker connection and the store. Every handler is
+idempotent, and acks only once what it received is safe in the store
+(delivery rules 2 and 4), so a crash anywhere is repaired by redelivery.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common import naming
+from common.broker import Broker, BrokerUnavailable, Delivery, Unroutable
+from common.messages import (
+    CancelJob,
+    CommitSeen,
+    DecodeError,
+    Goodbye,
+    Hello,
+    Job,
+    JobRejected,
+    JobResult,
+    JobStarted,
+    Reply,
+    Request,
+    decode,
+)
+from common.settings import BrokerSettings
+from dispatcher import queries
+from dispatcher.registry import Registry
+from dispatcher.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DispatcherSettings:
+    broker: BrokerSettings
+    db: Path
+    heartbeat_misses: int = 3
+    max_attempts: int = 3
+    # After a restart, how long runners get to report in before their jobs
+    # count as lost.
+    restart_grace: float = 10.0
+    # How long a job may sit assigned but not started before it is taken back.
+    start_timeout: float = 10.0
+    prefetch: int = 100
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        settings: DispatcherSettings,
+        broker: Broker | None = None,
+        store: Store | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.s = settings
+        self.ns = settings.broker.namespace
+        self.broker = broker or Broker(settings.broker, "volt-dispatcher")
+        self.store = store or Store(settings.db)
+        self.clock = clock
+        self.wall = wall
+        self.registry = Registry(clock, misses=settings.heartbeat_misses)
+        self.started = clock()
+        self.stopping = False
+        self._next_sweep = 0.0
+        self._lost_reasons: dict[str, str] = {}
+
+    # -- lifecycle --------------------------------------------------------
+
+    def request_stop(self, *_: object) -> None:
+        self.stopping = True
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+
+    def run(self) -> int:
+        while not self.stopping:
+            try:
+                if not self.broker.connected:
+                    self.broker.connect()
+                    self.setup()
+                while not self.stopping:
+                    self.run_once(0.25)
+            except BrokerUnavailable as exc:
+                log.warning("dispatcher lost the broker (%s); reconnecting", exc)
+                self.broker.close()
+                time.sleep(0.5)
+        self.broker.close()
+        self.store.close()
+        log.info("dispatcher stopped")
+        return 0
+
+    def setup(self) -> None:
+        """Declare the topology, start consuming, and repair what a crash left."""
+        b = self.broker
+        b.declare_topology()
+        b.consume(naming.dispatcher_commits_queue(self.ns), self.on_commit, prefetch=self.s.prefetch)
+        b.consume(naming.dispatcher_control_queue(self.ns), self.on_control, prefetch=self.s.prefetch)
+        b.consume(naming.dispatcher_results_queue(self.ns), self.on_result, prefetch=self.s.prefetch)
+        b.consume(naming.dispatcher_rpc_queue(self.ns), self.on_request, prefetch=self.s.prefetch)
+        for row in self.store.in_state("pending"):
+            self._enqueue(row.as_job())
+        log.info("dispatcher ready: namespace=%s store=%s", self.ns, self.s.db)
+
+    def run_once(self, time_limit: float = 0.0) -> None:
+        """Process what arrived (waiting up to time_limit), then sweep and assign."""
+        self.broker.process(time_limit)
+        if self.clock() >= self._next_sweep:
+            self.sweep()
+            self.assign()
+            self._next_sweep = self.clock() + 0.25
+
+    # -- commits ----------------------------------------------------------
+
+    def on_commit(self, d: Delivery) -> None:
+        msg = self._decode(d, CommitSeen)
+        if msg is None:
+            return
+        row = self.store.add_job(msg, now=self.wall())
+        if row.state == "pending":
+            self._enqueue(row.as_job())
+            log.info("job=%s commit=%s repo=%s branch=%s queued", row.job_id, row.commit_sha[:12], row.repo, row.branch)
+        d.ack()
+        self.assign()
+
+    def _enqueue(self, job: Job) -> None:
+        """Put a pending job in the backlog queue; queued once confirmed."""
+        self.broker.publish(naming.jobs_exchange(self.ns), naming.BACKLOG_ROUTING_KEY, job)
+        self.store.mark_queued(job.job_id, job.attempt, self.wall())
+
+    # -- assignment -------------------------------------------------------
+
+    def assign(self) -> None:
+        """Give backlog jobs to idle runners until one or the other runs out.
+
+        The backlog is read with basic.get only while a runner is free, so
+        waiting work stays visible as the queue's ready count.
+        """
+        while True:
+            free = self.registry.available(self.store.busy_runners())
+            if not free:
+                return
+            d = self.broker.get(naming.backlog_queue(self.ns))
+            if d is None:
+                return
+            job = self._decode(d, Job)
+            if job is None:
+                continue
+            row = self.store.get(job.job_id)
+            if row is None or row.state != "queued" or row.attempt != job.attempt:
+                d.ack()  # a copy left by a crash or a re-queue; the store knows better
+                continue
+            runner = free[0]
+            self.store.assign(job.job_id, job.attempt, runner.runner_id, self.wall())
+            try:
+                self.broker.publish(naming.jobs_exchange(self.ns), naming.runner_routing_key(runner.runner_id), job)
+            except Unroutable:
+                # Its queue is gone, so is the runner: the job goes straight back.
+                log.warning("runner=%s has no queue; job=%s goes back to the backlog", runner.runner_id, job.job_id)
+                self.registry.remove(runner.runner_id)
+                self.store.unassign(job.job_id, job.attempt, f"runner {runner.runner_id} queue missing", self.wall())
+                d.requeue()
+                continue
+            runner.last_assigned = self.clock()
+            d.ack()
+            log.info(
+                "job=%s attempt=%d commit=%s assigned to runner=%s",
+                job.job_id,
+                job.attempt,
+                job.commit[:12],
+                runner.runner_id,
+            )
+
+    # -- runners ----------------------------------------------------------
+
+    def on_control(self, d: Delivery) -> None:
+        msg = self._decode(d, Hello, Goodbye)
+        if msg is None:
+            return
+        if isinstance(msg, Hello):  # Heartbeat is a Hello
+            seen = self.registry.heartbeat(msg)
+            if seen.new:
+                log.info("runner=%s host=%s joined (session %s)", msg.runner_id, msg.host, msg.session)
+            if seen.restarted_from:
+                log.warning("runner=%s restarted (session %s -> %s)", msg.runner_id, seen.restarted_from, msg.session)
+                self._take_back_jobs_of(msg.runner_id, "runner restarted", keep_session=msg.session)
+        else:
+            log.info("runner=%s left: %s", msg.runner_id, msg.reason or "goodbye")
+            info = self.registry.get(msg.runner_id)
+            if info is None or info.session == msg.session:
+                self.registry.remove(msg.runner_id)
+                self._take_back_jobs_of(msg.runner_id, f"runner left ({msg.reason or 'goodbye'})", failure=False)
+        d.ack()
+        self.assign()
+
+    def sweep(self) -> None:
+        """Declare lost the runners whose heartbeats stopped; take their jobs back."""
+        for info in self.registry.expire():
+            silent = self.clock() - info.last_seen
+            reason = f"runner {info.runner_id} lost (no heartbeat for {silent:.1f}s)"
+            log.warning("%s", reason)
+            self._lost_reasons[info.runner_id] = reason
+        now = self.clock()
+        in_grace = now - self.started < self.s.restart_grace
+        for row in self.store.in_state("assigned", "running"):
+            runner = row.runner or ""
+            owner = self.registry.get(runner)
+            if owner is None:
+                reason = self._lost_reasons.get(runner)
+                if reason is None and in_grace:
+                    continue  # it may not have reported in since our restart
+                reason = reason or f"runner {runner} not seen since the dispatcher started"
+                self._requeue(row.job_id, row.attempt, reason, failure=True)
+                continue
+            if row.state == "assigned" and row.assigned_at is not None:
+                waited = self.wall() - row.assigned_at
+                if waited > max(self.s.start_timeout, 3 * owner.interval) and owner.job_id != row.job_id:
+                    self._requeue(row.job_id, row.attempt, f"runner {runner} never started it", failure=False)
+
+    def _take_back_jobs_of(self, runner_id: str, reason: str, failure: bool = True, keep_session: str = "") -> None:
+        for row in self.store.in_state("assigned", "running"):
+            if row.runner != runner_id:
+                continue
+            if keep_session and row.session == keep_session:
+                continue
+            self._requeue(row.job_id, row.attempt, reason, failure=failure)
+
+    def _requeue(self, job_id: str, attempt: int, reason: str, failure: bool) -> None:
+        outcome = self.store.requeue(
+            job_id, attempt, reason, self.wall(), failure=failure, max_failures=self.s.max_attempts
+        )
+        if outcome == "pending":
+            row = self.store.get(job_id)
+            assert row is not None
+            log.warning(
+                "job=%s attempt=%d taken back (%s); retrying as attempt %d", job_id, attempt, reason, row.attempt
+            )
+            self._enqueue(row.as_job())
+        elif outcome == "error":
+            log.error("job=%s ended as error after attempt %d: %s", job_id, attempt, reason)
+
+    # -- results ----------------------------------------------------------
+
+    def on_result(self, d: Delivery) -> None:
+        msg = self._decode(d, JobStarted, JobResult, JobRejected)
+        if msg is None:
+            return
+        ids = f"runner={msg.runner_id} job={msg.job_id} attempt={msg.attempt}"
+        if isinstance(msg, JobStarted):
+            if not self.store.start(msg.job_id, msg.attempt, msg.runner_id, msg.session, msg.started_at, self.wall()):
+                row = self.store.get(msg.job_id)
+                duplicate = (
+                    row is not None
+                    and row.state == "running"
+                    and row.attempt == msg.attempt
+                    and row.runner == msg.runner_id
+                )
+                if not duplicate:
+                    log.warning("%s started an attempt that is not its own; cancelling it", ids)
+                    self._cancel(msg.runner_id, msg.job_id, msg.attempt, "this attempt was given to another runner")
+        elif isinstance(msg, JobResult):
+            if self.store.finish(msg, self.wall()):
+                log.info("%s recorded: %s passed=%d failed=%d", ids, msg.status, msg.passed, msg.failed)
+            else:
+                log.info("%s late result (%s) kept as history", ids, msg.status)
+        else:
+            row = self.store.get(msg.job_id)
+            if row is not None and row.runner == msg.runner_id:
+                self._requeue(
+                    msg.job_id, msg.attempt, f"runner {msg.runner_id} refused it: {msg.reason}", failure=False
+                )
+        d.ack()
+        self.assign()
+
+    def _cancel(self, runner_id: str, job_id: str, attempt: int, reason: str) -> None:
+        try:
+            self.broker.publish(
+                naming.jobs_exchange(self.ns),
+                naming.runner_routing_key(runner_id),
+                CancelJob(job_id=job_id, attempt=attempt, reason=reason),
+            )
+        except Unroutable:
+            pass  # no queue, no runner: nothing left to cancel
+
+    # -- queries ----------------------------------------------------------
+
+    def on_request(self, d: Delivery) -> None:
+        msg = self._decode(d, Request)
+        if msg is None:
+            return
+        try:
+            reply = Reply(ok=True, data=queries.answer(self, msg))
+        except queries.QueryError as exc:
+            reply = Reply(ok=False, error=str(exc))
+        self.broker.reply(d, reply)
+        d.ack()
+
+    # -- helpers ----------------------------------------------------------
+
+    def _decode(self, d: Delivery, *kinds: type) -> Any:
+        """The message if it is one of `kinds`; otherwise dead-letter it and return None."""
+        try:
+            msg = decode(d.body)
+        except DecodeError as exc:
+            self.broker.dead_letter(d, str(exc))
+            return None
+        if not isinstance(msg, kinds):
+            self.broker.dead_letter(d, f"{msg.TYPE} does not belong on {d.queue}")
+            return None
+        return msg

@@ -1,0 +1,1 @@
+"""The observer: watches repositories and publishes every new commit."""

@@ -1,0 +1,82 @@
+"""`volt observer` and `volt notify`: argument parsing only."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from common import exits
+from common.settings import BrokerSettings, SettingsError, env, env_float
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("observer", help="watch repositories and publish every new commit")
+    p.add_argument("--repo", action="append", required=True, help="a local path or any URL git can fetch (repeatable)")
+    p.add_argument(
+        "--branch", action="append", default=[], help="branch to watch (repeatable; default: the repo's HEAD)"
+    )
+    p.add_argument("--poll", type=float, default=env_float("POLL", 5.0), help="seconds between polls (default 5)")
+    p.add_argument("--state-dir", default=env("STATE_DIR", ".volt/observer"), help="where the cursor and mirrors live")
+    p.set_defaults(func=observer_main)
+
+    p = sub.add_parser("notify", help="publish a commit now (for a git post-commit / post-receive hook)")
+    p.add_argument("--repo", required=True)
+    p.add_argument("--branch", required=True)
+    p.add_argument("--commit", help="commit id (default: the branch's head in --repo)")
+    p.set_defaults(func=notify_main)
+
+
+def observer_main(args: argparse.Namespace) -> int:
+    from observer.repos import RepoError
+    from observer.service import Observer, ObserverSettings
+
+    if args.poll <= 0:
+        raise SettingsError("--poll must be a positive number of seconds")
+    settings = ObserverSettings(
+        broker=BrokerSettings.from_args(args),
+        repos=tuple(args.repo),
+        branches=tuple(args.branch),
+        poll=args.poll,
+        state_dir=Path(args.state_dir).resolve(),
+    )
+    try:
+        observer = Observer(settings)
+        observer.open_repos()
+    except (RepoError, ValueError) as exc:
+        raise SettingsError(str(exc)) from None
+    observer.install_signal_handlers()
+    return observer.run()
+
+
+def notify_main(args: argparse.Namespace) -> int:
+    from common.broker import Broker
+    from common.messages import check_commit
+    from observer.repos import normalize
+    from observer.service import publish_commit
+
+    repo = normalize(args.repo)
+    if args.commit:
+        try:
+            commit = check_commit(args.commit.strip())
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
+    else:
+        from observer.repos import RepoError, WatchedRepo
+
+        try:
+            watched = WatchedRepo(args.repo, Path(".volt/notify"))
+            if not watched.local:
+                raise RepoError("--commit is required for a remote repository")
+            watched.open()
+            commit = watched.head(args.branch)
+        except RepoError as exc:
+            raise SettingsError(str(exc)) from None
+    broker = Broker(BrokerSettings.from_args(args), "volt-notify")
+    broker.connect(give_up_after=10)
+    try:
+        broker.declare_topology()
+        publish_commit(broker, repo, args.branch, commit, source="notify")
+    finally:
+        broker.close()
+    print(f"published {commit[:12]} on {args.branch} of {repo}")
+    return exits.OK

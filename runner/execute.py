@@ -1,0 +1,320 @@
+"""Running a repository's test command: config, process group, time limit, log, counts."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+import zlib
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from xml.etree import ElementTree
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = ".volt.toml"
+LOG_HEAD_BYTES = 64 * 1024
+LOG_TAIL_BYTES = 64 * 1024
+# The compressed whole log travels in the result message; past this it is
+# dropped and only head and tail are kept.
+LOG_FULL_MAX_COMPRESSED = 4 * 1024 * 1024
+JUNIT_MAX_BYTES = 64 * 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """The repository's .volt.toml is unreadable or says something impossible."""
+
+
+@dataclass(frozen=True)
+class TestConfig:
+    command: list[str]
+    timeout: float
+    uses_default: bool = False
+
+
+def default_command(junit_path: Path) -> list[str]:
+    """pytest with the runner's own Python; it also runs unittest-style tests."""
+    return [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        f"--junitxml={junit_path}",
+    ]
+
+
+def load_config(tree: Path, junit_path: Path, default_timeout: float) -> TestConfig:
+    """Read `[test] command` and `timeout` from .volt.toml; pytest when absent."""
+    path = tree / CONFIG_FILE
+    data: dict[str, object] = {}
+    if path.is_file():
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{CONFIG_FILE} is not valid TOML: {exc}") from None
+    section = data.get("test", {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"{CONFIG_FILE}: [test] must be a table")
+    timeout = section.get("timeout", default_timeout)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise ConfigError(f"{CONFIG_FILE}: test.timeout must be a positive number of seconds")
+    raw = section.get("command")
+    if raw is None:
+        return TestConfig(default_command(junit_path), float(timeout), uses_default=True)
+    if isinstance(raw, str):
+        try:
+            command = shlex.split(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{CONFIG_FILE}: test.command cannot be split: {exc}") from None
+    elif isinstance(raw, list) and all(isinstance(part, str) for part in raw):
+        command = list(raw)
+    else:
+        raise ConfigError(f"{CONFIG_FILE}: test.command must be a string or a list of strings")
+    if not command:
+        raise ConfigError(f"{CONFIG_FILE}: test.command is empty")
+    return TestConfig(command, float(timeout))
+
+
+class LogCollector:
+    """Keeps the head and tail of a log in bounded memory, and the whole of it compressed."""
+
+    def __init__(self) -> None:
+        self.head = bytearray()
+        self.tail: deque[bytes] = deque()
+        self.tail_size = 0
+        self.total = 0
+        self._zip = zlib.compressobj(6)
+        self._compressed: list[bytes] = []
+        self._compressed_size = 0
+        self.full_dropped = False
+
+    def feed(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        if len(self.head) < LOG_HEAD_BYTES:
+            room = LOG_HEAD_BYTES - len(self.head)
+            self.head += chunk[:room]
+            chunk_for_tail = chunk[room:]
+        else:
+            chunk_for_tail = chunk
+        if chunk_for_tail:
+            self.tail.append(chunk_for_tail)
+            self.tail_size += len(chunk_for_tail)
+            while self.tail_size - len(self.tail[0]) >= LOG_TAIL_BYTES:
+                self.tail_size -= len(self.tail.popleft())
+        if not self.full_dropped:
+            self._keep(self._zip.compress(chunk))
+
+    def _keep(self, out: bytes) -> None:
+        if out:
+            self._compressed.append(out)
+            self._compressed_size += len(out)
+        if self._compressed_size > LOG_FULL_MAX_COMPRESSED:
+            self.full_dropped = True
+            self._compressed = []
+
+    def head_text(self) -> str:
+        return bytes(self.head).decode("utf-8", errors="replace")
+
+    def tail_text(self) -> str:
+        """The bytes after the head, at most LOG_TAIL_BYTES of them."""
+        data = b"".join(self.tail)[-LOG_TAIL_BYTES:]
+        return data.decode("utf-8", errors="replace")
+
+    def full_compressed(self) -> bytes:
+        """The whole log, zlib-compressed, or b'' when it grew too large to keep."""
+        if self.full_dropped:
+            return b""
+        self._keep(self._zip.flush())
+        self._zip = zlib.compressobj(6)  # flush() ended the stream
+        return b"" if self.full_dropped else b"".join(self._compressed)
+
+
+@dataclass
+class Outcome:
+    status: str
+    exit_code: int | None
+    duration_s: float
+    passed: int = 0
+    failed: int = 0
+    errors: int = 0
+    skipped: int = 0
+    reason: str = ""
+    log: LogCollector = field(default_factory=LogCollector)
+
+
+@dataclass(frozen=True)
+class Counts:
+    tests: int = 0
+    failures: int = 0
+    errors: int = 0
+    skipped: int = 0
+
+    @property
+    def passed(self) -> int:
+        return max(0, self.tests - self.failures - self.errors - self.skipped)
+
+
+def read_junit(path: Path) -> Counts | None:
+    """Sum the counts of every <testsuite> in a JUnit XML file; None if absent or unreadable."""
+    try:
+        if not path.is_file() or path.stat().st_size > JUNIT_MAX_BYTES:
+            return None
+        root = ElementTree.parse(path).getroot()
+    except (OSError, ElementTree.ParseError):
+        return None
+    suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
+    total = Counts()
+    for suite in suites:
+        try:
+            total = Counts(
+                total.tests + int(suite.get("tests", 0)),
+                total.failures + int(suite.get("failures", 0)),
+                total.errors + int(suite.get("errors", 0)),
+                total.skipped + int(suite.get("skipped", 0)),
+            )
+        except ValueError:
+            return None
+    return total
+
+
+def test_env(extra: dict[str, str]) -> dict[str, str]:
+    """The runner's environment minus its own VOLT_* settings (the broker URL
+    holds a password the code under test has no business seeing)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VOLT_")}
+    env.update(extra)
+    env["CI"] = "true"
+    return env
+
+
+def run_command(
+    config: TestConfig,
+    cwd: Path,
+    env: dict[str, str],
+    junit_path: Path,
+    cancel: threading.Event,
+    grace: float = 5.0,
+    on_start: Callable[[int], None] | None = None,
+) -> Outcome:
+    """Run the test command in its own process group, bounded in time and log size.
+
+    On timeout or cancel the whole group gets SIGTERM, then SIGKILL after the
+    grace period. Whatever the command does, this returns an Outcome.
+    """
+    collector = LogCollector()
+    started = time.monotonic()
+    try:
+        proc = subprocess.Popen(
+            config.command,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    except FileNotFoundError:
+        return Outcome("error", None, 0.0, reason=f"test command not found: {config.command[0]}")
+    except PermissionError:
+        return Outcome("error", None, 0.0, reason=f"test command not executable: {config.command[0]}")
+    except OSError as exc:
+        return Outcome("error", None, 0.0, reason=f"cannot start test command: {exc}")
+    if on_start is not None:
+        on_start(proc.pid)
+    assert proc.stdout is not None
+    reader = threading.Thread(target=_pump, args=(proc.stdout, collector), daemon=True)
+    reader.start()
+    deadline = started + config.timeout
+    stopped_for = ""
+    while True:
+        try:
+            proc.wait(timeout=0.05)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+        if cancel.is_set():
+            stopped_for = "cancelled"
+        elif time.monotonic() >= deadline:
+            stopped_for = "timeout"
+        if stopped_for:
+            _stop_group(proc, grace)
+            break
+    duration = time.monotonic() - started
+    # Children left behind (daemons, or ones that ignore SIGTERM) would hold the
+    # log pipe open forever: the group goes with its leader.
+    _kill_group(proc.pid, signal.SIGKILL)
+    reader.join(timeout=5)
+    proc.stdout.close()
+    code = proc.returncode
+    if stopped_for == "timeout":
+        return Outcome("timeout", code, duration, reason=f"stopped after {config.timeout:g}s time limit", log=collector)
+    if stopped_for == "cancelled":
+        return Outcome("cancelled", code, duration, reason="cancelled", log=collector)
+    return classify(code, read_junit(junit_path), duration, collector)
+
+
+def classify(code: int, counts: Counts | None, duration: float, collector: LogCollector) -> Outcome:
+    """passed on exit 0; failed with failing tests; error for anything else."""
+    counts = counts or Counts()
+    outcome = Outcome(
+        "passed",
+        code,
+        duration,
+        passed=counts.passed,
+        failed=counts.failures,
+        errors=counts.errors,
+        skipped=counts.skipped,
+        log=collector,
+    )
+    if code == 0:
+        return outcome
+    if counts.failures > 0:
+        outcome.status = "failed"
+        outcome.reason = f"{counts.failures} failing test(s)"
+    else:
+        outcome.status = "error"
+        if code < 0:
+            outcome.reason = f"test command killed by signal {-code}"
+        elif counts.errors:
+            outcome.reason = f"exit code {code} with {counts.errors} error(s) and no failing test"
+        else:
+            outcome.reason = f"exit code {code} and no failing test (collection error?)"
+    return outcome
+
+
+def _pump(stream: object, collector: LogCollector) -> None:
+    fd = stream.fileno()  # type: ignore[attr-defined]
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            return
+        if not chunk:
+            return
+        collector.feed(chunk)
+
+
+def _stop_group(proc: subprocess.Popen[bytes], grace: float) -> None:
+    _kill_group(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    _kill_group(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _kill_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

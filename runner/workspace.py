@@ -1,0 +1,98 @@
+"""Checkouts: one cached clone per repository, fetched when needed, clean per job."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import git
+
+from common.gitutil import git_reason, one_line
+
+log = logging.getLogger(__name__)
+
+
+class CheckoutError(Exception):
+    """The commit cannot be checked out; the message says why, in one line."""
+
+
+def _slug(repo: str) -> str:
+    tail = re.sub(r"[^A-Za-z0-9_.-]+", "-", repo.rstrip("/").rsplit("/", 1)[-1])[:40] or "repo"
+    return f"{tail}-{hashlib.sha1(repo.encode()).hexdigest()[:10]}"
+
+
+class Workspace:
+    """Cached clones under `root/repos`; `checkout()` gives a clean tree at a commit."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / "repos").mkdir(parents=True, exist_ok=True)
+
+    def path_for(self, repo: str) -> Path:
+        return self.root / "repos" / _slug(repo)
+
+    def checkout(self, repo: str, commit: str) -> Path:
+        """Check `commit` out, forced and cleaned; re-clone once if the cache is broken."""
+        if repo.startswith("-"):
+            raise CheckoutError(f"refusing repository name that looks like an option: {repo!r}")
+        path = self.path_for(repo)
+        try:
+            return self._checkout(repo, commit, path)
+        except CheckoutError:
+            raise
+        except (git.GitError, OSError, ValueError) as exc:
+            # A test suite may delete or corrupt .git; a fresh clone repairs it.
+            log.warning("workspace %s is broken (%s); cloning it again", path, one_line(exc))
+            shutil.rmtree(path, ignore_errors=True)
+        try:
+            return self._checkout(repo, commit, path)
+        except CheckoutError:
+            raise
+        except (git.GitError, OSError, ValueError) as exc:
+            raise CheckoutError(f"cannot check out {commit[:12]} of {repo}: {one_line(exc)}") from None
+
+    def _checkout(self, repo: str, commit: str, path: Path) -> Path:
+        clone = self._open_or_clone(repo, path)
+        if not _has_commit(clone, commit):
+            clone.git.fetch("origin", "--prune", "--quiet", "+refs/heads/*:refs/remotes/origin/*")
+        if not _has_commit(clone, commit):
+            try:  # servers that allow it can hand over an unadvertised commit
+                clone.git.fetch("origin", "--quiet", commit)
+            except git.GitCommandError:
+                pass
+        if not _has_commit(clone, commit):
+            raise CheckoutError(f"commit {commit} not found in {repo}")
+        clone.git.checkout("--force", "--detach", "--quiet", commit)
+        clone.git.clean("-ffdxq")
+        return path
+
+    def _open_or_clone(self, repo: str, path: Path) -> git.Repo:
+        if path.exists():
+            clone = git.Repo(path)
+            if clone.bare or not (path / ".git").is_dir():
+                raise git.InvalidGitRepositoryError(str(path))
+            return clone
+        # Clone beside the final place and rename, so a crash never leaves a
+        # half-made clone that looks whole.
+        tmp = Path(tempfile.mkdtemp(prefix=".clone-", dir=path.parent))
+        try:
+            try:
+                git.Repo.clone_from(repo, tmp / "c", no_checkout=True, quiet=True)
+            except git.GitCommandError as exc:
+                raise CheckoutError(f"cannot clone {repo}: {git_reason(exc)}") from None
+            (tmp / "c").rename(path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return git.Repo(path)
+
+
+def _has_commit(clone: git.Repo, commit: str) -> bool:
+    try:
+        clone.git.cat_file("-e", f"{commit}^{{commit}}")
+        return True
+    except git.GitCommandError:
+        return False
