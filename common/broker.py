@@ -142,7 +142,14 @@ class Broker:
                 if give_up_after is not None:
                     delay = min(delay, max(0.0, give_up_after - waited))
                 attempt += 1
-                log.warning("broker unavailable (%s); retrying in %.1fs", reason, delay)
+                # A worker retries for ever and says so; a one-shot command
+                # reports once, when it gives up.
+                log.log(
+                    logging.WARNING if give_up_after is None else logging.DEBUG,
+                    "broker unavailable (%s); retrying in %.1fs",
+                    reason,
+                    delay,
+                )
                 time.sleep(delay)
 
     def close(self) -> None:
@@ -398,10 +405,20 @@ class Broker:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    if isinstance(exc, pika.exceptions.AMQPConnectionError) and exc.args:
-        inner = exc.args[0]
-        text = str(inner) or type(inner).__name__
+    """One readable line for a connection failure (pika nests the real cause)."""
     if isinstance(exc, pika.exceptions.ProbableAuthenticationError):
-        text = "authentication refused (check the user and password in the AMQP URL)"
-    return text[:300]
+        return "authentication refused (check the user and password in the AMQP URL)"
+    if isinstance(exc, pika.exceptions.ProbableAccessDeniedError):
+        return "access refused (check the virtual host and the user's permissions)"
+    inner: object = exc
+    while True:
+        if isinstance(inner, pika.exceptions.AMQPConnectionError) and inner.args:
+            inner = inner.args[0]
+        elif isinstance(getattr(inner, "exception", None), BaseException):
+            inner = inner.exception  # type: ignore[attr-defined]
+        else:
+            break
+    if isinstance(inner, OSError) and inner.strerror:
+        return inner.strerror
+    text = repr(inner) if isinstance(inner, BaseException) else str(inner)
+    return " ".join(text.split())[:300]

@@ -14,7 +14,7 @@ from common.settings import SettingsError, add_common_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from common import up
+    from common import demo, up
     from dispatcher import cli as dispatcher_cli
     from dispatcher import client
     from observer import cli as observer_cli
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     runner_cli.add_parser(sub)
     up.add_parser(sub)
     client.add_parsers(sub)
+    demo.add_parser(sub)
     for p in sub.choices.values():
         add_common_flags(p)
     return parser

@@ -30,6 +30,7 @@ def configure(level: str = "INFO", fmt: str = "plain", prefix: str = "") -> None
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # pika and git are chatty at INFO and say nothing an operator needs.
-    logging.getLogger("pika").setLevel(logging.WARNING)
+    # pika logs every connection failure with a traceback; the broker module
+    # already turns each into one line of ours.
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
     logging.getLogger("git").setLevel(logging.WARNING)

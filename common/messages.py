@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import types
 import typing
@@ -29,7 +30,8 @@ class DecodeError(ValueError):
 
 
 def valid_commit(sha: str) -> bool:
-    return bool(_COMMIT.match(sha))
+    # fullmatch: `$` alone would also accept a trailing newline.
+    return bool(_COMMIT.fullmatch(sha))
 
 
 def check_commit(sha: str) -> str:
@@ -238,16 +240,20 @@ def decode(body: bytes) -> Message:
         raise DecodeError(f"message too large: {len(body)} bytes (limit {MAX_MESSAGE_BYTES})")
     try:
         data = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: deep nesting
         raise DecodeError(f"not UTF-8 JSON: {exc}") from None
     if not isinstance(data, dict):
         raise DecodeError("not a JSON object")
+    if _LONE_SURROGATE_ESCAPE.search(body) and _has_lone_surrogate(data):
+        # json accepts "\ud800"; such a string cannot be encoded to UTF-8 again
+        # (SQLite, logs, replies), so it would fail far from here.
+        raise DecodeError("a string holds a lone UTF-16 surrogate")
     kind = data.get("type")
     cls = TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise DecodeError(f"unknown message type {kind!r:.60}")
     version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if type(version) is not int or version != SCHEMA_VERSION:  # true and 1.0 equal 1 too
         raise DecodeError(f"unknown schema_version {version!r:.60} for {kind}")
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
@@ -261,6 +267,25 @@ def decode(body: bytes) -> Message:
         raise DecodeError(f"{kind}: {exc}") from None
 
 
+_LONE_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_INT64 = range(-(2**63), 2**63)
+
+
+def _has_lone_surrogate(data: Any) -> bool:
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if any("\ud800" <= c <= "\udfff" for c in item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 _HINTS: dict[type, dict[str, Any]] = {}
 
 
@@ -269,6 +294,8 @@ def _check_type(cls: type[Message], name: str, value: Any) -> Any:
     if hints is None:
         hints = _HINTS[cls] = typing.get_type_hints(cls)
     if not _matches(hints[name], value):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and _matches(hints[name], 0):
+            raise DecodeError(f"{cls.TYPE}: field {name!r} is out of range ({value!r:.40})")
         raise DecodeError(f"{cls.TYPE}: field {name!r} has the wrong type ({type(value).__name__})")
     return value
 
@@ -286,8 +313,12 @@ def _matches(hint: Any, value: Any) -> bool:
         return isinstance(value, list) and all(_matches(item, v) for v in value)
     if origin is dict:
         return isinstance(value, dict)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+    # Numbers must also fit where they go: SQLite takes 64-bit integers, and
+    # NaN (which json accepts) breaks every comparison, e.g. a liveness deadline.
+    if isinstance(value, bool):
+        return hint is bool
+    if hint is float and isinstance(value, float):
+        return math.isfinite(value)
+    if hint in (int, float):
+        return isinstance(value, int) and value in _INT64
     return isinstance(value, hint)

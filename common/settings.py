@@ -45,19 +45,27 @@ class BrokerSettings:
 
 
 def check_amqp_url(url: str) -> None:
-    parsed = urllib.parse.urlsplit(url)
+    try:
+        parsed = urllib.parse.urlsplit(url)
+        _ = parsed.port  # raises ValueError unless the port is a number from 0 to 65535
+    except ValueError:
+        raise SettingsError(f"not an AMQP URL: {redact_url(url)}") from None
     if parsed.scheme not in ("amqp", "amqps") or not parsed.hostname:
         raise SettingsError(f"not an AMQP URL: {redact_url(url)}")
 
 
 def redact_url(url: str) -> str:
     """The URL with any password replaced, fit for logs and status output."""
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.password is None:
+    try:
+        parsed = urllib.parse.urlsplit(url)
+    except ValueError:  # e.g. an unbalanced "[": say nothing about it rather than leak it
+        return "<unparsable URL>"
+    userinfo, at, hostport = parsed.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
         return url
-    netloc = f"{parsed.username}:***@{parsed.hostname}"
-    if parsed.port:
-        netloc += f":{parsed.port}"
+    # Work on the raw netloc: parsed.port raises on a bad port, and
+    # parsed.hostname drops an IPv6 address's brackets.
+    netloc = f"{userinfo.split(':', 1)[0]}:***@{hostport}"
     return urllib.parse.urlunsplit(parsed._replace(netloc=netloc))
 
 

@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from common import exits
-from common.broker import Broker, BrokerUnavailable, RpcTimeout
+from common.broker import Broker, BrokerUnavailable, RpcTimeout, Unroutable
 from common.messages import DecodeError, Reply, Request
 from common.settings import BrokerSettings
 
@@ -24,6 +24,10 @@ def ask(settings: BrokerSettings, method: str, params: dict[str, Any] | None = N
         body = broker.request(Request(method=method, params=params or {}), timeout)
     except (BrokerUnavailable, RpcTimeout) as exc:
         raise QueryFailed(str(exc)) from None
+    except Unroutable:
+        raise QueryFailed(
+            f"no dispatcher queue in namespace {settings.namespace!r}: has `volt dispatcher` run there?"
+        ) from None
     finally:
         broker.close()
     try:

@@ -216,11 +216,11 @@ class Dispatcher:
             runner = row.runner or ""
             owner = self.registry.get(runner)
             if owner is None:
-                reason = self._lost_reasons.get(runner)
-                if reason is None and in_grace:
+                lost = self._lost_reasons.get(runner)
+                if lost is None and in_grace:
                     continue  # it may not have reported in since our restart
-                reason = reason or f"runner {runner} not seen since the dispatcher started"
-                self._requeue(row.job_id, row.attempt, reason, failure=True)
+                lost = lost or f"runner {runner} not seen since the dispatcher started"
+                self._requeue(row.job_id, row.attempt, lost, failure=True)
                 continue
             if row.state == "assigned" and row.assigned_at is not None:
                 waited = self.wall() - row.assigned_at

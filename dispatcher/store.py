@@ -23,6 +23,9 @@ from typing import Any
 from common.messages import CommitSeen, Job, JobResult
 
 ACTIVE = ("assigned", "running")
+# The most a stored full log may inflate to when read back; above that only
+# head and tail are shown.
+LOG_FULL_MAX_BYTES = 64 * 1024 * 1024
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -204,12 +207,7 @@ class Store:
         if row is None:
             return None
         head, tail, size, full = row
-        return {
-            "head": head,
-            "tail": tail,
-            "bytes": size,
-            "full": zlib.decompress(full).decode("utf-8", errors="replace") if full else None,
-        }
+        return {"head": head, "tail": tail, "bytes": size, "full": _inflate(full) if full else None}
 
     # -- changes ----------------------------------------------------------
 
@@ -296,7 +294,10 @@ class Store:
     def finish(self, result: JobResult, now: float) -> bool:
         """Record a result. The first terminal result of the current attempt wins;
         any other (late, duplicate, from an attempt given away) is kept as history."""
-        full = base64.b64decode(result.log_full) if result.log_full else None
+        try:
+            full = base64.b64decode(result.log_full, validate=True) if result.log_full else None
+        except ValueError:  # binascii.Error: a broken log must not make the result undeliverable
+            full = None
         with self._tx() as db:
             cur = db.execute(
                 "UPDATE jobs SET state = 'done', status = ?, exit_code = ?, passed = ?, failed = ?,"
@@ -363,6 +364,19 @@ class Store:
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (job_id, attempt, runner, kind, status, reason, now, detail),
         )
+
+
+def _inflate(blob: bytes) -> str | None:
+    """The stored full log as text; None when it is corrupt or inflates past LOG_FULL_MAX_BYTES
+    (a few MB of compressed zeros can hold gigabytes)."""
+    z = zlib.decompressobj()
+    try:
+        data = z.decompress(blob, LOG_FULL_MAX_BYTES)
+    except zlib.error:
+        return None
+    if not z.eof:  # cut short, or more than the limit
+        return None
+    return data.decode("utf-8", errors="replace")
 
 
 def _join_reason(prior: str, reason: str) -> str:

@@ -33,3 +33,9 @@ class Cursor:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
+        # The rename itself is only durable once the directory is synced.
+        fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

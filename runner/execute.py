@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shlex
 import signal
@@ -66,7 +67,8 @@ def load_config(tree: Path, junit_path: Path, default_timeout: float) -> TestCon
     if not isinstance(section, dict):
         raise ConfigError(f"{CONFIG_FILE}: [test] must be a table")
     timeout = section.get("timeout", default_timeout)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+    # TOML has nan and inf; either would switch the time limit off.
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
         raise ConfigError(f"{CONFIG_FILE}: test.timeout must be a positive number of seconds")
     raw = section.get("command")
     if raw is None:
@@ -253,7 +255,13 @@ def run_command(
     # log pipe open forever: the group goes with its leader.
     _kill_group(proc.pid, signal.SIGKILL)
     reader.join(timeout=5)
-    proc.stdout.close()
+    if reader.is_alive():
+        # A process that left the group (setsid) still holds the pipe. Closing
+        # it under the blocked reader would let a later read hit whatever file
+        # reuses the descriptor number; the reader closes nothing and ends at EOF.
+        log.warning("a process outside the test's process group still holds its output; not waiting for it")
+    else:
+        proc.stdout.close()
     code = proc.returncode
     if stopped_for == "timeout":
         return Outcome("timeout", code, duration, reason=f"stopped after {config.timeout:g}s time limit", log=collector)

@@ -12,6 +12,7 @@ from pathlib import Path
 import git
 
 from common.gitutil import git_reason, one_line
+from common.messages import valid_commit
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ class Workspace:
         """Check `commit` out, forced and cleaned; re-clone once if the cache is broken."""
         if repo.startswith("-"):
             raise CheckoutError(f"refusing repository name that looks like an option: {repo!r}")
+        if not valid_commit(commit):  # it reaches git's command line: no options, no ref names
+            raise CheckoutError(f"not a commit id: {commit!r:.80}")
         path = self.path_for(repo)
         try:
             return self._checkout(repo, commit, path)
