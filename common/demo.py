@@ -19,7 +19,7 @@ from pathlib import Path
 from common import exits
 from common.settings import BrokerSettings
 
-GOOD = '''import unittest
+GOOD = """import unittest
 
 
 class TestArithmetic(unittest.TestCase):
@@ -28,15 +28,21 @@ class TestArithmetic(unittest.TestCase):
 
     def test_multiply(self):
         self.assertEqual(3 * 4, 12)
-'''
-BAD = GOOD + '''
+"""
+BAD = (
+    GOOD
+    + """
     def test_divide(self):
         self.assertEqual(7 // 2, 3.5)
-'''
-FIXED = GOOD + '''
+"""
+)
+FIXED = (
+    GOOD
+    + """
     def test_divide(self):
         self.assertEqual(7 / 2, 3.5)
-'''
+"""
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -80,8 +86,21 @@ def main(args: argparse.Namespace) -> int:
     ns = f"{args.namespace}-demo-{uuid.uuid4().hex[:6]}"
     flags = ["--amqp-url", args.amqp_url, "--namespace", ns, "--log-level", "WARNING"]
     up = subprocess.Popen(
-        [sys.executable, "-m", "common.cli", "up", "--repo", str(repo), "--runners", str(args.runners),
-         "--poll", "0.5", "--state-dir", str(base / "state"), *flags]  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "common.cli",
+            "up",
+            "--repo",
+            str(repo),
+            "--runners",
+            str(args.runners),
+            "--poll",
+            "0.5",
+            "--state-dir",
+            str(base / "state"),
+            *flags,
+        ]  # fmt: skip
     )
     settings = BrokerSettings(amqp_url=args.amqp_url, namespace=ns)
     try:

@@ -294,7 +294,7 @@ def _check_type(cls: type[Message], name: str, value: Any) -> Any:
     if hints is None:
         hints = _HINTS[cls] = typing.get_type_hints(cls)
     if not _matches(hints[name], value):
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and _matches(hints[name], 0):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and _matches(hints[name], type(value)(0)):
             raise DecodeError(f"{cls.TYPE}: field {name!r} is out of range ({value!r:.40})")
         raise DecodeError(f"{cls.TYPE}: field {name!r} has the wrong type ({type(value).__name__})")
     return value

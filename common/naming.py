@@ -7,6 +7,7 @@ parallel tests) share one broker without touching each other.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 _RUNNER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -96,3 +97,11 @@ def exchanges(ns: str) -> list[str]:
         results_exchange(ns),
         dead_letter_exchange(ns),
     ]
+
+
+def normalize_repo(repo: str) -> str:
+    """A repository's identity: a local path made absolute (runners clone from
+    it), any URL as given."""
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", repo) or re.match(r"^[^/]+@[^/]+:", repo):
+        return repo
+    return str(Path(repo).expanduser().resolve())

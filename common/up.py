@@ -36,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 def commands(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     """The (name, argv) of every process `volt up` starts."""
-    from observer.repos import normalize
+    from common.naming import normalize_repo
 
     state = Path(args.state_dir).resolve()
     common = [
@@ -51,7 +51,7 @@ def commands(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     ]
     volt = [sys.executable, "-m", "common.cli"]
     host = socket.gethostname().split(".")[0]
-    repos = [normalize(r) for r in args.repo]
+    repos = [normalize_repo(r) for r in args.repo]
     procs = [("dispatcher", [*volt, "dispatcher", "--db", str(state / "dispatcher.db"), *common])]
     for i in range(1, args.runners + 1):
         allow = [flag for repo in repos for flag in ("--allow-repo", repo)]

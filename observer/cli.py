@@ -49,12 +49,12 @@ def observer_main(args: argparse.Namespace) -> int:
 
 
 def notify_main(args: argparse.Namespace) -> int:
-    from common.broker import Broker
+    from common.broker import Broker, BrokerUnavailable, Unroutable
     from common.messages import check_commit
-    from observer.repos import normalize
-    from observer.service import publish_commit
+    from common.naming import normalize_repo
+    from observer.publish import publish_commit
 
-    repo = normalize(args.repo)
+    repo = normalize_repo(args.repo)
     if args.commit:
         try:
             commit = check_commit(args.commit.strip())
@@ -74,8 +74,15 @@ def notify_main(args: argparse.Namespace) -> int:
     broker = Broker(BrokerSettings.from_args(args), "volt-notify")
     broker.connect(give_up_after=10)
     try:
-        broker.declare_topology()
-        publish_commit(broker, repo, args.branch, commit, source="notify")
+        try:
+            publish_commit(broker, repo, args.branch, commit, source="notify")
+        except (BrokerUnavailable, Unroutable):
+            # Declaring costs round trips a hook should not pay every time:
+            # only when the topology is not there yet.
+            broker.close()
+            broker.connect(give_up_after=10)
+            broker.declare_topology()
+            publish_commit(broker, repo, args.branch, commit, source="notify")
     finally:
         broker.close()
     print(f"published {commit[:12]} on {args.branch} of {repo}")

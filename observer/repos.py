@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import shutil
 from pathlib import Path
 
 import git
 
 from common.gitutil import git_reason
+from common.naming import normalize_repo
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +28,6 @@ class RepoError(Exception):
     """A repository or branch that cannot be read; the message is one line."""
 
 
-def normalize(repo: str) -> str:
-    """A local path becomes absolute (runners clone from it); URLs stay as given."""
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", repo) or re.match(r"^[^/]+@[^/]+:", repo):
-        return repo
-    return str(Path(repo).expanduser().resolve())
-
-
 def is_local(repo: str) -> bool:
     return repo.startswith("/")
 
@@ -43,7 +36,7 @@ class WatchedRepo:
     def __init__(self, repo: str, state_dir: Path) -> None:
         if repo.startswith("-"):
             raise RepoError(f"not a repository: {repo!r}")
-        self.url = normalize(repo)
+        self.url = normalize_repo(repo)
         self.local = is_local(self.url)
         slug = hashlib.sha1(self.url.encode()).hexdigest()[:12]
         self.mirror_path = state_dir / "mirrors" / slug

@@ -13,11 +13,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import naming
 from common.broker import Broker, BrokerUnavailable
-from common.messages import CommitSeen
 from common.settings import BrokerSettings
 from observer.cursor import Cursor
+from observer.publish import publish_commit
 from observer.repos import RepoError, WatchedRepo
 
 log = logging.getLogger(__name__)
@@ -103,8 +102,3 @@ class Observer:
             self.cursor.set(watched.url, branch, commit)
             log.info("repo=%s branch=%s commit=%s published", watched.url, branch, commit[:12])
         return len(commits)
-
-
-def publish_commit(broker: Broker, repo: str, branch: str, commit: str, source: str) -> None:
-    seen = CommitSeen(repo=repo, branch=branch, commit=commit, seen_at=time.time(), source=source)
-    broker.publish(naming.commits_exchange(broker.ns), "", seen)
