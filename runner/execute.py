@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import math
 import os
@@ -223,6 +225,7 @@ def run_command(
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
     except FileNotFoundError:
         return Outcome("error", None, 0.0, reason=f"test command not found: {config.command[0]}")
@@ -297,6 +300,23 @@ def classify(code: int, counts: Counts | None, duration: float, collector: LogCo
         else:
             outcome.reason = f"exit code {code} and no failing test (collection error?)"
     return outcome
+
+
+_PR_SET_PDEATHSIG = 1
+try:
+    _libc: ctypes.CDLL | None = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+except OSError:  # not Linux: the restarted runner still reaps the group
+    _libc = None
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGKILL if the runner's job thread dies.
+
+    A runner killed with SIGKILL cannot stop its test run; this makes the
+    kernel do it. (Grandchildren are reaped by the runner's next start.)
+    """
+    if _libc is not None:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _pump(stream: object, collector: LogCollector) -> None:

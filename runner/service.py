@@ -253,10 +253,12 @@ class Runner:
 
     def _run_job(self, current: Current) -> Outcome:
         job = current.job
+        began = time.monotonic()
         try:
             tree = self.workspace.checkout(job.repo, job.commit)
         except CheckoutError as exc:
             return Outcome("error", None, 0.0, reason=str(exc))
+        log.debug("runner=%s job=%s checkout took %.1f ms", self.s.runner_id, job.job_id, (time.monotonic() - began) * 1000)
         junit = self.s.workdir / "junit" / f"{job.job_id}-{job.attempt}.xml"
         junit.parent.mkdir(exist_ok=True)
         junit.unlink(missing_ok=True)
