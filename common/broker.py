@@ -32,6 +32,25 @@ DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 RUNNER_QUEUE_EXPIRES_MS = 15 * 60 * 1000
 
 
+_EXCHANGES = (
+    (naming.commits_exchange, "fanout"),
+    (naming.control_exchange, "fanout"),
+    (naming.results_exchange, "fanout"),
+    (naming.jobs_exchange, "direct"),
+    (naming.dead_letter_exchange, "fanout"),
+)
+
+
+def _bindings(ns: str) -> tuple[tuple[str, str, str], ...]:
+    """(queue, exchange, routing key) of every shared queue that has a binding."""
+    return (
+        (naming.dispatcher_commits_queue(ns), naming.commits_exchange(ns), ""),
+        (naming.dispatcher_control_queue(ns), naming.control_exchange(ns), ""),
+        (naming.dispatcher_results_queue(ns), naming.results_exchange(ns), ""),
+        (naming.backlog_queue(ns), naming.jobs_exchange(ns), naming.BACKLOG_ROUTING_KEY),
+    )
+
+
 class BrokerError(Exception):
     """Base of the errors this module raises."""
 
@@ -183,34 +202,42 @@ class Broker:
     # -- topology ---------------------------------------------------------
 
     def declare_topology(self) -> None:
-        """Declare every shared exchange and queue; safe to repeat (idempotent)."""
+        """Declare every shared exchange and queue (the dispatcher's job); idempotent."""
         ns = self.ns
-        ch = self._channel()
-        dlx = {"x-dead-letter-exchange": naming.dead_letter_exchange(ns)}
         with _translated():
-            for name, kind in (
-                (naming.commits_exchange(ns), "fanout"),
-                (naming.control_exchange(ns), "fanout"),
-                (naming.results_exchange(ns), "fanout"),
-                (naming.jobs_exchange(ns), "direct"),
-                (naming.dead_letter_exchange(ns), "fanout"),
-            ):
-                ch.exchange_declare(name, exchange_type=kind, durable=True)
-            bindings = (
-                (naming.dispatcher_commits_queue(ns), naming.commits_exchange(ns), ""),
-                (naming.dispatcher_control_queue(ns), naming.control_exchange(ns), ""),
-                (naming.dispatcher_results_queue(ns), naming.results_exchange(ns), ""),
-                (naming.backlog_queue(ns), naming.jobs_exchange(ns), naming.BACKLOG_ROUTING_KEY),
-            )
-            for queue, exchange, key in bindings:
-                ch.queue_declare(queue, durable=True, arguments=dlx)
-                ch.queue_bind(queue, exchange, routing_key=key)
+            for name, kind in _EXCHANGES:
+                self._channel().exchange_declare(name(ns), exchange_type=kind, durable=True)
+            for queue, exchange, key in _bindings(ns):
+                self._declare_bound_queue(queue, exchange, key)
             # Requests expire rather than pile up while the dispatcher is down,
             # and an expired request is not worth a dead letter.
-            ch.queue_declare(naming.dispatcher_rpc_queue(ns), durable=True)
+            self._channel().queue_declare(naming.dispatcher_rpc_queue(ns), durable=True)
             dead = naming.dead_letter_queue(ns)
-            ch.queue_declare(dead, durable=True)
-            ch.queue_bind(dead, naming.dead_letter_exchange(ns))
+            self._channel().queue_declare(dead, durable=True)
+            self._channel().queue_bind(dead, naming.dead_letter_exchange(ns), routing_key=dead)
+
+    def declare_commit_path(self) -> None:
+        """What an observer or `volt notify` needs: the commits exchange and the
+        dispatcher's commit queue, so no commit is unroutable before the
+        dispatcher first runs. Nothing else, so its user needs no more rights."""
+        ns = self.ns
+        with _translated():
+            self._channel().exchange_declare(naming.commits_exchange(ns), exchange_type="fanout", durable=True)
+            self._declare_bound_queue(naming.dispatcher_commits_queue(ns), naming.commits_exchange(ns), "")
+
+    def declare_runner_exchanges(self) -> None:
+        """The exchanges a runner publishes to and takes jobs from; the queues
+        behind them belong to the dispatcher."""
+        with _translated():
+            for name, kind in _EXCHANGES:
+                if name is not naming.commits_exchange:
+                    self._channel().exchange_declare(name(self.ns), exchange_type=kind, durable=True)
+
+    def _declare_bound_queue(self, queue: str, exchange: str, key: str) -> None:
+        dlx = {"x-dead-letter-exchange": naming.dead_letter_exchange(self.ns)}
+        ch = self._channel()
+        ch.queue_declare(queue, durable=True, arguments=dlx)
+        ch.queue_bind(queue, exchange, routing_key=key)
 
     def declare_runner_queue(self, runner_id: str) -> str:
         queue = naming.runner_queue(self.ns, runner_id)

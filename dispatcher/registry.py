@@ -69,6 +69,13 @@ class Registry:
         restarted = old.session if old and old.session != msg.session else None
         return Seen(info, new=old is None, restarted_from=restarted)
 
+    def forgive(self) -> None:
+        """Restart every deadline: after a broker outage nobody could be heard,
+        so silence during it says nothing about a runner."""
+        now = self.clock()
+        for r in self.runners.values():
+            r.deadline = now + r.interval * self.misses
+
     def remove(self, runner_id: str) -> RunnerInfo | None:
         return self.runners.pop(runner_id, None)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from common import naming
-from common.broker import Broker, BrokerUnavailable, Delivery, Unroutable
+from common.broker import Broker, BrokerError, Delivery, Unroutable
 from common.messages import (
     CancelJob,
     CommitSeen,
@@ -91,7 +91,7 @@ class Dispatcher:
                     self.setup()
                 while not self.stopping:
                     self.run_once(0.25)
-            except BrokerUnavailable as exc:
+            except BrokerError as exc:  # unavailable, or an unroutable publish we cannot place
                 log.warning("dispatcher lost the broker (%s); reconnecting", exc)
                 self.broker.close()
                 time.sleep(0.5)
@@ -108,6 +108,10 @@ class Dispatcher:
         b.consume(naming.dispatcher_control_queue(self.ns), self.on_control, prefetch=self.s.prefetch)
         b.consume(naming.dispatcher_results_queue(self.ns), self.on_result, prefetch=self.s.prefetch)
         b.consume(naming.dispatcher_rpc_queue(self.ns), self.on_request, prefetch=self.s.prefetch)
+        # Runners could not be heard while we were disconnected: give them a
+        # full heartbeat timeout (and the restart grace) to report in.
+        self.registry.forgive()
+        self.started = self.clock()
         for row in self.store.in_state("pending"):
             self._enqueue(row.as_job())
         log.info("dispatcher ready: namespace=%s store=%s", self.ns, self.s.db)

@@ -81,7 +81,7 @@ def notify_main(args: argparse.Namespace) -> int:
             # only when the topology is not there yet.
             broker.close()
             broker.connect(give_up_after=10)
-            broker.declare_topology()
+            broker.declare_commit_path()
             publish_commit(broker, repo, args.branch, commit, source="notify")
     finally:
         broker.close()

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.broker import Broker, BrokerUnavailable
+from common.broker import Broker, BrokerError
 from common.settings import BrokerSettings
 from observer.cursor import Cursor
 from observer.publish import publish_commit
@@ -62,7 +62,7 @@ class Observer:
             try:
                 if not self.broker.connected:
                     self.broker.connect()
-                    self.broker.declare_topology()
+                    self.broker.declare_commit_path()
                 started = time.monotonic()
                 self.poll_once()
                 # Keep the connection serviced while waiting for the next poll.
@@ -71,7 +71,7 @@ class Observer:
                     if left <= 0:
                         break
                     self.broker.process(min(left, 0.5))
-            except BrokerUnavailable as exc:
+            except BrokerError as exc:  # unavailable, or an unroutable publish we cannot place
                 log.warning("observer lost the broker (%s); reconnecting", exc)
                 self.broker.close()
                 time.sleep(0.5)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import naming
-from common.broker import Broker, BrokerUnavailable, Delivery
+from common.broker import Broker, BrokerError, BrokerUnavailable, Delivery, Unroutable
 from common.messages import (
     CancelJob,
     DecodeError,
@@ -78,6 +78,7 @@ class Runner:
         self.abandon = False
         self._consuming = False
         self._next_heartbeat = 0.0
+        self._warned: set[str] = set()
 
     # -- lifecycle --------------------------------------------------------
 
@@ -109,7 +110,7 @@ class Runner:
                     self._setup()
                 if self._serve():
                     return 0
-            except BrokerUnavailable as exc:
+            except BrokerError as exc:  # unavailable, or an unroutable publish we cannot place
                 log.warning("runner=%s lost the broker (%s); reconnecting", self.s.runner_id, exc)
                 self.broker.close()
                 self._consuming = False
@@ -118,7 +119,7 @@ class Runner:
                 time.sleep(0.5)
 
     def _setup(self) -> None:
-        self.broker.declare_topology()
+        self.broker.declare_runner_exchanges()
         queue = self.broker.declare_runner_queue(self.s.runner_id)
         if not self.draining:
             self.broker.consume(queue, self.on_delivery, prefetch=1)
@@ -212,7 +213,11 @@ class Runner:
             session=self.session,
             started_at=time.time(),
         )
-        self.broker.publish(naming.results_exchange(self.s.broker.namespace), "", started)
+        try:
+            self.broker.publish(naming.results_exchange(self.s.broker.namespace), "", started)
+        except Unroutable:
+            # No results queue: reconnect and let the job come again.
+            raise BrokerUnavailable("the dispatcher's results queue is missing") from None
         # From here the dispatcher's lease owns the job (delivery rule 3).
         delivery.ack()
         log.info("%s started", ids)
@@ -258,7 +263,9 @@ class Runner:
             tree = self.workspace.checkout(job.repo, job.commit)
         except CheckoutError as exc:
             return Outcome("error", None, 0.0, reason=str(exc))
-        log.debug("runner=%s job=%s checkout took %.1f ms", self.s.runner_id, job.job_id, (time.monotonic() - began) * 1000)
+        log.debug(
+            "runner=%s job=%s checkout took %.1f ms", self.s.runner_id, job.job_id, (time.monotonic() - began) * 1000
+        )
         junit = self.s.workdir / "junit" / f"{job.job_id}-{job.attempt}.xml"
         junit.parent.mkdir(exist_ok=True)
         junit.unlink(missing_ok=True)
@@ -348,7 +355,12 @@ class Runner:
                 log.error("runner=%s dropping unreadable outbox file %s: %s", self.s.runner_id, path, exc)
                 path.unlink(missing_ok=True)
                 continue
-            self.broker.publish(naming.results_exchange(self.s.broker.namespace), "", result)
+            try:
+                self.broker.publish(naming.results_exchange(self.s.broker.namespace), "", result)
+            except Unroutable:
+                # The dispatcher has never run here: keep it and try again later.
+                self._warn_once("no results queue yet (has the dispatcher run?); results wait in the outbox")
+                return
             path.unlink(missing_ok=True)
 
     def _publish_result_like(self, msg: JobRejected) -> None:
@@ -369,15 +381,23 @@ class Runner:
             labels=list(self.s.labels),
             sent_at=time.time(),
         )
-        self.broker.publish(naming.control_exchange(self.s.broker.namespace), "", msg)
         self._next_heartbeat = time.monotonic() + self.s.heartbeat_interval
+        try:
+            self.broker.publish(naming.control_exchange(self.s.broker.namespace), "", msg)
+        except Unroutable:
+            self._warn_once("no control queue yet (has the dispatcher run?); heartbeats go nowhere")
 
     def _goodbye(self, job_id: str, attempt: int, reason: str) -> None:
         msg = Goodbye(runner_id=self.s.runner_id, session=self.session, job_id=job_id, attempt=attempt, reason=reason)
         try:
             self.broker.publish(naming.control_exchange(self.s.broker.namespace), "", msg)
-        except BrokerUnavailable:
+        except (BrokerUnavailable, Unroutable):
             log.warning("runner=%s could not say goodbye; the dispatcher will notice it is gone", self.s.runner_id)
+
+    def _warn_once(self, text: str) -> None:
+        if text not in self._warned:
+            self._warned.add(text)
+            log.warning("runner=%s %s", self.s.runner_id, text)
 
 
 def _outbox_name(job: Job) -> str:

@@ -8,24 +8,17 @@ with a clear message: integration tests are never silently skipped.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from support import GitRepo, Volt
 
-from common import naming
 from common.broker import Broker, BrokerUnavailable
 from common.settings import BrokerSettings
-from dispatcher.client import QueryFailed, ask
 
 LOCAL_BROKER = "amqp://guest:guest@localhost:5672/%2F"
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _answers(url: str) -> bool:
@@ -61,157 +54,6 @@ def amqp_url() -> Iterator[str]:
     host, port = container.get_container_host_ip(), container.get_exposed_port(5672)
     yield f"amqp://guest:guest@{host}:{port}/%2F"
     container.stop()
-
-
-class GitRepo:
-    """A real git repository in a temporary folder, committed to with plain git."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.mkdir(parents=True, exist_ok=True)
-        self.git("init", "-q", "-b", "main")
-
-    def git(self, *args: str) -> str:
-        out = subprocess.run(
-            ["git", "-c", "user.name=Volt Test", "-c", "user.email=test@volt.invalid", *args],
-            cwd=self.path,
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        return out.stdout.strip()
-
-    def commit(self, files: dict[str, str | None], message: str = "change") -> str:
-        """Write (or, with None, delete) files and commit them; returns the commit id."""
-        for name, content in files.items():
-            target = self.path / name
-            if content is None:
-                target.unlink(missing_ok=True)
-            else:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_text(content)
-        self.git("add", "-A")
-        self.git("commit", "-q", "--allow-empty", "-m", message)
-        return self.git("rev-parse", "HEAD")
-
-
-class Volt:
-    """Volt CI's real processes in one test namespace, with helpers to drive and watch them."""
-
-    def __init__(self, amqp_url: str, ns: str, tmp: Path) -> None:
-        self.amqp_url = amqp_url
-        self.ns = ns
-        self.tmp = tmp
-        self.settings = BrokerSettings(amqp_url=amqp_url, namespace=ns)
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.runner_ids: set[str] = set()
-        self._broker: Broker | None = None
-
-    def common(self) -> list[str]:
-        return ["--amqp-url", self.amqp_url, "--namespace", self.ns, "--log-level", "DEBUG"]
-
-    def argv(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "common.cli", *args, *self.common()]
-
-    def run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        """Run one `volt` command to completion."""
-        return subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=timeout, cwd=self.tmp)
-
-    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen(self.argv(*args), stdout=log, stderr=subprocess.STDOUT, cwd=self.tmp)
-        self.procs[name] = proc
-        return proc
-
-    def dispatcher(self, *extra: str) -> subprocess.Popen[bytes]:
-        return self.start("dispatcher", "dispatcher", "--db", str(self.tmp / "dispatcher.db"), *extra)
-
-    def runner(self, runner_id: str, *extra: str, heartbeat: float = 0.5) -> subprocess.Popen[bytes]:
-        self.runner_ids.add(runner_id)
-        return self.start(
-            runner_id,
-            "runner",
-            "--id",
-            runner_id,
-            "--workdir",
-            str(self.tmp / runner_id),
-            "--heartbeat-interval",
-            str(heartbeat),
-            *extra,
-        )
-
-    def observer(self, repo: Path, *extra: str, poll: float = 0.2) -> subprocess.Popen[bytes]:
-        return self.start(
-            "observer",
-            "observer",
-            "--repo",
-            str(repo),
-            "--poll",
-            str(poll),
-            "--state-dir",
-            str(self.tmp / "observer"),
-            *extra,
-        )
-
-    def log_of(self, name: str) -> str:
-        return (self.tmp / f"{name}.log").read_text(errors="replace")
-
-    def ask(self, method: str, params: dict[str, Any] | None = None, timeout: float = 10) -> Any:
-        return ask(self.settings, method, params, timeout=timeout)
-
-    def results(self, **params: Any) -> list[dict[str, Any]]:
-        return self.ask("results", {"limit": 10000, **params})
-
-    def wait_for(self, what: str, check: Callable[[], Any], timeout: float = 60, every: float = 0.2) -> Any:
-        """Poll `check` until it returns something truthy; fail naming `what` otherwise."""
-        deadline = time.monotonic() + timeout
-        last_error: Exception | None = None
-        while time.monotonic() < deadline:
-            try:
-                value = check()
-                if value:
-                    return value
-            except QueryFailed as exc:  # the dispatcher may be restarting
-                last_error = exc
-            time.sleep(every)
-        logs = "\n".join(f"--- {n} ---\n{self.log_of(n)[-3000:]}" for n in self.procs)
-        pytest.fail(f"timed out after {timeout}s waiting for {what} (last error: {last_error})\n{logs}")
-
-    def wait_results(self, count: int, timeout: float = 60, **params: Any) -> list[dict[str, Any]]:
-        return self.wait_for(
-            f"{count} results",
-            lambda: (rows := self.results(**params)) and len(rows) >= count and rows,
-            timeout=timeout,
-        )
-
-    @property
-    def broker(self) -> Broker:
-        if self._broker is None or not self._broker.connected:
-            self._broker = Broker(self.settings, "volt-test")
-            self._broker.connect(give_up_after=10)
-            self._broker.declare_topology()
-        return self._broker
-
-    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        proc = self.procs[name]
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            proc.wait(timeout=30)
-
-    def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-        for proc in self.procs.values():
-            proc.wait(timeout=30)
-
-    def delete_topology(self) -> None:
-        broker = self.broker
-        for queue in naming.shared_queues(self.ns) + [naming.runner_queue(self.ns, r) for r in self.runner_ids]:
-            broker.delete_queue(queue)
-        for exchange in naming.exchanges(self.ns):
-            broker.delete_exchange(exchange)
-        broker.close()
 
 
 @pytest.fixture

@@ -3,39 +3,12 @@
 from __future__ import annotations
 
 import signal
-import sys
 import time
 from datetime import datetime
-from pathlib import Path
+
+from support import alive, pids, suite
 
 from common import naming
-
-
-def suite(marker: Path, first_sleep: float, later_sleep: float = 0.0, extra: str = "") -> dict[str, str]:
-    """A .volt.toml whose command records each run's pid in `marker` and sleeps
-    `first_sleep` on its first run, `later_sleep` after (so a retry is quick)."""
-    code = (
-        "import os, time\n"
-        f"m = {str(marker)!r}\n"
-        "runs = open(m).read().count(chr(10)) if os.path.exists(m) else 0\n"
-        "open(m, 'a').write(str(os.getpid()) + chr(10))\n"
-        f"{extra}\n"
-        f"time.sleep({first_sleep} if runs == 0 else {later_sleep})\n"
-    )
-    return {".volt.toml": f"[test]\ncommand = [{sys.executable!r}, '-c', {code!r}]\n"}
-
-
-def pids(marker: Path) -> list[int]:
-    return [int(p) for p in marker.read_text().split()] if marker.exists() else []
-
-
-def alive(pid: int) -> bool:
-    """True while the process exists and is not a zombie."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state != "Z"
 
 
 def _epoch(iso: str) -> float:
