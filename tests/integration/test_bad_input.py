@@ -33,7 +33,9 @@ def test_malformed_messages_go_to_the_dead_letter_queue_and_workers_keep_going(v
     b.publish(naming.commits_exchange(ns), "", b"\xff\xfe not json")
     b.publish(naming.control_exchange(ns), "", json.dumps({"type": "telepathy", "schema_version": 1}).encode())
     b.publish(naming.results_exchange(ns), "", json.dumps({"type": "job_result", "schema_version": 99}).encode())
-    b.publish("", naming.dispatcher_rpc_queue(ns), json.dumps({"type": "request", "schema_version": 1, "method": 7}).encode())
+    b.publish(
+        "", naming.dispatcher_rpc_queue(ns), json.dumps({"type": "request", "schema_version": 1, "method": 7}).encode()
+    )
     b.publish(naming.jobs_exchange(ns), naming.runner_routing_key("bad-1"), json.dumps(hostile_job).encode())
     b.publish(naming.jobs_exchange(ns), naming.runner_routing_key("bad-1"), b"[1, 2, 3]")
 
@@ -65,7 +67,9 @@ def _one_clear_line(proc) -> str:
 
 def test_bad_commit_repo_and_branch_are_one_clear_line(volt, repo, tmp_path):
     repo.commit({"tests/test_main.py": PASS})
-    line = _one_clear_line(volt.run("notify", "--repo", str(repo.path), "--branch", "main", "--commit", "$(touch /tmp/x)"))
+    line = _one_clear_line(
+        volt.run("notify", "--repo", str(repo.path), "--branch", "main", "--commit", "$(touch /tmp/x)")
+    )
     assert "not a commit id" in line
     line = _one_clear_line(volt.run("notify", "--repo", str(repo.path), "--branch", "main", "--commit", "abc123"))
     assert "not a commit id" in line
