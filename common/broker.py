@@ -38,6 +38,14 @@ _EXCHANGES = (
     (naming.results_exchange, "fanout"),
     (naming.jobs_exchange, "direct"),
     (naming.dead_letter_exchange, "fanout"),
+    (naming.rpc_exchange, "fanout"),
+)
+# What a runner publishes to or takes jobs from.
+_RUNNER_EXCHANGES = (
+    naming.control_exchange,
+    naming.results_exchange,
+    naming.jobs_exchange,
+    naming.dead_letter_exchange,
 )
 
 
@@ -171,6 +179,40 @@ class Broker:
                 )
                 time.sleep(delay)
 
+    def run(
+        self,
+        setup: Callable[[], None],
+        step: Callable[[], bool],
+        stopping: Callable[[], bool],
+        on_lost: Callable[[], bool] = lambda: False,
+    ) -> None:
+        """A worker's loop: connect, set up, then call step() until it returns True.
+
+        Any broker error closes the connection and starts over after a jittered
+        delay that doubles with failures close together (up to 30 s), so a
+        refused permission does not spin. on_lost() returning True ends the loop.
+        """
+        failures, last_failure = 0, 0.0
+        while not stopping():
+            try:
+                if not self.connected:
+                    self.connect()
+                    setup()
+                if step():
+                    return
+            except BrokerError as exc:
+                now = time.monotonic()
+                failures = failures + 1 if now - last_failure < 60 else 1
+                last_failure = now
+                delay = random.uniform(0.5, 1.0) * min(30.0, 0.5 * 2 ** (failures - 1))
+                log.warning("%s lost the broker (%s); reconnecting in %.1fs", self.client_name, exc, delay)
+                self.close()
+                if on_lost():
+                    return
+                until = time.monotonic() + delay
+                while time.monotonic() < until and not stopping():
+                    time.sleep(0.1)
+
     def close(self) -> None:
         conn, self._conn, self._ch = self._conn, None, None
         if conn is not None and conn.is_open:
@@ -183,6 +225,12 @@ class Broker:
         """Run callbacks for up to time_limit seconds (returns sooner on activity)."""
         with _translated():
             self._connection().process_data_events(time_limit=max(0.0, time_limit))
+        if self._ch is None or not self._ch.is_open:
+            # The broker closed our channel (a consumer timeout, a refused
+            # operation): pika says so only when the channel is next used.
+            # BlockingChannel keeps the reason only privately; it is worth a log line.
+            reason = getattr(self._ch, "_closing_reason", None) or "no reason given"
+            raise BrokerUnavailable(f"channel closed by the broker: {reason}")
 
     def call_threadsafe(self, fn: Callable[[], None]) -> None:
         """Run fn on the connection's thread; the only call safe from other threads."""
@@ -212,6 +260,7 @@ class Broker:
             # Requests expire rather than pile up while the dispatcher is down,
             # and an expired request is not worth a dead letter.
             self._channel().queue_declare(naming.dispatcher_rpc_queue(ns), durable=True)
+            self._channel().queue_bind(naming.dispatcher_rpc_queue(ns), naming.rpc_exchange(ns))
             dead = naming.dead_letter_queue(ns)
             self._channel().queue_declare(dead, durable=True)
             self._channel().queue_bind(dead, naming.dead_letter_exchange(ns), routing_key=dead)
@@ -230,7 +279,7 @@ class Broker:
         behind them belong to the dispatcher."""
         with _translated():
             for name, kind in _EXCHANGES:
-                if name is not naming.commits_exchange:
+                if name in _RUNNER_EXCHANGES:
                     self._channel().exchange_declare(name(self.ns), exchange_type=kind, durable=True)
 
     def _declare_bound_queue(self, queue: str, exchange: str, key: str) -> None:
@@ -414,8 +463,8 @@ class Broker:
         # Requests are transient and expire: a question nobody answered in
         # time is not worth keeping across a broker restart.
         self.publish(
+            naming.rpc_exchange(self.ns),
             "",
-            naming.dispatcher_rpc_queue(self.ns),
             message,
             persistent=False,
             reply_to=DIRECT_REPLY_TO,

@@ -38,6 +38,12 @@ def dead_letter_exchange(ns: str) -> str:
     return f"{ns}.dead"
 
 
+def rpc_exchange(ns: str) -> str:
+    """Requests to the dispatcher. An exchange of its own, not the default one,
+    so a user allowed to ask cannot put a message in any other queue."""
+    return f"{ns}.rpc"
+
+
 # Queues
 def dispatcher_commits_queue(ns: str) -> str:
     return f"{ns}.dispatcher.commits"
@@ -96,6 +102,7 @@ def exchanges(ns: str) -> list[str]:
         jobs_exchange(ns),
         results_exchange(ns),
         dead_letter_exchange(ns),
+        rpc_exchange(ns),
     ]
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from common import naming
-from common.broker import Broker, BrokerError, Delivery, Unroutable
+from common.broker import Broker, Delivery, Unroutable
 from common.messages import (
     CancelJob,
     CommitSeen,
@@ -84,17 +84,12 @@ class Dispatcher:
         signal.signal(signal.SIGINT, self.request_stop)
 
     def run(self) -> int:
-        while not self.stopping:
-            try:
-                if not self.broker.connected:
-                    self.broker.connect()
-                    self.setup()
-                while not self.stopping:
-                    self.run_once(0.25)
-            except BrokerError as exc:  # unavailable, or an unroutable publish we cannot place
-                log.warning("dispatcher lost the broker (%s); reconnecting", exc)
-                self.broker.close()
-                time.sleep(0.5)
+        def serve() -> bool:
+            while not self.stopping:
+                self.run_once(0.25)
+            return True
+
+        self.broker.run(self.setup, serve, stopping=lambda: self.stopping)
         self.broker.close()
         self.store.close()
         log.info("dispatcher stopped")

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.broker import Broker, BrokerError
+from common.broker import Broker
 from common.settings import BrokerSettings
 from observer.cursor import Cursor
 from observer.publish import publish_commit
@@ -58,23 +58,18 @@ class Observer:
             log.info("watching repo=%s branches=%s", watched.url, ",".join(branches))
 
     def run(self) -> int:
-        while not self.stopping:
-            try:
-                if not self.broker.connected:
-                    self.broker.connect()
-                    self.broker.declare_commit_path()
-                started = time.monotonic()
-                self.poll_once()
-                # Keep the connection serviced while waiting for the next poll.
-                while not self.stopping:
-                    left = self.s.poll - (time.monotonic() - started)
-                    if left <= 0:
-                        break
-                    self.broker.process(min(left, 0.5))
-            except BrokerError as exc:  # unavailable, or an unroutable publish we cannot place
-                log.warning("observer lost the broker (%s); reconnecting", exc)
-                self.broker.close()
-                time.sleep(0.5)
+        def poll() -> bool:
+            started = time.monotonic()
+            self.poll_once()
+            # Keep the connection serviced while waiting for the next poll.
+            while not self.stopping:
+                left = self.s.poll - (time.monotonic() - started)
+                if left <= 0:
+                    return False
+                self.broker.process(min(left, 0.5))
+            return True
+
+        self.broker.run(self.broker.declare_commit_path, poll, stopping=lambda: self.stopping)
         self.broker.close()
         return 0
 

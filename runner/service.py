@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import naming
-from common.broker import Broker, BrokerError, BrokerUnavailable, Delivery, Unroutable
+from common.broker import Broker, BrokerUnavailable, Delivery, Unroutable
 from common.messages import (
     CancelJob,
     DecodeError,
@@ -103,20 +103,13 @@ class Runner:
         self.reap_orphans()
         if not self.s.allow_repos:
             log.warning("runner=%s accepts jobs for any repository (no --allow-repo set)", self.s.runner_id)
-        while True:
-            try:
-                if not self.broker.connected:
-                    self.broker.connect()
-                    self._setup()
-                if self._serve():
-                    return 0
-            except BrokerError as exc:  # unavailable, or an unroutable publish we cannot place
-                log.warning("runner=%s lost the broker (%s); reconnecting", self.s.runner_id, exc)
-                self.broker.close()
-                self._consuming = False
-                if self.abandon and self.current is None:
-                    return 0
-                time.sleep(0.5)
+        self.broker.run(self._setup, self._serve, stopping=lambda: False, on_lost=self._on_lost)
+        return 0
+
+    def _on_lost(self) -> bool:
+        self._consuming = False
+        # Told to stop now, with nothing running: no need to wait for the broker.
+        return self.abandon and self.current is None
 
     def _setup(self) -> None:
         self.broker.declare_runner_exchanges()

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -194,3 +200,82 @@ def alive(pid: int) -> bool:
     except (FileNotFoundError, IndexError):
         return False
     return state != "Z"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+class Node:
+    """A second RabbitMQ node on its own ports and data folder."""
+
+    def __init__(self, base: Path, config: str = "", advanced: str = "") -> None:
+        if shutil.which("rabbitmq-server") is None or shutil.which("rabbitmqctl") is None:
+            pytest.fail("the broker-restart test needs rabbitmq-server and rabbitmqctl installed locally")
+        self.base = base
+        self.name = f"volt{uuid.uuid4().hex[:8]}@localhost"
+        self.port = _free_port()
+        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
+        for sub in ("mnesia", "log"):
+            (base / sub).mkdir(parents=True, exist_ok=True)
+        (base / "enabled_plugins").write_text("[].\n")
+        (base / "rabbitmq.conf").write_text(f"listeners.tcp.default = {self.port}\nloopback_users = none\n{config}")
+        (base / "advanced.config").write_text(advanced or "[].\n")
+        # Run as root, rabbitmq-server drops to the rabbitmq user, which must own the folder.
+        subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", str(base)], check=False, capture_output=True)
+        self.env = {
+            **os.environ,
+            "RABBITMQ_NODENAME": self.name,
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(_free_port()),
+            "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(base / "log"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
+            "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(base / "advanced.config"),
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        out = open(self.base / "server.out", "ab")  # noqa: SIM115 - lives with the node
+        self.proc = subprocess.Popen(
+            ["rabbitmq-server"], env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + 90
+        while not _listening(self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"second RabbitMQ node did not start:\n{(self.base / 'server.out').read_text()[-2000:]}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        subprocess.run(["rabbitmqctl", "-n", self.name, "stop"], capture_output=True, timeout=60, check=False)
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+        assert not _listening(self.port)
+
+
+@contextmanager
+def rabbit_node(config: str = "", advanced: str = "") -> Iterator[Node]:
+    """A started second node, stopped and removed afterwards."""
+    # Not under tmp_path: the rabbitmq user must be able to reach the folder.
+    base = Path(tempfile.mkdtemp(prefix="volt-rabbit-"))
+    node = Node(base, config, advanced)
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop()
+        shutil.rmtree(base, ignore_errors=True)

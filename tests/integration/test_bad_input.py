@@ -22,20 +22,19 @@ def _dead_letters(volt, expected: int) -> list[tuple[str, str, bytes]]:
     return found
 
 
-def test_malformed_messages_go_to_the_dead_letter_queue_and_workers_keep_going(volt, repo):
+def test_malformed_messages_go_to_the_dead_letter_queue_and_workers_keep_going(volt, repo, tmp_path):
+    pwned = tmp_path / "pwned"
     sha = repo.commit({"tests/test_main.py": PASS})
     volt.dispatcher()
     volt.runner("bad-1")
     volt.wait_for("runner to register", lambda: volt.ask("status")["runners"])
     ns, b = volt.ns, volt.broker
     hostile_job = {"type": "job", "schema_version": 1, "job_id": "j", "attempt": 1, "repo": "r",
-                   "branch": "main", "commit": "$(touch /tmp/volt-pwned)"}  # fmt: skip
+                   "branch": "main", "commit": f"$(touch {pwned})"}  # fmt: skip
     b.publish(naming.commits_exchange(ns), "", b"\xff\xfe not json")
     b.publish(naming.control_exchange(ns), "", json.dumps({"type": "telepathy", "schema_version": 1}).encode())
     b.publish(naming.results_exchange(ns), "", json.dumps({"type": "job_result", "schema_version": 99}).encode())
-    b.publish(
-        "", naming.dispatcher_rpc_queue(ns), json.dumps({"type": "request", "schema_version": 1, "method": 7}).encode()
-    )
+    b.publish(naming.rpc_exchange(ns), "", json.dumps({"type": "request", "schema_version": 1, "method": 7}).encode())
     b.publish(naming.jobs_exchange(ns), naming.runner_routing_key("bad-1"), json.dumps(hostile_job).encode())
     b.publish(naming.jobs_exchange(ns), naming.runner_routing_key("bad-1"), b"[1, 2, 3]")
 
@@ -48,6 +47,7 @@ def test_malformed_messages_go_to_the_dead_letter_queue_and_workers_keep_going(v
     runner_reasons = [r for q, r, _ in letters if q == naming.runner_queue(ns, "bad-1")]
     assert any("not a commit id" in r for r in runner_reasons)
     assert any("not a JSON object" in r for r in runner_reasons)
+    assert not pwned.exists()
 
     # Both workers are alive and still do their job.
     assert volt.procs["dispatcher"].poll() is None and volt.procs["bad-1"].poll() is None

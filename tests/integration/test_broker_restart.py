@@ -2,94 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import tempfile
 import time
-import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from support import GitRepo, Volt, pids, suite
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-        return True
-    except OSError:
-        return False
-
-
-class Node:
-    """A second RabbitMQ node on its own ports and data folder."""
-
-    def __init__(self, base: Path) -> None:
-        if shutil.which("rabbitmq-server") is None or shutil.which("rabbitmqctl") is None:
-            pytest.fail("the broker-restart test needs rabbitmq-server and rabbitmqctl installed locally")
-        self.base = base
-        self.name = f"volt{uuid.uuid4().hex[:8]}@localhost"
-        self.port = _free_port()
-        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
-        for sub in ("mnesia", "log"):
-            (base / sub).mkdir(parents=True, exist_ok=True)
-        (base / "enabled_plugins").write_text("[].\n")
-        (base / "rabbitmq.conf").write_text(f"listeners.tcp.default = {self.port}\nloopback_users = none\n")
-        # Run as root, rabbitmq-server drops to the rabbitmq user, which must own the folder.
-        subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", str(base)], check=False, capture_output=True)
-        self.env = {
-            **os.environ,
-            "RABBITMQ_NODENAME": self.name,
-            "RABBITMQ_NODE_PORT": str(self.port),
-            "RABBITMQ_DIST_PORT": str(_free_port()),
-            "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(base / "log"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
-            "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq"),
-        }
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        out = open(self.base / "server.out", "ab")  # noqa: SIM115 - lives with the node
-        self.proc = subprocess.Popen(
-            ["rabbitmq-server"], env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        deadline = time.monotonic() + 90
-        while not _listening(self.port):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"second RabbitMQ node did not start:\n{(self.base / 'server.out').read_text()[-2000:]}")
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        subprocess.run(["rabbitmqctl", "-n", self.name, "stop"], capture_output=True, timeout=60, check=False)
-        if self.proc is not None:
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
-        assert not _listening(self.port)
+from support import GitRepo, Node, Volt, pids, rabbit_node, suite
 
 
 @pytest.fixture
 def node() -> Iterator[Node]:
-    # Not under tmp_path: the rabbitmq user must be able to reach the folder.
-    base = Path(tempfile.mkdtemp(prefix="volt-rabbit-"))
-    n = Node(base)
-    n.start()
-    try:
+    with rabbit_node() as n:
         yield n
-    finally:
-        n.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_every_worker_survives_a_broker_restart_and_loses_nothing(node, tmp_path):
