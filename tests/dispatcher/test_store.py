@@ -1,0 +1,410 @@
+"""The dispatcher's job store on a real SQLite file."""
+
+from __future__ import annotations
+
+import base64
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common.messages import CommitSeen, Job, JobResult
+from dispatcher import store as store_module
+from dispatcher.store import JobRow, Store, job_id_for
+
+SHA_A = "a" * 40
+SHA_B = "b" * 40
+SHA_C = "c0ffee" + "0" * 34
+REPO = "/srv/git/app"
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "volt.db"
+
+
+@pytest.fixture
+def store(db_path: Path) -> Iterator[Store]:
+    s = Store(db_path, durable=False)
+    yield s
+    s.close()
+
+
+def seen(commit: str = SHA_A, branch: str = "main", repo: str = REPO, at: float = 100.0) -> CommitSeen:
+    return CommitSeen(repo=repo, branch=branch, commit=commit, seen_at=at)
+
+
+def result(row: JobRow, runner: str = "r1", status: str = "passed", **fields: Any) -> JobResult:
+    fields.setdefault("attempt", row.attempt)
+    return JobResult(job_id=row.job_id, runner_id=runner, status=status, **fields)
+
+
+def queued(store: Store, commit: str = SHA_A, **kw: Any) -> JobRow:
+    row = store.add_job(seen(commit, **kw))
+    store.mark_queued(row.job_id, row.attempt, now=101.0)
+    return current(store, row)
+
+
+def running(store: Store, commit: str = SHA_A, runner: str = "r1", **kw: Any) -> JobRow:
+    row = queued(store, commit, **kw)
+    assert store.assign(row.job_id, row.attempt, runner, now=102.0)
+    assert store.start(row.job_id, row.attempt, runner, "sess-1", started_at=103.0, now=103.5)
+    return current(store, row)
+
+
+def current(store: Store, row: JobRow) -> JobRow:
+    again = store.get(row.job_id)
+    assert again is not None
+    return again
+
+
+def kinds(store: Store, row: JobRow) -> list[str]:
+    return [e["kind"] for e in store.events(row.job_id)]
+
+
+def packed_log(text: str) -> str:
+    return base64.b64encode(zlib.compress(text.encode())).decode()
+
+
+# -- adding jobs ----------------------------------------------------------
+
+
+def test_add_job_is_idempotent(store: Store) -> None:
+    first = store.add_job(seen(at=100.0))
+    again = store.add_job(seen(at=200.0))  # the same CommitSeen, redelivered later
+    assert again == first
+    assert first.state == "pending"
+    assert first.attempt == 1
+    assert first.seen_at == 100.0
+    assert store.count_by_state() == {"pending": 1}
+
+
+def test_job_id_is_stable_and_per_repo_branch_commit(store: Store, db_path: Path) -> None:
+    row = store.add_job(seen())
+    assert row.job_id == job_id_for(REPO, "main", SHA_A)
+    assert store.add_job(seen(branch="dev")).job_id != row.job_id
+    assert store.add_job(seen(repo="/srv/git/other")).job_id != row.job_id
+    assert store.add_job(seen(commit=SHA_B)).job_id != row.job_id
+    reopened = Store(db_path, durable=False)
+    try:
+        assert reopened.add_job(seen()).job_id == row.job_id
+        assert reopened.count_by_state() == {"pending": 4}
+    finally:
+        reopened.close()
+
+
+def test_a_finished_job_is_not_reopened_by_a_duplicate_commit(store: Store) -> None:
+    row = running(store)
+    assert store.finish(result(row), now=110.0)
+    again = store.add_job(seen())
+    assert again.state == "done"
+    assert again.status == "passed"
+
+
+def test_seen_at_falls_back_to_now(store: Store) -> None:
+    assert store.add_job(seen(at=0.0), now=555.0).seen_at == 555.0
+
+
+# -- the state machine ----------------------------------------------------
+
+
+def test_pending_queued_assigned_running_done(store: Store) -> None:
+    row = store.add_job(seen())
+    assert row.state == "pending"
+    assert [r.job_id for r in store.in_state("pending")] == [row.job_id]
+
+    store.mark_queued(row.job_id, 1, now=101.0)
+    row = current(store, row)
+    assert (row.state, row.queued_at) == ("queued", 101.0)
+
+    assert store.assign(row.job_id, 1, "r1", now=102.0)
+    row = current(store, row)
+    assert (row.state, row.runner, row.assigned_at) == ("assigned", "r1", 102.0)
+    assert store.busy_runners() == {"r1"}
+
+    assert store.start(row.job_id, 1, "r1", "sess-1", started_at=103.0, now=103.5)
+    row = current(store, row)
+    assert (row.state, row.session, row.started_at) == ("running", "sess-1", 103.0)
+    assert store.busy_runners() == {"r1"}
+
+    done = result(row, status="failed", exit_code=1, passed=5, failed=2, errors=1, skipped=3, duration_s=4.5)
+    assert store.finish(done, now=110.0)
+    row = current(store, row)
+    assert (row.state, row.status, row.exit_code, row.finished_at) == ("done", "failed", 1, 110.0)
+    assert (row.passed, row.failed, row.errors, row.skipped, row.duration_s) == (5, 2, 1, 3, 4.5)
+    assert store.busy_runners() == set()
+    assert store.count_by_state() == {"done": 1}
+    assert store.count_by_status() == {"failed": 1}
+    assert kinds(store, row) == ["assigned", "started", "result"]
+
+
+def test_steps_out_of_order_change_nothing(store: Store) -> None:
+    row = store.add_job(seen())
+    assert not store.assign(row.job_id, 1, "r1", now=1.0)  # still pending
+    assert not store.start(row.job_id, 1, "r1", "s", started_at=1.0, now=1.0)
+    store.mark_queued(row.job_id, 2, now=1.0)  # wrong attempt
+    assert current(store, row).state == "pending"
+    store.mark_queued(row.job_id, 1, now=1.0)
+    assert not store.assign(row.job_id, 2, "r1", now=2.0)  # wrong attempt
+    assert store.assign(row.job_id, 1, "r1", now=2.0)
+    assert not store.assign(row.job_id, 1, "r2", now=2.0)  # already taken
+    assert not store.start(row.job_id, 1, "r2", "s", started_at=3.0, now=3.0)  # not its job
+    row = current(store, row)
+    assert (row.state, row.runner) == ("assigned", "r1")
+    assert kinds(store, row) == ["assigned"]
+
+
+def test_a_result_before_job_started_is_accepted(store: Store) -> None:
+    row = queued(store)
+    assert store.assign(row.job_id, 1, "r1", now=102.0)
+    assert store.finish(result(row, started_at=104.0), now=110.0)
+    row = current(store, row)
+    assert (row.state, row.status, row.started_at) == ("done", "passed", 104.0)
+
+
+# -- results: the first one of the current attempt wins ---------------------
+
+
+def test_a_result_from_another_runner_is_history_only(store: Store) -> None:
+    row = running(store, runner="r1")
+    assert not store.finish(result(row, runner="r2", status="failed"), now=110.0)
+    row = current(store, row)
+    assert (row.state, row.status, row.runner) == ("running", None, "r1")
+    late = store.events(row.job_id)[-1]
+    assert (late["kind"], late["runner"], late["status"]) == ("late_result", "r2", "failed")
+
+
+def test_a_duplicate_result_never_overwrites_the_winner(store: Store) -> None:
+    row = running(store)
+    assert store.finish(result(row, status="passed", passed=7, log_head="first"), now=110.0)
+    assert not store.finish(result(row, status="failed", failed=1, reason="again"), now=111.0)
+    assert not store.finish(result(row, status="passed", passed=7, log_head="first"), now=112.0)
+    row = current(store, row)
+    assert (row.status, row.passed, row.failed, row.finished_at, row.reason) == ("passed", 7, 0, 110.0, "")
+    assert store.log(row.job_id)["head"] == "first"  # type: ignore[index]
+    assert kinds(store, row) == ["assigned", "started", "result", "late_result", "late_result"]
+    assert store.events(row.job_id)[3]["reason"] == "again"
+
+
+def test_a_result_from_an_attempt_that_was_given_away_is_history_only(store: Store) -> None:
+    row = running(store, runner="r1")
+    assert store.requeue(row.job_id, 1, "runner r1 lost", now=105.0, failure=True, max_failures=3) == "pending"
+    store.mark_queued(row.job_id, 2, now=106.0)
+    assert store.assign(row.job_id, 2, "r2", now=107.0)
+    # r1 was only slow: its attempt-1 result arrives now.
+    assert not store.finish(result(row, runner="r1", attempt=1, status="failed"), now=108.0)
+    row = current(store, row)
+    assert (row.state, row.attempt, row.runner, row.status) == ("assigned", 2, "r2", None)
+    assert store.finish(result(row, runner="r2", attempt=2, status="passed", reason="ok"), now=109.0)
+    row = current(store, row)
+    assert (row.status, row.attempt) == ("passed", 2)
+    assert row.reason == "ok (attempt 1: runner r1 lost)"  # why attempt 1 went is kept
+    events = store.events(row.job_id)
+    assert [(e["kind"], e["attempt"], e["runner"]) for e in events if "result" in e["kind"]] == [
+        ("late_result", 1, "r1"),
+        ("result", 2, "r2"),
+    ]
+
+
+def test_a_result_for_an_unknown_job_is_kept_as_history(store: Store) -> None:
+    ghost = JobResult(job_id="nope", attempt=1, runner_id="r1", status="passed")
+    assert not store.finish(ghost, now=1.0)
+    assert [e["kind"] for e in store.events("nope")] == ["late_result"]
+
+
+# -- taking jobs back -------------------------------------------------------
+
+
+def test_requeue_starts_a_new_attempt(store: Store) -> None:
+    row = running(store)
+    assert store.requeue(row.job_id, 1, "runner r1 lost", now=105.0, failure=True, max_failures=3) == "pending"
+    row = current(store, row)
+    assert (row.state, row.attempt, row.failures, row.runner, row.session) == ("pending", 2, 1, None, None)
+    assert (row.assigned_at, row.started_at) == (None, None)
+    assert row.reason == "attempt 1: runner r1 lost"
+    assert row.as_job() == Job(job_id=row.job_id, attempt=2, repo=REPO, branch="main", commit=SHA_A)
+    assert store.busy_runners() == set()
+    lost = store.events(row.job_id)[-1]
+    assert (lost["kind"], lost["attempt"], lost["runner"], lost["reason"]) == ("lost", 1, "r1", "runner r1 lost")
+
+
+def test_requeue_ends_as_error_after_max_failures(store: Store) -> None:
+    row = store.add_job(seen())
+    for attempt in (1, 2, 3):
+        store.mark_queued(row.job_id, attempt, now=1.0)
+        assert store.assign(row.job_id, attempt, f"r{attempt}", now=2.0)
+        outcome = store.requeue(row.job_id, attempt, f"runner r{attempt} lost", now=3.0, failure=True, max_failures=3)
+        assert outcome == ("error" if attempt == 3 else "pending")
+    row = current(store, row)
+    assert (row.state, row.status, row.attempt, row.failures) == ("done", "error", 3, 3)
+    assert row.reason == "gave up after 3 lost attempt(s); last: runner r3 lost"
+    assert row.finished_at == 3.0
+    assert store.count_by_status() == {"error": 1}
+    last = store.events(row.job_id)[-1]
+    assert (last["kind"], last["status"]) == ("result", "error")
+    # The last runner's result, if it ever comes, is history.
+    assert not store.finish(result(row, runner="r3", attempt=3), now=4.0)
+    assert current(store, row).status == "error"
+
+
+def test_requeue_without_failure_does_not_count(store: Store) -> None:
+    row = store.add_job(seen())
+    for attempt in range(1, 6):  # more than max_failures
+        store.mark_queued(row.job_id, attempt, now=1.0)
+        assert store.assign(row.job_id, attempt, "r1", now=2.0)
+        assert store.requeue(row.job_id, attempt, "runner left", now=3.0, failure=False, max_failures=2) == "pending"
+    row = current(store, row)
+    assert (row.attempt, row.failures, row.state) == (6, 0, "pending")
+    assert kinds(store, row).count("returned") == 5
+    store.mark_queued(row.job_id, 6, now=4.0)
+    assert store.assign(row.job_id, 6, "r1", now=5.0)
+    assert store.requeue(row.job_id, 6, "lost", now=6.0, failure=True, max_failures=2) == "pending"
+    store.mark_queued(row.job_id, 7, now=7.0)
+    assert store.assign(row.job_id, 7, "r1", now=8.0)
+    assert store.requeue(row.job_id, 7, "lost", now=9.0, failure=True, max_failures=2) == "error"
+
+
+def test_stale_requeue_changes_nothing(store: Store) -> None:
+    assert store.requeue("nope", 1, "x", now=1.0, failure=True, max_failures=3) == "stale"
+    row = store.add_job(seen())
+    assert store.requeue(row.job_id, 1, "x", now=1.0, failure=True, max_failures=3) == "stale"  # pending
+    store.mark_queued(row.job_id, 1, now=1.0)
+    assert store.requeue(row.job_id, 1, "x", now=1.0, failure=True, max_failures=3) == "stale"  # queued
+    row = running(store, SHA_B)
+    assert store.requeue(row.job_id, 2, "x", now=1.0, failure=True, max_failures=3) == "stale"  # other attempt
+    assert store.finish(result(row), now=2.0)
+    assert store.requeue(row.job_id, 1, "x", now=3.0, failure=True, max_failures=3) == "stale"  # done
+    row = current(store, row)
+    assert (row.state, row.attempt, row.failures, row.status) == ("done", 1, 0, "passed")
+    assert "lost" not in kinds(store, row)
+
+
+def test_unassign_puts_the_same_attempt_back_in_queued(store: Store) -> None:
+    row = queued(store)
+    assert store.assign(row.job_id, 1, "r1", now=2.0)
+    store.unassign(row.job_id, 1, "runner r1 queue missing", now=3.0)
+    row = current(store, row)
+    assert (row.state, row.attempt, row.runner, row.failures) == ("queued", 1, None, 0)
+    event = store.events(row.job_id)[-1]
+    assert (event["kind"], event["reason"]) == ("unroutable", "runner r1 queue missing")
+    assert store.assign(row.job_id, 1, "r2", now=4.0)
+    assert current(store, row).runner == "r2"
+
+
+def test_unassign_leaves_a_started_job_alone(store: Store) -> None:
+    row = running(store)
+    store.unassign(row.job_id, 1, "late", now=3.0)
+    assert current(store, row).state == "running"
+
+
+# -- logs -------------------------------------------------------------------
+
+
+def test_log_round_trips_the_compressed_full_log(store: Store) -> None:
+    text = "".join(f"line {i} ✓ ok\n" for i in range(20_000))
+    row = running(store)
+    done = result(
+        row, log_head=text[:100], log_tail=text[-100:], log_bytes=len(text.encode()), log_full=packed_log(text)
+    )
+    assert store.finish(done, now=110.0)
+    log = store.log(row.job_id)
+    assert log == {"head": text[:100], "tail": text[-100:], "bytes": len(text.encode()), "full": text}
+
+
+def test_log_without_full_log(store: Store) -> None:
+    row = running(store)
+    assert store.finish(result(row, log_head="h", log_tail="t", log_bytes=10**9), now=110.0)
+    assert store.log(row.job_id) == {"head": "h", "tail": "t", "bytes": 10**9, "full": None}
+
+
+def test_log_of_unknown_job(store: Store) -> None:
+    assert store.log("nope") is None
+
+
+def test_a_late_result_does_not_replace_the_log(store: Store) -> None:
+    row = running(store)
+    assert store.finish(result(row, log_full=packed_log("winner")), now=110.0)
+    assert not store.finish(result(row, log_full=packed_log("loser")), now=111.0)
+    assert store.log(row.job_id)["full"] == "winner"  # type: ignore[index]
+
+
+@pytest.mark.parametrize("bad", ["abc", "!!!!", "eJzLSM3JyQcABiwCFQ==?"])
+def test_a_result_with_a_broken_full_log_is_still_recorded(store: Store, bad: str) -> None:
+    row = running(store)
+    assert store.finish(result(row, log_head="h", log_full=bad), now=110.0)
+    assert current(store, row).status == "passed"
+    assert store.log(row.job_id) == {"head": "h", "tail": "", "bytes": 0, "full": None}
+
+
+@pytest.mark.parametrize("blob", [b"not zlib at all", zlib.compress(b"x" * 1000)[:-6]])
+def test_a_corrupt_stored_log_reads_as_missing(store: Store, blob: bytes) -> None:
+    row = running(store)
+    assert store.finish(result(row, log_full=base64.b64encode(blob).decode()), now=110.0)
+    assert store.log(row.job_id)["full"] is None  # type: ignore[index]
+
+
+def test_a_log_that_inflates_too_far_reads_as_missing(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A few MB of compressed zeros can inflate to gigabytes in the dispatcher.
+    monkeypatch.setattr(store_module, "LOG_FULL_MAX_BYTES", 1024 * 1024)
+    bomb = base64.b64encode(zlib.compress(b"\0" * (2 * 1024 * 1024), 9)).decode()
+    fits = packed_log("y" * (1024 * 1024))
+    big, small = running(store, SHA_A), running(store, SHA_B)
+    assert store.finish(result(big, log_full=bomb), now=110.0)
+    assert store.finish(result(small, log_full=fits), now=110.0)
+    assert store.log(big.job_id)["full"] is None  # type: ignore[index]
+    assert store.log(small.job_id)["full"] == "y" * (1024 * 1024)  # type: ignore[index]
+
+
+# -- queries ----------------------------------------------------------------
+
+
+def test_find_filters_and_orders_newest_first(store: Store) -> None:
+    old = store.add_job(seen(SHA_A, at=10.0))
+    mid = store.add_job(seen(SHA_B, at=20.0, branch="dev"))
+    new = store.add_job(seen(SHA_C, at=30.0))
+    other = store.add_job(seen(SHA_A, at=40.0, repo="/srv/git/other"))
+
+    def ids(rows: list[JobRow]) -> list[str]:
+        return [r.job_id for r in rows]
+
+    assert ids(store.find()) == [other.job_id, new.job_id, mid.job_id, old.job_id]
+    assert ids(store.find(repo=REPO)) == [new.job_id, mid.job_id, old.job_id]
+    assert ids(store.find(branch="dev")) == [mid.job_id]
+    assert ids(store.find(repo=REPO, branch="main")) == [new.job_id, old.job_id]
+    assert ids(store.find(commit="aaaa")) == [other.job_id, old.job_id]
+    assert ids(store.find(commit="C0FFEE")) == [new.job_id]  # prefix, any case
+    assert ids(store.find(commit=SHA_A, repo=REPO)) == [old.job_id]
+    assert ids(store.find(commit="ffff")) == []
+    assert ids(store.find(limit=2)) == [other.job_id, new.job_id]
+
+
+def test_find_done_only(store: Store) -> None:
+    store.add_job(seen(SHA_A))
+    row = running(store, SHA_B)
+    assert store.find(done_only=True) == []
+    assert store.finish(result(row), now=110.0)
+    assert [r.job_id for r in store.find(done_only=True)] == [row.job_id]
+
+
+def test_in_state_is_oldest_first(store: Store) -> None:
+    late = store.add_job(seen(SHA_A, at=50.0))
+    early = store.add_job(seen(SHA_B, at=5.0))
+    assert [r.job_id for r in store.in_state("pending")] == [early.job_id, late.job_id]
+    assert store.in_state("running") == []
+
+
+def test_everything_survives_reopening(store: Store, db_path: Path) -> None:
+    row = running(store)
+    assert store.finish(result(row, status="timeout", reason="slow", log_full=packed_log("log")), now=110.0)
+    store.close()
+    reopened = Store(db_path)
+    try:
+        again = reopened.get(row.job_id)
+        assert again is not None
+        assert (again.state, again.status, again.reason) == ("done", "timeout", "slow")
+        assert reopened.log(row.job_id)["full"] == "log"  # type: ignore[index]
+        assert kinds(reopened, row) == ["assigned", "started", "result"]
+    finally:
+        reopened.close()
