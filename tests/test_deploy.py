@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from common import naming
+from common.broker import _RUNNER_EXCHANGES, RUNNER_QUEUE_EXPIRES_MS
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -39,6 +40,7 @@ EXCHANGES = {
     "volt.results": "fanout",
     "volt.jobs": "direct",
     "volt.dead": "fanout",
+    "volt.rpc": "fanout",
 }
 DLX = {"x-dead-letter-exchange": "volt.dead"}
 QUEUES = {
@@ -50,15 +52,29 @@ QUEUES = {
     "volt.dead-letter": {},
 }
 # (exchange, queue, routing key). pika binds with routing key = queue name when
-# given none, which is what the code does for the dead-letter queue.
+# given none, which is what the code does for the rpc queue (the dead-letter
+# queue names it explicitly). Both exchanges are fanouts, so the key only has
+# to match what the code declares, or the dispatcher would add a second binding.
 BINDINGS = {
     ("volt.commits", "volt.dispatcher.commits", ""),
     ("volt.control", "volt.dispatcher.control", ""),
     ("volt.results", "volt.dispatcher.results", ""),
     ("volt.jobs", "volt.jobs.backlog", "backlog"),
+    ("volt.rpc", "volt.dispatcher.rpc", "volt.dispatcher.rpc"),
     ("volt.dead", "volt.dead-letter", "volt.dead-letter"),
 }
 RUNNER_QUEUE = "volt.runner.host-1"
+# A runner queue's arguments (Broker.declare_runner_queue).
+RUNNER_QUEUE_ARGS = {**DLX, "x-expires": 900000}
+RUNNER_EXCHANGES = ("volt.control", "volt.results", "volt.jobs", "volt.dead")
+# Requests to the dispatcher (`volt status`, `results`, `log`, `check`).
+RPC_EXCHANGE = "volt.rpc"
+DISPATCHER_QUEUES = (
+    "volt.dispatcher.commits",
+    "volt.dispatcher.control",
+    "volt.dispatcher.results",
+    "volt.dispatcher.rpc",
+)
 
 
 # -- helpers -----------------------------------------------------------------
@@ -92,6 +108,7 @@ def can_publish(perm: dict[str, str], exchange: str) -> bool:
 
 
 def can_consume(perm: dict[str, str], queue: str) -> bool:
+    """basic.consume, basic.get and queue.purge all need read on the queue."""
     return allowed(perm, "read", queue)
 
 
@@ -99,13 +116,40 @@ def can_bind(perm: dict[str, str], queue: str, exchange: str) -> bool:
     return allowed(perm, "write", queue) and allowed(perm, "read", exchange)
 
 
+def can_create_queue(perm: dict[str, str], queue: str, arguments: dict[str, Any]) -> bool:
+    """queue.declare of a queue that does not exist yet: configure on it and,
+    with a dead-letter exchange, also read on the queue and write on that
+    exchange. (Re-declaring an existing queue checks configure only; a passive
+    declare checks nothing.)"""
+    ok = allowed(perm, "configure", queue)
+    dlx = arguments.get("x-dead-letter-exchange")
+    if dlx is not None:
+        ok = ok and allowed(perm, "read", queue) and allowed(perm, "write", dlx)
+    return ok
+
+
 def can_declare_topology(perm: dict[str, str]) -> bool:
-    """What Broker.declare_topology does: declare every exchange and shared
-    queue (configure) and bind the bound ones (write queue, read exchange)."""
-    names = [*EXCHANGES, *QUEUES]
-    return all(allowed(perm, "configure", n) for n in names) and all(
-        can_bind(perm, queue, exchange) for exchange, queue, _ in BINDINGS
+    """What Broker.declare_topology (the dispatcher) does: declare every exchange
+    (configure) and every shared queue, and bind the bound ones."""
+    return (
+        all(allowed(perm, "configure", x) for x in EXCHANGES)
+        and all(can_create_queue(perm, q, args) for q, args in QUEUES.items())
+        and all(can_bind(perm, queue, exchange) for exchange, queue, _ in BINDINGS)
     )
+
+
+def can_declare_commit_path(perm: dict[str, str]) -> bool:
+    """What Broker.declare_commit_path (observer, `volt notify`) does."""
+    return (
+        allowed(perm, "configure", "volt.commits")
+        and can_create_queue(perm, "volt.dispatcher.commits", QUEUES["volt.dispatcher.commits"])
+        and can_bind(perm, "volt.dispatcher.commits", "volt.commits")
+    )
+
+
+def can_declare_runner_exchanges(perm: dict[str, str]) -> bool:
+    """What Broker.declare_runner_exchanges does: every exchange but commits and rpc."""
+    return all(allowed(perm, "configure", x) for x in RUNNER_EXCHANGES)
 
 
 def interpolate(value: str) -> str:
@@ -192,6 +236,12 @@ def test_definitions_use_the_codes_names() -> None:
     assert naming.dead_letter_exchange(NS) == DLX["x-dead-letter-exchange"]
     assert (naming.jobs_exchange(NS), naming.backlog_queue(NS), naming.BACKLOG_ROUTING_KEY) in BINDINGS
     assert naming.runner_queue(NS, "host-1") == RUNNER_QUEUE
+    assert RUNNER_QUEUE_ARGS["x-expires"] == RUNNER_QUEUE_EXPIRES_MS
+    assert set(RUNNER_EXCHANGES) == {name(NS) for name in _RUNNER_EXCHANGES}
+    assert set(RUNNER_EXCHANGES) == set(naming.exchanges(NS)) - {naming.commits_exchange(NS), naming.rpc_exchange(NS)}
+    assert naming.rpc_exchange(NS) == RPC_EXCHANGE
+    assert (RPC_EXCHANGE, naming.dispatcher_rpc_queue(NS), naming.dispatcher_rpc_queue(NS)) in BINDINGS
+    assert set(DISPATCHER_QUEUES) == {q for q in naming.shared_queues(NS) if ".dispatcher." in q}
 
 
 def test_one_user_per_role_with_real_sha256_hashes(definitions: dict[str, Any]) -> None:
@@ -219,30 +269,33 @@ def test_every_user_has_valid_permissions(definitions: dict[str, Any]) -> None:
             re.compile(perm[kind])
 
 
-def test_runner_cannot_publish_commits_or_jobs_nor_read_dispatcher_queues(
+def test_runner_cannot_publish_commits_or_jobs_nor_touch_dispatcher_queues(
     definitions: dict[str, Any],
 ) -> None:
     perm = permissions_of(definitions, "volt-runner")
-    for exchange in ("volt.commits", "volt.jobs", ""):
+    # No forged CommitSeen or Job, and nothing straight into a queue through
+    # the default exchange (which checks only write on amq.default).
+    for exchange in ("volt.commits", "volt.jobs", RPC_EXCHANGE, ""):
         assert not can_publish(perm, exchange), exchange
-    for queue in (
-        "volt.dispatcher.commits",
-        "volt.dispatcher.results",
-        "volt.dispatcher.control",
-        "volt.dispatcher.rpc",
-        "volt.jobs.backlog",
-        "volt.dead-letter",
-    ):
-        assert not can_consume(perm, queue), queue
+    for queue in (*DISPATCHER_QUEUES, "volt.jobs.backlog", "volt.dead-letter"):
+        assert not can_consume(perm, queue), queue  # consume, get, purge
+        assert not allowed(perm, "write", queue), queue  # bind
+        assert not allowed(perm, "configure", queue), queue  # declare, delete
+    assert not allowed(perm, "configure", "volt.commits")
+    assert not allowed(perm, "configure", RPC_EXCHANGE)
+    assert not can_declare_commit_path(perm)
+    assert not can_declare_topology(perm)
+    # Its queue may take only what the jobs exchange routes: no binding to the
+    # exchanges of commits, heartbeats or results, to read them.
+    for exchange in ("volt.commits", "volt.control", "volt.results", "volt.dead", RPC_EXCHANGE):
+        assert not can_bind(perm, RUNNER_QUEUE, exchange), exchange
 
 
 def test_runner_can_do_its_work(definitions: dict[str, Any]) -> None:
     perm = permissions_of(definitions, "volt-runner")
-    assert can_declare_topology(perm)
-    # Its own queue: declare (with a DLX, that also needs read on the queue and
-    # write on the DLX), bind to the jobs exchange, consume.
-    assert allowed(perm, "configure", RUNNER_QUEUE)
-    assert allowed(perm, "read", RUNNER_QUEUE) and allowed(perm, "write", "volt.dead")
+    assert can_declare_runner_exchanges(perm)
+    # Its own queue: create (with a DLX), bind to the jobs exchange, consume.
+    assert can_create_queue(perm, RUNNER_QUEUE, RUNNER_QUEUE_ARGS)
     assert can_bind(perm, RUNNER_QUEUE, "volt.jobs")
     assert can_consume(perm, RUNNER_QUEUE)
     for exchange in ("volt.control", "volt.results", "volt.dead"):
@@ -252,39 +305,70 @@ def test_runner_can_do_its_work(definitions: dict[str, Any]) -> None:
 def test_dispatcher_can_do_its_work_and_no_more(definitions: dict[str, Any]) -> None:
     perm = permissions_of(definitions, "volt-dispatcher")
     assert can_declare_topology(perm)
-    for queue in (
-        "volt.dispatcher.commits",
-        "volt.dispatcher.control",
-        "volt.dispatcher.results",
-        "volt.dispatcher.rpc",
-        "volt.jobs.backlog",
-    ):
-        assert can_consume(perm, queue), queue
-    # Jobs, dead letters, and replies through the default exchange.
+    for queue in (*DISPATCHER_QUEUES, "volt.jobs.backlog"):
+        assert can_consume(perm, queue), queue  # consume, and basic.get on the backlog
+    # Jobs (backlog and runner.* keys), dead letters, and replies through the
+    # default exchange. Queue depths for `volt status` are passive declares,
+    # which need no permission.
     for exchange in ("volt.jobs", "volt.dead", ""):
         assert can_publish(perm, exchange), exchange
+    # Its health check (compose, k8s probes) runs `volt check` on its user,
+    # a request like the viewer's.
+    assert can_publish(perm, RPC_EXCHANGE)
     for exchange in ("volt.commits", "volt.control", "volt.results"):
         assert not can_publish(perm, exchange), exchange
     assert not can_consume(perm, RUNNER_QUEUE)
+    assert not allowed(perm, "configure", RUNNER_QUEUE)
 
 
 def test_observer_can_only_publish_commits(definitions: dict[str, Any]) -> None:
     perm = permissions_of(definitions, "volt-observer")
-    assert can_declare_topology(perm)
+    assert can_declare_commit_path(perm)
     assert can_publish(perm, "volt.commits")
-    for exchange in ("volt.jobs", "volt.control", "volt.results", "volt.dead", ""):
+    for exchange in ("volt.jobs", "volt.control", "volt.results", RPC_EXCHANGE, ""):
         assert not can_publish(perm, exchange), exchange
+    for name in (*EXCHANGES, *QUEUES, RUNNER_QUEUE):
+        if name not in ("volt.commits", "volt.dispatcher.commits"):
+            assert not allowed(perm, "configure", name), name
+    # Read on its own queue comes with creating it (it has a DLX); configure
+    # on it already lets the observer delete it, so this gives nothing more.
     for queue in (*QUEUES, RUNNER_QUEUE):
-        assert not can_consume(perm, queue), queue
+        if queue != "volt.dispatcher.commits":
+            assert not can_consume(perm, queue), queue
+    assert not can_declare_runner_exchanges(perm)
+    assert not can_declare_topology(perm)
 
 
 def test_viewer_can_only_ask_the_dispatcher(definitions: dict[str, Any]) -> None:
     perm = permissions_of(definitions, "volt-viewer")
-    assert can_publish(perm, "")  # requests go to the rpc queue via the default exchange
-    for name in (*EXCHANGES, *QUEUES, RUNNER_QUEUE):
+    # Requests go to the rpc exchange, which routes only to the dispatcher's
+    # rpc queue. Replies come on amq.rabbitmq.reply-to, which needs no permission.
+    assert can_publish(perm, RPC_EXCHANGE)
+    # Not the default exchange: with write on amq.default it could put any
+    # message (a forged commit or job) in any queue by naming it.
+    assert not can_publish(perm, "")
+    for name in (*EXCHANGES, *QUEUES, RUNNER_QUEUE, "amq.default", "amq.rabbitmq.reply-to"):
         assert not allowed(perm, "configure", name), name
         assert not allowed(perm, "read", name), name
-        assert not allowed(perm, "write", name), name
+        if name != RPC_EXCHANGE:
+            assert not allowed(perm, "write", name), name
+
+
+def test_only_the_dispatcher_receives_requests_and_writes_to_the_default_exchange(
+    definitions: dict[str, Any],
+) -> None:
+    """Nobody else can bind a queue to the rpc exchange (to read or divert the
+    viewer's requests), re-declare or delete it, or bind to the rpc queue; and
+    only the dispatcher (for its replies) can publish straight into a queue."""
+    for role in ("observer", "runner", "viewer"):
+        perm = permissions_of(definitions, f"volt-{role}")
+        assert not allowed(perm, "read", RPC_EXCHANGE), role
+        assert not allowed(perm, "configure", RPC_EXCHANGE), role
+        assert not allowed(perm, "write", "volt.dispatcher.rpc"), role
+        assert not can_publish(perm, ""), role
+    dispatcher = permissions_of(definitions, "volt-dispatcher")
+    assert can_bind(dispatcher, "volt.dispatcher.rpc", RPC_EXCHANGE)
+    assert can_publish(dispatcher, "")
 
 
 def test_admin_has_everything(definitions: dict[str, Any]) -> None:
