@@ -165,7 +165,9 @@ class Broker:
                     raise BrokerUnavailable(
                         f"cannot reach RabbitMQ at {redact_url(self.settings.amqp_url)}: {reason}"
                     ) from None
-                delay = random.uniform(0, min(10.0, 0.25 * 2**attempt))
+                # Capped at 5 s so that, after an outage, every worker is back
+                # well within the dispatcher's 10 s restart grace.
+                delay = random.uniform(0, min(5.0, 0.25 * 2**attempt))
                 if give_up_after is not None:
                     delay = min(delay, max(0.0, give_up_after - waited))
                 attempt += 1

@@ -52,7 +52,7 @@ class Message:
         return data
 
     def to_json(self) -> bytes:
-        return json.dumps(self.to_dict(), separators=(",", ":")).encode()
+        return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False).encode()
 
     @classmethod
     def from_json(cls, body: bytes) -> Message:

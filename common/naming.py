@@ -14,7 +14,7 @@ _RUNNER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 def valid_runner_id(runner_id: str) -> bool:
     """A runner id becomes part of a queue name and a routing key, so keep it plain."""
-    return bool(_RUNNER_ID.match(runner_id))
+    return bool(_RUNNER_ID.fullmatch(runner_id))
 
 
 # Exchanges

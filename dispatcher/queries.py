@@ -22,9 +22,13 @@ class QueryError(Exception):
 
 
 def iso(ts: float | None) -> str | None:
+    """ISO 8601 UTC; None for no time or one no calendar holds (a hostile seen_at)."""
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    try:
+        return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 def job_dict(row: JobRow, events: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -103,6 +107,9 @@ def _results(d: Dispatcher, params: dict[str, Any]) -> list[dict[str, Any]]:
     limit = params.get("limit", 50)
     if not isinstance(limit, int) or not 1 <= limit <= 10000:
         raise QueryError("limit must be a whole number from 1 to 10000")
+    for key in ("repo", "branch"):
+        if params.get(key) is not None and not isinstance(params[key], str):
+            raise QueryError(f"{key} must be a string")
     commit = params.get("commit")
     if commit is not None and not re.fullmatch(r"[0-9a-fA-F]{4,64}", str(commit)):
         raise QueryError(f"not a commit id or prefix: {commit!r:.80}")

@@ -69,12 +69,12 @@ class Registry:
         restarted = old.session if old and old.session != msg.session else None
         return Seen(info, new=old is None, restarted_from=restarted)
 
-    def forgive(self) -> None:
-        """Restart every deadline: after a broker outage nobody could be heard,
-        so silence during it says nothing about a runner."""
+    def forgive(self, grace: float = 0.0) -> None:
+        """Restart every deadline, giving at least `grace` seconds: after a broker
+        outage nobody could be heard, and runners reconnect at their own pace."""
         now = self.clock()
         for r in self.runners.values():
-            r.deadline = now + r.interval * self.misses
+            r.deadline = now + max(r.interval * self.misses, grace)
 
     def remove(self, runner_id: str) -> RunnerInfo | None:
         return self.runners.pop(runner_id, None)

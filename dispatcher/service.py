@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from common import naming
-from common.broker import Broker, Delivery, Unroutable
+from common.broker import Broker, BrokerError, Delivery, Unroutable
 from common.messages import (
     CancelJob,
     CommitSeen,
@@ -99,13 +99,16 @@ class Dispatcher:
         """Declare the topology, start consuming, and repair what a crash left."""
         b = self.broker
         b.declare_topology()
-        b.consume(naming.dispatcher_commits_queue(self.ns), self.on_commit, prefetch=self.s.prefetch)
-        b.consume(naming.dispatcher_control_queue(self.ns), self.on_control, prefetch=self.s.prefetch)
-        b.consume(naming.dispatcher_results_queue(self.ns), self.on_result, prefetch=self.s.prefetch)
-        b.consume(naming.dispatcher_rpc_queue(self.ns), self.on_request, prefetch=self.s.prefetch)
+        for queue, handler in (
+            (naming.dispatcher_commits_queue(self.ns), self.on_commit),
+            (naming.dispatcher_control_queue(self.ns), self.on_control),
+            (naming.dispatcher_results_queue(self.ns), self.on_result),
+            (naming.dispatcher_rpc_queue(self.ns), self.on_request),
+        ):
+            b.consume(queue, self._guarded(handler), prefetch=self.s.prefetch)
         # Runners could not be heard while we were disconnected: give them a
         # full heartbeat timeout (and the restart grace) to report in.
-        self.registry.forgive()
+        self.registry.forgive(self.s.restart_grace)
         self.started = self.clock()
         for row in self.store.in_state("pending"):
             self._enqueue(row.as_job())
@@ -305,6 +308,21 @@ class Dispatcher:
         d.ack()
 
     # -- helpers ----------------------------------------------------------
+
+    def _guarded(self, handler: Callable[[Delivery], None]) -> Callable[[Delivery], None]:
+        """A handler that a message it chokes on cannot kill: the message is
+        dead-lettered with the error, so its redelivery cannot crash-loop us."""
+
+        def guarded(d: Delivery) -> None:
+            try:
+                handler(d)
+            except BrokerError:
+                raise  # the connection's problem, not the message's
+            except Exception as exc:
+                log.exception("handling a message from %s failed", d.queue)
+                self.broker.dead_letter(d, f"dispatcher error: {type(exc).__name__}: {exc}")
+
+        return guarded
 
     def _decode(self, d: Delivery, *kinds: type) -> Any:
         """The message if it is one of `kinds`; otherwise dead-letter it and return None."""

@@ -60,6 +60,9 @@ class Workspace:
 
     def _checkout(self, repo: str, commit: str, path: Path) -> Path:
         clone = self._open_or_clone(repo, path)
+        # The code under test can write into .git; hooks it plants there
+        # (say, post-checkout) must not run as the runner on the next job.
+        clone.git.set_persistent_git_options(c="core.hooksPath=/dev/null")
         if not _has_commit(clone, commit):
             clone.git.fetch("origin", "--prune", "--quiet", "+refs/heads/*:refs/remotes/origin/*")
         if not _has_commit(clone, commit):
