@@ -1,19 +1,33 @@
-"""What the benchmarks share: a real system in its own namespace, a real repository."""
+"""What the benchmarks share: a real system in its own namespace, real repositories,
+and the means to measure processes (CPU time, resident size) and report a result.
+
+A benchmark script prints what it measured for people, and one `@result {json}`
+line per measure for `bench/run`, which collects them into one table.
+Progress goes to stderr. Nothing here asserts anything.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import platform
+import shutil
 import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+OUT = BENCH / "out"  # gitignored: generated repositories, profiles, logs
 sys.path.insert(0, str(ROOT))
 
 from common import naming  # noqa: E402
@@ -21,30 +35,243 @@ from common.broker import Broker  # noqa: E402
 from common.settings import DEFAULT_AMQP_URL, BrokerSettings  # noqa: E402
 from dispatcher.client import ask  # noqa: E402
 
+AMQP_URL = os.environ.get("VOLT_BENCH_AMQP_URL", DEFAULT_AMQP_URL)
+_T0 = time.monotonic()
+
+
+def _stop_on_sigterm(*_: object) -> None:
+    # `bench/run` stops a script that overruns with SIGTERM: leave through the
+    # `finally` blocks, so its processes and its namespace are cleaned up.
+    raise SystemExit(143)
+
+
+signal.signal(signal.SIGTERM, _stop_on_sigterm)
+
+
+# -- small helpers ----------------------------------------------------------
+
 
 def epoch(iso: str) -> float:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
-def median(values: list[float]) -> float:
+def median(values: Iterable[float]) -> float:
+    values = list(values)
     return statistics.median(values) if values else float("nan")
 
 
-class Repo:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.mkdir(parents=True)
-        self.git("init", "-q", "-b", "main")
-        self.n = 0
+def progress(text: str) -> None:
+    """A progress line on stderr (stdout carries the numbers)."""
+    print(f"[{Path(sys.argv[0]).stem} {time.monotonic() - _T0:6.1f}s] {text}", file=sys.stderr, flush=True)
 
-    def git(self, *args: str) -> str:
-        return subprocess.run(
-            ["git", "-c", "user.name=bench", "-c", "user.email=bench@volt.invalid", *args],
-            cwd=self.path,
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
+
+def report(key: str, measure: str, measured: str, target: str, met: bool | None, **numbers: Any) -> None:
+    """One row of the results table: printed for people and as `@result {json}` for bench/run."""
+    verdict = "n/a" if met is None else ("yes" if met else "NO")
+    print(f"{measure}: {measured} (target {target}: {verdict})", flush=True)
+    row = {"key": key, "measure": measure, "measured": measured, "target": target, "met": met, "numbers": numbers}
+    print("@result " + json.dumps(row), flush=True)
+
+
+def wait(check: Callable[[], Any], timeout: float, every: float = 0.05, what: str = "the benchmark") -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: waited more than {timeout:g}s")
+        time.sleep(every)
+
+
+# -- the machine ------------------------------------------------------------
+
+
+def machine_info(amqp_url: str = AMQP_URL) -> dict[str, str]:
+    """Core count, CPU model, Python, git and RabbitMQ versions, date, and the code's revision."""
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+
+    def out(*argv: str) -> str:
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd=ROOT).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+
+    dirty = out(
+        "git", "status", "--porcelain", "--untracked-files=no", "--", "common", "dispatcher", "runner", "observer"
+    )
+    return {
+        "date": datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "cores": str(os.cpu_count()),
+        "cpu": model,
+        "python": platform.python_version(),
+        "rabbitmq": rabbitmq_version(amqp_url),
+        "git": out("git", "--version").removeprefix("git version "),
+        "kernel": platform.release(),
+        "revision": out("git", "rev-parse", "--short", "HEAD") + (" + uncommitted changes" if dirty else ""),
+    }
+
+
+def rabbitmq_version(amqp_url: str = AMQP_URL) -> str:
+    """The broker's own version, as it announces itself on connecting."""
+    import pika  # only to read the server's properties; the workers never do this
+
+    try:
+        conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    except Exception as exc:  # noqa: BLE001 - a version is nice to have, never worth failing for
+        return f"unknown ({type(exc).__name__})"
+    try:
+        props = conn._impl.server_properties or {}  # noqa: SLF001 - pika keeps them only here
+        version = props.get("version", b"?")
+        return version.decode() if isinstance(version, bytes) else str(version)
+    finally:
+        conn.close()
+
+
+# -- processes: CPU time and resident size -----------------------------------
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int) -> list[str]:
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    # The command name (field 2) may hold spaces; everything after its ")" is fixed.
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and all its living descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int(_stat(int(entry.name))[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    return tree
+
+
+def cpu_seconds(pid: int, with_children: bool = True) -> float:
+    """User + system CPU time of a process; with its children (living, and those it reaped)."""
+    pids = process_tree(pid) if with_children else [pid]
+    total = 0
+    for p in pids:
+        try:
+            fields = _stat(p)
+        except OSError:
+            continue  # gone between the listing and now
+        # utime, stime, cutime, cstime are fields 14-17 of stat (11-14 after the name);
+        # a reaped child's time lands in its parent's cutime/cstime.
+        total += sum(int(f) for f in fields[11 : 15 if with_children else 13])
+    return total / _CLK_TCK
+
+
+class CpuMeter:
+    """CPU used by a process (and its children) over wall-clock windows, as a share of one core."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def share(self, seconds: float) -> float:
+        cpu0, wall0 = cpu_seconds(self.pid), time.monotonic()
+        time.sleep(seconds)
+        cpu1, wall1 = cpu_seconds(self.pid), time.monotonic()
+        return (cpu1 - cpu0) / (wall1 - wall0)
+
+    def windows(self, count: int, seconds: float, label: str = "") -> list[float]:
+        shares = []
+        for i in range(count):
+            shares.append(self.share(seconds))
+            progress(f"{label} window {i + 1}/{count}: {shares[-1]:.1%} of one core")
+        return shares
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size (VmRSS) in MB (10^6 bytes)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024 / 1e6
+    raise ValueError(f"no VmRSS for pid {pid}")
+
+
+def start_profiler(pid: int, path: Path, idle: bool = False) -> subprocess.Popen[bytes]:
+    """py-spy recording a process until stop_profiler: .svg flame graph, .txt collapsed stacks
+    (for bench/hotspots.py), .json speedscope. Non-blocking, so it barely slows the process."""
+    fmt = {".svg": "flamegraph", ".txt": "raw", ".json": "speedscope"}[path.suffix]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    py_spy = Path(sys.executable).with_name("py-spy")
+    argv = [
+        str(py_spy),
+        "record",
+        "--nonblocking",
+        "--rate",
+        "200",
+        "--format",
+        fmt,
+        "-o",
+        str(path),
+        "--pid",
+        str(pid),
+    ]
+    progress(f"profiling pid {pid} into {path}")
+    return subprocess.Popen(argv + (["--idle"] if idle else []), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def stop_profiler(spy: subprocess.Popen[bytes]) -> None:
+    spy.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+    try:
+        _, err = spy.communicate(timeout=60)
+        if spy.returncode:
+            progress(f"py-spy failed: {err.decode().strip()[-300:]}")
+    except subprocess.TimeoutExpired:
+        spy.kill()
+
+
+# -- repositories -------------------------------------------------------------
+
+
+def tree_path(i: int) -> str:
+    """Where file number i lives in a generated tree: 100 files to a folder."""
+    return f"src/d{i // 100:03d}/f{i % 100:02d}.txt"
+
+
+class Repo:
+    """A git repository the benchmark owns: small commits through the CLI,
+    long histories through `git fast-import` (tens of thousands of commits in seconds)."""
+
+    def __init__(self, path: Path, bare: bool = False, create: bool = True) -> None:
+        self.path = path
+        self.n = 0
+        if create:
+            path.mkdir(parents=True)
+            self.git("init", "-q", "-b", "main", *(["--bare"] if bare else []))
+
+    @classmethod
+    def open(cls, path: Path) -> Repo:
+        return cls(path, create=False)
+
+    def git(self, *args: str, stdin: bytes | None = None) -> str:
+        return (
+            subprocess.run(
+                ["git", "-c", "user.name=bench", "-c", "user.email=bench@volt.invalid", *args],
+                cwd=self.path,
+                check=True,
+                capture_output=True,
+                input=stdin,
+            )
+            .stdout.decode()
+            .strip()
+        )
 
     def commit(self, files: dict[str, str] | None = None) -> str:
         self.n += 1
@@ -56,82 +283,210 @@ class Repo:
         self.git("commit", "-q", "-m", f"change {self.n}")
         return self.git("rev-parse", "HEAD")
 
+    def head(self) -> str:
+        return self.git("rev-parse", "refs/heads/main")
+
+    def commits(self) -> list[str]:
+        """Every commit of main, oldest first."""
+        return self.git("rev-list", "--reverse", "refs/heads/main").split()
+
+    def import_commits(
+        self, count: int, files: int = 0, touch: int = 1, first_files: dict[str, str] | None = None
+    ) -> str:
+        """Add `count` commits to main with fast-import and return the new head.
+
+        On an empty repository the first commit holds `files` generated files
+        (100 to a folder) plus `first_files`; every later commit changes
+        `touch` of them, round the tree. Works on bare and non-bare repositories
+        (a non-bare one's work tree is not updated).
+        """
+        try:
+            parent: str | None = self.head()
+        except subprocess.CalledProcessError:
+            parent = None
+        if parent is not None and not files:
+            files = _count_files(self)
+        proc = subprocess.Popen(
+            ["git", "fast-import", "--quiet", "--done"], cwd=self.path, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL
+        )
+        assert proc.stdin is not None
+        try:
+            for chunk in _fast_import_stream(count, files, touch, parent, first_files or {}, salt=uuid.uuid4().hex):
+                proc.stdin.write(chunk)
+        finally:
+            proc.stdin.close()
+        if proc.wait() != 0:
+            raise RuntimeError(f"git fast-import failed in {self.path}")
+        return self.head()
+
+
+def _count_files(repo: Repo) -> int:
+    return sum(
+        1 for p in repo.git("ls-tree", "-r", "--name-only", "refs/heads/main").splitlines() if p.startswith("src/")
+    )
+
+
+def _data(payload: bytes) -> bytes:
+    return b"data %d\n%s\n" % (len(payload), payload)
+
+
+def _fast_import_stream(
+    count: int, files: int, touch: int, parent: str | None, first_files: dict[str, str], salt: str
+) -> Iterator[bytes]:
+    when = int(time.time()) - count
+    position = int(salt[:6], 16)  # where later commits start changing files: differs per call
+    for i in range(count):
+        lines = [
+            b"commit refs/heads/main\n",
+            b"committer bench <bench@volt.invalid> %d +0000\n" % (when + i),
+            _data(f"change {i} ({salt[:8]})".encode()),
+        ]
+        if i == 0 and parent is not None:
+            lines.append(f"from {parent}\n".encode())
+        if i == 0 and parent is None:
+            for name, content in first_files.items():
+                lines.append(f"M 100644 inline {name}\n".encode() + _data(content.encode()))
+            for j in range(files):
+                lines.append(f"M 100644 inline {tree_path(j)}\n".encode() + _data(b"file %d\n" % j * 4))
+        else:
+            for _ in range(max(1, touch) if files else 0):
+                j = position % files
+                position += 1
+                lines.append(f"M 100644 inline {tree_path(j)}\n".encode() + _data(f"file {j} v{i} {salt}\n".encode()))
+            if not files:
+                lines.append(b"M 100644 inline counter.txt\n" + _data(f"{i} {salt}\n".encode()))
+        yield b"".join(lines)
+    yield b"done\n"
+
+
+# -- the system under test ----------------------------------------------------
+
 
 class System:
     """Dispatcher, runners and observer as real processes in a fresh namespace."""
 
-    def __init__(self, amqp_url: str = DEFAULT_AMQP_URL, tag: str = "bench") -> None:
+    def __init__(self, amqp_url: str = AMQP_URL, tag: str = "bench") -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix=f"volt-{tag}-"))
         self.ns = f"{tag}-{uuid.uuid4().hex[:8]}"
         self.amqp_url = amqp_url
         self.settings = BrokerSettings(amqp_url=amqp_url, namespace=self.ns)
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.runner_ids: list[str] = []
+        self.db_path = self.tmp / "dispatcher.db"
+        self._db: sqlite3.Connection | None = None
         self.broker = Broker(self.settings, "volt-bench")
         self.broker.connect(give_up_after=10)
         self.broker.declare_topology()
 
-    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        argv = [sys.executable, "-m", "common.cli", *args, "--amqp-url", self.amqp_url, "--namespace", self.ns]
+    # -- processes
+
+    def start(
+        self, name: str, *args: str, python_args: tuple[str, ...] = ("-m", "common.cli")
+    ) -> subprocess.Popen[bytes]:
+        argv = [sys.executable, *python_args, *args, "--amqp-url", self.amqp_url, "--namespace", self.ns]
         log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        self.procs.append(proc)
+        self.procs[name] = proc
         return proc
 
+    def pid(self, name: str) -> int:
+        return self.procs[name].pid
+
     def dispatcher(self, *extra: str) -> None:
-        self.start("dispatcher", "dispatcher", "--db", str(self.tmp / "dispatcher.db"), *extra)
+        self.start("dispatcher", "dispatcher", "--db", str(self.db_path), *extra)
+        ask(self.settings, "ping", timeout=30)  # answers once it consumes
 
     def runners(self, count: int, *extra: str) -> None:
         for _ in range(count):
             rid = f"r{len(self.runner_ids) + 1}"
             self.runner_ids.append(rid)
             self.start(rid, "runner", "--id", rid, "--workdir", str(self.tmp / rid), *extra)
-        self.wait(lambda: len(ask(self.settings, "status")["runners"]) >= len(self.runner_ids), 60)
+        self.wait_for_runners(len(self.runner_ids))
 
-    def observer(self, repo: Path, poll: float) -> None:
+    def simulated_runners(self, name: str, count: int, mode: str, *extra: str) -> None:
+        """`count` fake runners in one process (bench/simrunners.py); see that file for the modes."""
+        prefix = f"{name}-"
         self.start(
-            "observer", "observer", "--repo", str(repo), "--poll", str(poll), "--state-dir", str(self.tmp / "obs")
+            name,
+            "--count",
+            str(count),
+            "--mode",
+            mode,
+            "--prefix",
+            prefix,
+            *extra,
+            python_args=(str(BENCH / "simrunners.py"),),
         )
+        if mode == "answer":  # it declares a queue for each
+            self.runner_ids.extend(f"{prefix}{i}" for i in range(count))
 
-    def publish(self, repo: Path, commit: str) -> None:
+    def wait_for_runners(self, count: int, timeout: float = 60) -> None:
+        wait(lambda: ask(self.settings, "ping")["runners"] >= count, timeout, every=0.2, what=f"{count} runners")
+
+    def observer(self, repos: list[Path], poll: float) -> None:
+        args = [a for r in repos for a in ("--repo", str(r))]
+        self.start("observer", "observer", *args, "--poll", str(poll), "--state-dir", str(self.tmp / "obs"))
+
+    def publish(self, repo: Path | str, commit: str) -> None:
         from observer.publish import publish_commit
 
         publish_commit(self.broker, str(repo), "main", commit, source="bench")
 
-    def results(self) -> list[dict[str, Any]]:
-        return ask(self.settings, "results", {"limit": 10000})
+    # -- results, read from the dispatcher's store (read-only: no load on the dispatcher)
+
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            self._db = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+        return self._db
+
+    def done_count(self) -> int:
+        return int(self.db().execute("SELECT COUNT(*) FROM jobs WHERE state = 'done'").fetchone()[0])
+
+    def done_rows(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.db().execute("SELECT * FROM jobs WHERE state = 'done' ORDER BY finished_at")]
 
     def result_for(self, commit: str, timeout: float = 120) -> dict[str, Any]:
+        """The recorded result of a commit (times as epoch seconds), once it is there."""
         found: dict[str, Any] = {}
 
         def done() -> bool:
-            rows = ask(self.settings, "results", {"commit": commit, "limit": 1})
-            if rows:
-                found.update(rows[0])
-            return bool(rows)
+            row = self.db().execute("SELECT * FROM jobs WHERE commit_sha = ? AND state = 'done'", (commit,)).fetchone()
+            if row is not None:
+                found.update(dict(row))
+            return row is not None
 
-        self.wait(done, timeout, every=0.01)
+        wait(done, timeout, every=0.01, what=f"result of {commit[:12]}")
         return found
 
+    def results(self) -> list[dict[str, Any]]:
+        """Finished results through the dispatcher's own query (as `volt results` sees them)."""
+        return ask(self.settings, "results", {"limit": 10000})
+
     @staticmethod
-    def wait(check: Any, timeout: float, every: float = 0.05) -> None:
-        deadline = time.monotonic() + timeout
-        while not check():
-            if time.monotonic() > deadline:
-                raise TimeoutError("benchmark waited too long")
-            time.sleep(every)
+    def wait(check: Callable[[], Any], timeout: float, every: float = 0.05) -> None:
+        wait(check, timeout, every)
 
     def close(self) -> None:
-        for proc in self.procs:
+        if self._db is not None:
+            self._db.close()
+        for proc in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
+        for proc in self.procs.values():
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
+        if not self.broker.connected:
+            self.broker.connect(give_up_after=10)
         for queue in naming.shared_queues(self.ns) + [naming.runner_queue(self.ns, r) for r in self.runner_ids]:
             self.broker.delete_queue(queue)
         for exchange in naming.exchanges(self.ns):
             self.broker.delete_exchange(exchange)
         self.broker.close()
+        if os.environ.get("VOLT_BENCH_KEEP"):
+            progress(f"kept {self.tmp} (logs of every process)")
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
