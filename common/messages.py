@@ -34,6 +34,20 @@ def valid_commit(sha: str) -> bool:
     return bool(_COMMIT.fullmatch(sha))
 
 
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:=+-]{0,63}")
+MAX_LABELS = 32
+
+
+def check_labels(labels: list[str]) -> list[str]:
+    """Return the runner labels, or raise ValueError saying which one is wrong."""
+    if len(labels) > MAX_LABELS:
+        raise ValueError(f"at most {MAX_LABELS} labels, not {len(labels)}")
+    for label in labels:
+        if not isinstance(label, str) or not _LABEL.fullmatch(label):
+            raise ValueError(f"not a label (letters, digits and _.:=+-, at most 64): {label!r:.80}")
+    return labels
+
+
 def check_commit(sha: str) -> str:
     """Return the commit id, or raise ValueError saying what is wrong with it."""
     if not isinstance(sha, str) or not valid_commit(sha):
@@ -72,9 +86,12 @@ class CommitSeen(Message):
     commit: str
     seen_at: float
     source: str = "poll"
+    # Runner labels the commit's .volt.toml requires ([test] labels).
+    labels: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_commit(self.commit)
+        check_labels(self.labels)
         _check_nonempty(repo=self.repo, branch=self.branch)
 
 
@@ -88,9 +105,11 @@ class Job(Message):
     repo: str
     branch: str
     commit: str
+    labels: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_commit(self.commit)
+        check_labels(self.labels)
         _check_nonempty(job_id=self.job_id, repo=self.repo, branch=self.branch)
         if self.attempt < 1:
             raise ValueError(f"attempt must be at least 1, got {self.attempt}")
@@ -107,6 +126,20 @@ class CancelJob(Message):
 
 
 @dataclass(frozen=True)
+class RunnerCommand(Message):
+    """Dispatcher to runner, on an operator's word: pause, resume or drain."""
+
+    TYPE: ClassVar[str] = "runner_command"
+    ACTIONS: ClassVar[tuple[str, ...]] = ("pause", "resume", "drain")
+    action: str
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        if self.action not in self.ACTIONS:
+            raise ValueError(f"unknown runner command {self.action!r}")
+
+
+@dataclass(frozen=True)
 class Hello(Message):
     """A runner's state. Sent at start (Hello) and then every interval (Heartbeat).
 
@@ -120,12 +153,15 @@ class Hello(Message):
     session: str
     host: str = ""
     pid: int = 0
-    state: str = "idle"  # idle | busy | draining
+    state: str = "idle"  # idle | busy | paused | draining
     job_id: str = ""
     attempt: int = 0
     interval: float = 2.0
     labels: list[str] = field(default_factory=list)
     sent_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_labels(self.labels)
 
 
 @dataclass(frozen=True)
@@ -222,6 +258,7 @@ TYPES: dict[str, type[Message]] = {
         CommitSeen,
         Job,
         CancelJob,
+        RunnerCommand,
         Hello,
         Heartbeat,
         Goodbye,

@@ -112,3 +112,8 @@ def normalize_repo(repo: str) -> str:
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", repo) or re.match(r"^[^/]+@[^/]+:", repo):
         return repo
     return str(Path(repo).expanduser().resolve())
+
+
+def is_local(repo: str) -> bool:
+    """Whether a normalized repository is a path on this machine rather than a URL."""
+    return repo.startswith("/")

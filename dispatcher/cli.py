@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common.settings import BrokerSettings, env
+from common.settings import BrokerSettings, SettingsError, env
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
@@ -13,6 +13,15 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # t
     p.add_argument("--db", default=env("DB", ".volt/dispatcher.db"), help="SQLite store (env VOLT_DB)")
     p.add_argument("--max-attempts", type=int, default=3, help="attempts before a job whose runners die ends as error")
     p.add_argument("--heartbeat-misses", type=int, default=3, help="missed heartbeats before a runner is lost")
+    p.add_argument(
+        "--http-port",
+        type=int,
+        default=env("HTTP_PORT", "0"),
+        help="serve the results page and /metrics on this port; 0: off (env VOLT_HTTP_PORT)",
+    )
+    p.add_argument(
+        "--http-host", default=env("HTTP_HOST", "127.0.0.1"), help="address to serve it on (env VOLT_HTTP_HOST)"
+    )
     p.set_defaults(func=main)
     return p
 
@@ -20,6 +29,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # t
 def main(args: argparse.Namespace) -> int:
     from dispatcher.service import Dispatcher, DispatcherSettings
 
+    if not 0 <= args.http_port <= 65535:
+        raise SettingsError(f"--http-port must be from 0 (off) to 65535, got {args.http_port}")
     db = Path(args.db).resolve()
     db.parent.mkdir(parents=True, exist_ok=True)
     settings = DispatcherSettings(
@@ -27,7 +38,13 @@ def main(args: argparse.Namespace) -> int:
         db=db,
         max_attempts=max(1, args.max_attempts),
         heartbeat_misses=max(1, args.heartbeat_misses),
+        http_port=args.http_port,
+        http_host=args.http_host,
     )
     dispatcher = Dispatcher(settings)
+    if settings.http_port:
+        from dispatcher import web
+
+        web.serve(dispatcher)
     dispatcher.install_signal_handlers()
     return dispatcher.run()

@@ -9,8 +9,9 @@ from typing import Any
 
 from common import exits
 from common.broker import Broker, BrokerUnavailable, RpcTimeout, Unroutable
-from common.messages import DecodeError, Reply, Request
+from common.messages import DecodeError, Reply, Request, RunnerCommand
 from common.settings import BrokerSettings
+from dispatcher.queries import log_text
 
 
 class QueryFailed(Exception):
@@ -57,6 +58,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.add_argument("id", metavar="JOB_ID_OR_COMMIT")
     p.set_defaults(func=log_main)
 
+    p = sub.add_parser("runner-ctl", help="pause, resume or drain a runner")
+    p.add_argument("action", choices=RunnerCommand.ACTIONS)
+    p.add_argument("runner_id", metavar="RUNNER_ID")
+    p.add_argument("--reason", default="", help="said in the runner's log")
+    p.set_defaults(func=runner_ctl_main)
+
     p = sub.add_parser("check", help="exit 0 if the dispatcher answers and runners are alive, else 1")
     p.add_argument("--min-runners", type=int, default=0, help="also require this many live runners")
     p.add_argument("--timeout", type=float, default=5.0)
@@ -87,7 +94,7 @@ def status_main(args: argparse.Namespace) -> int:
     if data["waiting_count"]:
         print(f"\nWAITING ({data['waiting_count']})")
         for j in data["waiting"]:
-            print(f"  {j['job_id']}  {j['commit'][:12]}  {j['branch']:<12} {j['repo']}")
+            print(f"  {j['job_id']}  {j['commit'][:12]}  {j['branch']:<12} {j['repo']}  ({j['why']})")
     return exits.OK
 
 
@@ -124,15 +131,14 @@ def log_main(args: argparse.Namespace) -> int:
         f"# job {job['job_id']} commit {job['commit']} {job['status'] or job['state']}: {job['reason']}",
         file=sys.stderr,
     )
-    if data["full"] is not None:
-        sys.stdout.write(data["full"])
-    else:
-        sys.stdout.write(data["head"])
-        if data["tail"]:
-            skipped = data["bytes"] - len(data["head"].encode()) - len(data["tail"].encode())
-            if skipped > 0:
-                sys.stdout.write(f"\n[... {skipped} bytes not kept ...]\n")
-            sys.stdout.write(data["tail"])
+    sys.stdout.write(log_text(data["head"], data["tail"], data["bytes"], data["full"]))
+    return exits.OK
+
+
+def runner_ctl_main(args: argparse.Namespace) -> int:
+    params = {"runner": args.runner_id, "action": args.action, "reason": args.reason}
+    data = ask(BrokerSettings.from_args(args), "runner_ctl", params)
+    print(f"runner {data['runner']}: {data['action']} sent; now {data['state']}")
     return exits.OK
 
 

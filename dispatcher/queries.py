@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from common import naming
-from common.messages import Request
-from dispatcher.store import JobRow
+from common.messages import Request, RunnerCommand
+from dispatcher.registry import TAKES_JOBS, RunnerInfo, has_labels
+from dispatcher.store import JobRow, Store
 
 if TYPE_CHECKING:
     from dispatcher.service import Dispatcher
+
+# (ready messages, consumers) of a queue by name; None when it does not exist
+# (or, for the web page's snapshot, was not looked at).
+QueueDepth = Callable[[str], tuple[int, int] | None]
 
 MAX_LOG_CHARS = 8 * 1024 * 1024
 
@@ -65,45 +71,70 @@ def answer(d: Dispatcher, req: Request) -> Any:
     return handler(d, req.params)
 
 
-def _status(d: Dispatcher, params: dict[str, Any]) -> dict[str, Any]:
-    now = d.clock()
-    busy = {row.runner: row for row in d.store.in_state("assigned", "running")}
-    runners = []
-    for info in sorted(d.registry.runners.values(), key=lambda r: r.runner_id):
+def runner_state(info: RunnerInfo, has_job: bool) -> str:
+    """paused or draining when it says so (a job it still runs is shown beside it),
+    else busy when the store gives it a job, else idle."""
+    if info.state in ("draining", "paused"):
+        return info.state
+    return "busy" if has_job else "idle"
+
+
+def status(store: Store, ns: str, runners: Iterable[RunnerInfo], now: float, depth: QueueDepth) -> dict[str, Any]:
+    """Live runners, queue depths, waiting and running jobs. `now` is on the clock of
+    the runners' last_seen; `depth` answers queue depths (the broker, or a snapshot)."""
+    busy = {row.runner: row for row in store.in_state("assigned", "running")}
+    runner_list = []
+    live = sorted(runners, key=lambda r: r.runner_id)
+    for info in live:
         row = busy.get(info.runner_id)
-        queue = d.broker.queue_depth(naming.runner_queue(d.ns, info.runner_id))
-        runners.append(
+        queue = depth(naming.runner_queue(ns, info.runner_id))
+        runner_list.append(
             {
                 "runner_id": info.runner_id,
                 "host": info.host,
-                "state": "busy" if row else ("draining" if info.state == "draining" else "idle"),
+                "state": runner_state(info, row is not None),
                 "job_id": row.job_id if row else None,
                 "commit": row.commit_sha if row else None,
                 "labels": info.labels,
                 "heartbeat_interval_s": info.interval,
                 "seconds_since_heartbeat": round(now - info.last_seen, 2),
-                "queue": {"name": naming.runner_queue(d.ns, info.runner_id), "ready": queue[0] if queue else None},
+                "queue": {"name": naming.runner_queue(ns, info.runner_id), "ready": queue[0] if queue else None},
             }
         )
     queues = {}
-    for name in naming.shared_queues(d.ns):
-        depth = d.broker.queue_depth(name)
-        queues[name] = {"ready": depth[0], "consumers": depth[1]} if depth else None
-    waiting = d.store.in_state("pending", "queued")
+    for name in naming.shared_queues(ns):
+        found = depth(name)
+        queues[name] = {"ready": found[0], "consumers": found[1]} if found else None
+    waiting = store.in_state("pending", "queued", "parked")
     return {
-        "namespace": d.ns,
+        "namespace": ns,
         "time": iso(time.time()),
-        "runners": runners,
+        "runners": runner_list,
         "queues": queues,
-        "jobs": d.store.count_by_state(),
-        "results": d.store.count_by_status(),
-        "waiting": [job_dict(r) for r in waiting[:50]],
+        "jobs": store.count_by_state(),
+        "results": store.count_by_status(),
+        "waiting": [{**job_dict(r), "why": why_waiting(r, live, busy)} for r in waiting[:50]],
         "waiting_count": len(waiting),
         "running": [job_dict(r) for r in busy.values()],
     }
 
 
-def _results(d: Dispatcher, params: dict[str, Any]) -> list[dict[str, Any]]:
+def why_waiting(row: JobRow, runners: list[RunnerInfo], busy: dict[str | None, JobRow]) -> str:
+    """One line on what a waiting job waits for."""
+    need = f"labels {', '.join(row.labels)}" if row.labels else ""
+    able = [r for r in runners if has_labels(r, row.labels)]
+    if not able:
+        return f"no live runner has {need}" if need else "no live runner"
+    takers = [r for r in able if r.state in TAKES_JOBS]
+    if not takers:
+        return f"every runner{' with ' + need if need else ''} is paused or draining"
+    if all(r.runner_id in busy for r in takers):
+        return f"waiting for a free runner{' with ' + need if need else ''} ({len(takers)} busy)"
+    return "about to be assigned"
+
+
+def results(store: Store, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """Jobs (by default only finished ones) with their history, newest first."""
     limit = params.get("limit", 50)
     if not isinstance(limit, int) or not 1 <= limit <= 10000:
         raise QueryError("limit must be a whole number from 1 to 10000")
@@ -113,29 +144,31 @@ def _results(d: Dispatcher, params: dict[str, Any]) -> list[dict[str, Any]]:
     commit = params.get("commit")
     if commit is not None and not re.fullmatch(r"[0-9a-fA-F]{4,64}", str(commit)):
         raise QueryError(f"not a commit id or prefix: {commit!r:.80}")
-    rows = d.store.find(
+    rows = store.find(
         repo=params.get("repo"),
         branch=params.get("branch"),
         commit=commit,
         limit=limit,
         done_only=bool(params.get("done_only", True)),
     )
-    return [job_dict(r, d.store.events(r.job_id)) for r in rows]
+    return [job_dict(r, store.events(r.job_id)) for r in rows]
 
 
-def _log(d: Dispatcher, params: dict[str, Any]) -> dict[str, Any]:
-    key = str(params.get("id", "")).strip()
+def job_log(store: Store, key: str) -> dict[str, Any]:
+    """A job (by id, or by commit or commit prefix) and its log: head, tail, size and,
+    when it was kept and is not too big, the whole of it."""
+    key = key.strip()
     if not re.fullmatch(r"[0-9a-fA-F]{4,64}", key):
         raise QueryError(f"not a job id or commit: {key!r:.80}")
-    row = d.store.get(key)
+    row = store.get(key)
     if row is None:
-        matches = d.store.find(commit=key, limit=2)
+        matches = store.find(commit=key, limit=2)
         if not matches:
             raise QueryError(f"no job or commit {key}")
         if len(matches) > 1 and not all(m.commit_sha == matches[0].commit_sha for m in matches):
             raise QueryError(f"{key} matches more than one commit; give more of it or the job id")
         row = matches[0]
-    log = d.store.log(row.job_id) or {}
+    log = store.log(row.job_id) or {}
     full = log.get("full")
     if full is not None and len(full) > MAX_LOG_CHARS:
         full = None
@@ -148,8 +181,44 @@ def _log(d: Dispatcher, params: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def log_text(head: str, tail: str, size: int, full: str | None) -> str:
+    """The whole log when it was kept, else its head, a marker for what was dropped, and its tail."""
+    if full is not None:
+        return full
+    if not tail:
+        return head
+    skipped = size - len(head.encode()) - len(tail.encode())
+    marker = f"\n[... {skipped} bytes not kept ...]\n" if skipped > 0 else ""
+    return head + marker + tail
+
+
+def _status(d: Dispatcher, params: dict[str, Any]) -> dict[str, Any]:
+    return status(d.store, d.ns, d.registry.runners.values(), d.clock(), d.broker.queue_depth)
+
+
+def _results(d: Dispatcher, params: dict[str, Any]) -> list[dict[str, Any]]:
+    return results(d.store, params)
+
+
+def _log(d: Dispatcher, params: dict[str, Any]) -> dict[str, Any]:
+    return job_log(d.store, str(params.get("id", "")))
+
+
+def _runner_ctl(d: Dispatcher, params: dict[str, Any]) -> dict[str, Any]:
+    runner, action = params.get("runner"), params.get("action")
+    if not isinstance(runner, str) or action not in RunnerCommand.ACTIONS:
+        raise QueryError(f"runner_ctl needs a runner id and one of {', '.join(RunnerCommand.ACTIONS)}")
+    return d.command_runner(runner, str(action), str(params.get("reason", ""))[:200])
+
+
 def _ping(d: Dispatcher, params: dict[str, Any]) -> dict[str, Any]:
     return {"runners": len(d.registry.runners), "time": iso(time.time())}
 
 
-_HANDLERS = {"status": _status, "results": _results, "log": _log, "ping": _ping}
+_HANDLERS = {
+    "status": _status,
+    "results": _results,
+    "log": _log,
+    "ping": _ping,
+    "runner_ctl": _runner_ctl,
+}

@@ -9,7 +9,7 @@ injected clock so tests control it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from common.messages import Hello
@@ -95,5 +95,22 @@ class Registry:
 
     def available(self, busy: set[str]) -> list[RunnerInfo]:
         """Runners that can take a job now, the longest-unused first."""
-        free = [r for r in self.runners.values() if r.runner_id not in busy and r.state != "draining"]
+        free = [r for r in self.runners.values() if r.runner_id not in busy and r.state in TAKES_JOBS]
         return sorted(free, key=lambda r: r.last_assigned)
+
+    def able(self, labels: Iterable[str]) -> list[RunnerInfo]:
+        """Live runners that carry every one of `labels`, whatever they are doing."""
+        return [r for r in self.runners.values() if has_labels(r, labels)]
+
+
+# The states in which a runner reports it would take a job (not paused, not draining).
+TAKES_JOBS = ("idle", "busy")
+
+
+def has_labels(runner: RunnerInfo, labels: Iterable[str]) -> bool:
+    return set(labels).issubset(runner.labels)
+
+
+def first_able(runners: list[RunnerInfo], labels: Iterable[str]) -> RunnerInfo | None:
+    """The first of `runners` that carries every one of `labels`."""
+    return next((r for r in runners if has_labels(r, labels)), None)

@@ -29,11 +29,14 @@ from common.messages import (
     JobStarted,
     Reply,
     Request,
+    RunnerCommand,
     decode,
 )
 from common.settings import BrokerSettings
 from dispatcher import queries
-from dispatcher.registry import Registry
+from dispatcher.metrics import Metrics
+from dispatcher.registry import Registry, RunnerInfo, first_able
+from dispatcher.snapshot import Snapshot, take_snapshot
 from dispatcher.store import Store
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,9 @@ class DispatcherSettings:
     # How long a job may sit assigned but not started before it is taken back.
     start_timeout: float = 10.0
     prefetch: int = 100
+    # The results page and /metrics (dispatcher/web.py); port 0: off.
+    http_port: int = 0
+    http_host: str = "127.0.0.1"
 
 
 class Dispatcher:
@@ -73,6 +79,9 @@ class Dispatcher:
         self.stopping = False
         self._next_sweep = 0.0
         self._lost_reasons: dict[str, str] = {}
+        self.metrics = Metrics()
+        # What the web server's threads may read: swapped in whole by this thread.
+        self.snapshot = Snapshot()
 
     # -- lifecycle --------------------------------------------------------
 
@@ -121,6 +130,8 @@ class Dispatcher:
             self.sweep()
             self.assign()
             self._next_sweep = self.clock() + 0.25
+            if self.s.http_port:
+                self.snapshot = take_snapshot(self, self.snapshot)
 
     # -- commits ----------------------------------------------------------
 
@@ -132,6 +143,8 @@ class Dispatcher:
         if row.state == "pending":
             self._enqueue(row.as_job())
             log.info("job=%s commit=%s repo=%s branch=%s queued", row.job_id, row.commit_sha[:12], row.repo, row.branch)
+            if row.labels and not self.registry.able(row.labels):
+                log.warning("job=%s needs labels %s: no live runner has them", row.job_id, ", ".join(row.labels))
         d.ack()
         self.assign()
 
@@ -143,15 +156,23 @@ class Dispatcher:
     # -- assignment -------------------------------------------------------
 
     def assign(self) -> None:
-        """Give backlog jobs to idle runners until one or the other runs out.
+        """Give waiting jobs to idle runners until one or the other runs out.
 
-        The backlog is read with basic.get only while a runner is free, so
-        waiting work stays visible as the queue's ready count.
+        Parked jobs (waiting for a runner with their labels) go first, then the
+        backlog queue, read with basic.get only while a runner is free, so
+        waiting work stays visible as the queue's ready count. A backlog job no
+        free runner can take is parked, so it does not block the ones behind it.
         """
-        while True:
-            free = self.registry.available(self.store.busy_runners())
-            if not free:
-                return
+        free = self.registry.available(self.store.busy_runners())
+        if not free:
+            return
+        for parked in self.store.in_state("parked"):
+            runner = first_able(free, parked.labels)
+            if runner is not None and self._dispatch(parked.as_job(), runner):
+                free.remove(runner)
+                if not free:
+                    return
+        while free:
             d = self.broker.get(naming.backlog_queue(self.ns))
             if d is None:
                 return
@@ -162,26 +183,61 @@ class Dispatcher:
             if row is None or row.state != "queued" or row.attempt != job.attempt:
                 d.ack()  # a copy left by a crash or a re-queue; the store knows better
                 continue
-            runner = free[0]
-            self.store.assign(job.job_id, job.attempt, runner.runner_id, self.wall())
-            try:
-                self.broker.publish(naming.jobs_exchange(self.ns), naming.runner_routing_key(runner.runner_id), job)
-            except Unroutable:
-                # Its queue is gone, so is the runner: the job goes straight back.
-                log.warning("runner=%s has no queue; job=%s goes back to the backlog", runner.runner_id, job.job_id)
-                self.registry.remove(runner.runner_id)
-                self.store.unassign(job.job_id, job.attempt, f"runner {runner.runner_id} queue missing", self.wall())
-                d.requeue()
-                continue
-            runner.last_assigned = self.clock()
-            d.ack()
-            log.info(
-                "job=%s attempt=%d commit=%s assigned to runner=%s",
-                job.job_id,
-                job.attempt,
-                job.commit[:12],
-                runner.runner_id,
-            )
+            runner = first_able(free, job.labels)
+            if runner is None:
+                self._park(job)
+            elif self._dispatch(job, runner):
+                free.remove(runner)
+            d.ack()  # the store now holds the job as assigned or parked
+
+    def _dispatch(self, job: Job, runner: RunnerInfo) -> bool:
+        """Assign a queued or parked job to a free runner; False if its queue is gone."""
+        if not self.store.assign(job.job_id, job.attempt, runner.runner_id, self.wall()):
+            return False
+        try:
+            self.broker.publish(naming.jobs_exchange(self.ns), naming.runner_routing_key(runner.runner_id), job)
+        except Unroutable:
+            # Its queue is gone, so is the runner: the job waits for the next one.
+            log.warning("runner=%s has no queue; job=%s waits for another runner", runner.runner_id, job.job_id)
+            self.registry.remove(runner.runner_id)
+            self.store.unassign(job.job_id, job.attempt, f"runner {runner.runner_id} queue missing", self.wall())
+            return False
+        runner.last_assigned = self.clock()
+        log.info(
+            "job=%s attempt=%d commit=%s assigned to runner=%s",
+            job.job_id,
+            job.attempt,
+            job.commit[:12],
+            runner.runner_id,
+        )
+        return True
+
+    def _park(self, job: Job) -> None:
+        able = self.registry.able(job.labels)
+        if able:
+            why = f"needs labels {', '.join(job.labels)}; its {len(able)} runner(s) are busy or paused"
+            log.info("job=%s commit=%s parked: %s", job.job_id, job.commit[:12], why)
+        else:
+            why = f"no live runner has labels {', '.join(job.labels)}"
+            log.warning("job=%s commit=%s waits: %s", job.job_id, job.commit[:12], why)
+        self.store.park(job.job_id, job.attempt, why, self.wall())
+
+    def command_runner(self, runner_id: str, action: str, reason: str = "") -> dict[str, Any]:
+        """Pause, resume or drain a live runner (`volt runner-ctl`)."""
+        info = self.registry.get(runner_id)
+        if info is None:
+            raise queries.QueryError(f"no live runner {runner_id!r}")
+        cmd = RunnerCommand(action=action, reason=reason)
+        try:
+            self.broker.publish(naming.jobs_exchange(self.ns), naming.runner_routing_key(runner_id), cmd)
+        except Unroutable:
+            raise queries.QueryError(f"runner {runner_id!r} has no queue") from None
+        # Until its next heartbeat says so itself: no new work for a paused or draining runner.
+        info.state = {"pause": "paused", "drain": "draining"}.get(action, "idle")
+        log.info("runner=%s told to %s%s", runner_id, action, f": {reason}" if reason else "")
+        if action == "resume":
+            self.assign()
+        return {"runner": runner_id, "action": action, "state": info.state}
 
     # -- runners ----------------------------------------------------------
 
@@ -242,6 +298,7 @@ class Dispatcher:
             job_id, attempt, reason, self.wall(), failure=failure, max_failures=self.s.max_attempts
         )
         if outcome == "pending":
+            self.metrics.redeliveries.inc()
             row = self.store.get(job_id)
             assert row is not None
             log.warning(
@@ -270,8 +327,11 @@ class Dispatcher:
                 if not duplicate:
                     log.warning("%s started an attempt that is not its own; cancelling it", ids)
                     self._cancel(msg.runner_id, msg.job_id, msg.attempt, "this attempt was given to another runner")
+            else:
+                self.metrics.job_started(self.store.get(msg.job_id), self.wall())
         elif isinstance(msg, JobResult):
             if self.store.finish(msg, self.wall()):
+                self.metrics.job_finished(msg.duration_s)
                 log.info("%s recorded: %s passed=%d failed=%d", ids, msg.status, msg.passed, msg.failed)
             else:
                 log.info("%s late result (%s) kept as history", ids, msg.status)
@@ -321,6 +381,7 @@ class Dispatcher:
             except Exception as exc:
                 log.exception("handling a message from %s failed", d.queue)
                 self.broker.dead_letter(d, f"dispatcher error: {type(exc).__name__}: {exc}")
+                self.metrics.dead_letters.inc()
 
         return guarded
 
@@ -330,8 +391,10 @@ class Dispatcher:
             msg = decode(d.body)
         except DecodeError as exc:
             self.broker.dead_letter(d, str(exc))
+            self.metrics.dead_letters.inc()
             return None
         if not isinstance(msg, kinds):
             self.broker.dead_letter(d, f"{msg.TYPE} does not belong on {d.queue}")
+            self.metrics.dead_letters.inc()
             return None
         return msg

@@ -3,7 +3,9 @@
 A job moves pending -> queued -> assigned -> running -> done. `pending` means
 "needs a message in the backlog queue"; it becomes `queued` once that publish
 is confirmed, so a crash in between is repaired by re-publishing the pending
-jobs at start-up. Every change is one transaction.
+jobs at start-up. A job that no free runner can take (its labels, or a runner
+queue that vanished) leaves the backlog queue and waits here as `parked`, so
+it does not block the jobs behind it. Every change is one transaction.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     log_head    TEXT NOT NULL DEFAULT '',
     log_tail    TEXT NOT NULL DEFAULT '',
     log_bytes   INTEGER NOT NULL DEFAULT 0,
-    log_full    BLOB
+    log_full    BLOB,
+    labels      TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE INDEX IF NOT EXISTS jobs_seen ON jobs(seen_at);
@@ -103,6 +106,11 @@ class JobRow:
     skipped: int
     duration_s: float | None
     reason: str
+    labels_json: str
+
+    @property
+    def labels(self) -> list[str]:
+        return list(json.loads(self.labels_json))
 
     def as_job(self) -> Job:
         return Job(
@@ -111,15 +119,22 @@ class JobRow:
             repo=self.repo,
             branch=self.branch,
             commit=self.commit_sha,
+            labels=self.labels,
         )
 
 
-_ROW_COLUMNS = ", ".join(JobRow.__dataclass_fields__)
+_ROW_COLUMNS = ", ".join(JobRow.__dataclass_fields__).replace("labels_json", "labels")
 
 
 class Store:
-    def __init__(self, path: Path | str, durable: bool = True) -> None:
+    def __init__(self, path: Path | str, durable: bool = True, readonly: bool = False) -> None:
         self.path = str(path)
+        if readonly:
+            # A reader for another thread (the web page): WAL lets it read while
+            # the owner writes; it creates and changes nothing.
+            self.db = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
+            self.db.execute("PRAGMA busy_timeout=5000")
+            return
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         # FULL: a job or result we acked to RabbitMQ must survive a power cut,
@@ -127,6 +142,13 @@ class Store:
         self.db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
         self.db.execute("PRAGMA busy_timeout=5000")
         self.db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a store written by an older Volt CI up to this schema."""
+        columns = {r[1] for r in self.db.execute("PRAGMA table_info(jobs)")}
+        if "labels" not in columns:
+            self.db.execute("ALTER TABLE jobs ADD COLUMN labels TEXT NOT NULL DEFAULT '[]'")
 
     def close(self) -> None:
         self.db.close()
@@ -216,9 +238,16 @@ class Store:
         job_id = job_id_for(seen.repo, seen.branch, seen.commit)
         with self._tx() as db:
             db.execute(
-                "INSERT OR IGNORE INTO jobs (job_id, repo, branch, commit_sha, state, seen_at)"
-                " VALUES (?, ?, ?, ?, 'pending', ?)",
-                (job_id, seen.repo, seen.branch, seen.commit, seen.seen_at or now or time.time()),
+                "INSERT OR IGNORE INTO jobs (job_id, repo, branch, commit_sha, state, seen_at, labels)"
+                " VALUES (?, ?, ?, ?, 'pending', ?, ?)",
+                (
+                    job_id,
+                    seen.repo,
+                    seen.branch,
+                    seen.commit,
+                    seen.seen_at or now or time.time(),
+                    json.dumps(sorted(set(seen.labels))),
+                ),
             )
         row = self.get(job_id)
         assert row is not None
@@ -235,7 +264,7 @@ class Store:
         with self._tx() as db:
             cur = db.execute(
                 "UPDATE jobs SET state = 'assigned', runner = ?, assigned_at = ?, session = NULL"
-                " WHERE job_id = ? AND attempt = ? AND state = 'queued'",
+                " WHERE job_id = ? AND attempt = ? AND state IN ('queued', 'parked')",
                 (runner, now, job_id, attempt),
             )
             if cur.rowcount:
@@ -243,13 +272,23 @@ class Store:
         return cur.rowcount == 1
 
     def unassign(self, job_id: str, attempt: int, reason: str, now: float) -> None:
-        """Back to queued, same attempt: the job never reached a runner."""
+        """Back to waiting, same attempt: the job never reached a runner."""
         with self._tx() as db:
             db.execute(
-                "UPDATE jobs SET state = 'queued', runner = NULL WHERE job_id = ? AND attempt = ? AND state = 'assigned'",
+                "UPDATE jobs SET state = 'parked', runner = NULL WHERE job_id = ? AND attempt = ? AND state = 'assigned'",
                 (job_id, attempt),
             )
             self._event(db, job_id, attempt, None, "unroutable", now, reason=reason)
+
+    def park(self, job_id: str, attempt: int, reason: str, now: float) -> bool:
+        """Take a job out of the backlog queue to wait in the store for a runner
+        that can take it, so it does not block the jobs behind it."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE jobs SET state = 'parked', reason = ? WHERE job_id = ? AND attempt = ? AND state = 'queued'",
+                (reason, job_id, attempt),
+            )
+        return cur.rowcount == 1
 
     def start(self, job_id: str, attempt: int, runner: str, session: str, started_at: float, now: float) -> bool:
         with self._tx() as db:

@@ -23,6 +23,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.add_argument("--repo", required=True)
     p.add_argument("--branch", required=True)
     p.add_argument("--commit", help="commit id (default: the branch's head in --repo)")
+    p.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        help="a runner label the job needs (repeatable; read from .volt.toml too when --repo is local)",
+    )
     p.set_defaults(func=notify_main)
 
 
@@ -50,9 +56,9 @@ def observer_main(args: argparse.Namespace) -> int:
 
 def notify_main(args: argparse.Namespace) -> int:
     from common.broker import Broker, BrokerUnavailable, Unroutable
-    from common.messages import check_commit
-    from common.naming import normalize_repo
-    from observer.publish import publish_commit
+    from common.messages import check_commit, check_labels
+    from common.naming import is_local, normalize_repo
+    from observer.publish import labels_in, publish_commit
 
     repo = normalize_repo(args.repo)
     if args.commit:
@@ -71,18 +77,24 @@ def notify_main(args: argparse.Namespace) -> int:
             commit = watched.head(args.branch)
         except RepoError as exc:
             raise SettingsError(str(exc)) from None
+    try:
+        labels = set(check_labels(args.label))
+    except ValueError as exc:
+        raise SettingsError(f"--label: {exc}") from None
+    if is_local(repo):
+        labels.update(labels_in(repo, commit))
     broker = Broker(BrokerSettings.from_args(args), "volt-notify")
     broker.connect(give_up_after=10)
     try:
         try:
-            publish_commit(broker, repo, args.branch, commit, source="notify")
+            publish_commit(broker, repo, args.branch, commit, source="notify", labels=labels)
         except (BrokerUnavailable, Unroutable):
             # Declaring costs round trips a hook should not pay every time:
             # only when the topology is not there yet.
             broker.close()
             broker.connect(give_up_after=10)
             broker.declare_commit_path()
-            publish_commit(broker, repo, args.branch, commit, source="notify")
+            publish_commit(broker, repo, args.branch, commit, source="notify", labels=labels)
     finally:
         broker.close()
     print(f"published {commit[:12]} on {args.branch} of {repo}")

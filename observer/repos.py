@@ -15,7 +15,8 @@ from pathlib import Path
 import git
 
 from common.gitutil import git_reason
-from common.naming import normalize_repo
+from common.naming import is_local, normalize_repo
+from common.voltfile import CONFIG_FILE, required_labels
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +27,6 @@ MAX_NEW_COMMITS = 1000
 
 class RepoError(Exception):
     """A repository or branch that cannot be read; the message is one line."""
-
-
-def is_local(repo: str) -> bool:
-    return repo.startswith("/")
 
 
 class WatchedRepo:
@@ -93,6 +90,15 @@ class WatchedRepo:
             return self.repo.commit(f"refs/heads/{branch}").hexsha
         except (git.BadName, ValueError):
             raise RepoError(f"branch {branch!r} not found in {self.url}") from None
+
+    def labels_at(self, commit: str) -> list[str]:
+        """The runner labels the commit's .volt.toml asks for (none without one)."""
+        try:
+            blob = self.repo.commit(commit).tree / CONFIG_FILE
+            text = blob.data_stream.read().decode("utf-8", "replace")
+        except (KeyError, ValueError, git.BadName):
+            return []
+        return required_labels(text)
 
     def new_commits(self, branch_head: str, since: str) -> list[str]:
         """Commits reachable from branch_head and not from since, oldest first."""

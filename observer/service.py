@@ -93,7 +93,8 @@ class Observer:
         # First sight of a branch: its head only, not its whole history.
         commits = [head] if last is None else watched.new_commits(head, last)
         for commit in commits:
-            publish_commit(self.broker, watched.url, branch, commit, source="poll")
+            labels = watched.labels_at(commit)
+            publish_commit(self.broker, watched.url, branch, commit, source="poll", labels=labels)
             self.cursor.set(watched.url, branch, commit)
             log.info("repo=%s branch=%s commit=%s published", watched.url, branch, commit[:12])
         return len(commits)

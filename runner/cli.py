@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 
 from common import naming
+from common.messages import check_labels
 from common.settings import BrokerSettings, SettingsError, env, env_float
 
 
@@ -50,6 +51,10 @@ def settings_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         raise SettingsError(f"runner id must be letters, digits, '.', '_' or '-' (at most 64): {runner_id!r}")
     if args.job_timeout <= 0 or args.heartbeat_interval <= 0:
         raise SettingsError("--job-timeout and --heartbeat-interval must be positive")
+    try:
+        check_labels(args.label)
+    except ValueError as exc:
+        raise SettingsError(f"--label: {exc}") from None
     workdir = Path(args.workdir or Path(".volt") / f"runner-{runner_id}").resolve()
     return RunnerSettings(
         broker=BrokerSettings.from_args(args),

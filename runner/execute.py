@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
 import zlib
 from collections import deque
 from collections.abc import Callable
@@ -21,19 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from xml.etree import ElementTree
 
+from common import voltfile
+from common.voltfile import CONFIG_FILE, ConfigError
+
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = ".volt.toml"
 LOG_HEAD_BYTES = 64 * 1024
 LOG_TAIL_BYTES = 64 * 1024
 # The compressed whole log travels in the result message; past this it is
 # dropped and only head and tail are kept.
 LOG_FULL_MAX_COMPRESSED = 4 * 1024 * 1024
 JUNIT_MAX_BYTES = 64 * 1024 * 1024
-
-
-class ConfigError(ValueError):
-    """The repository's .volt.toml is unreadable or says something impossible."""
 
 
 @dataclass(frozen=True)
@@ -59,15 +56,13 @@ def default_command(junit_path: Path) -> list[str]:
 def load_config(tree: Path, junit_path: Path, default_timeout: float) -> TestConfig:
     """Read `[test] command` and `timeout` from .volt.toml; pytest when absent."""
     path = tree / CONFIG_FILE
-    data: dict[str, object] = {}
+    section: dict[str, object] = {}
     if path.is_file():
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            section = voltfile.parse(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
             raise ConfigError(f"{CONFIG_FILE} is not valid TOML: {exc}") from None
-    section = data.get("test", {})
-    if not isinstance(section, dict):
-        raise ConfigError(f"{CONFIG_FILE}: [test] must be a table")
+    voltfile.labels_of(section)  # a broken labels list is the job's error too
     timeout = section.get("timeout", default_timeout)
     # TOML has nan and inf; either would switch the time limit off.
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:

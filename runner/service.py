@@ -35,6 +35,7 @@ from common.messages import (
     JobRejected,
     JobResult,
     JobStarted,
+    RunnerCommand,
     decode,
 )
 from common.settings import BrokerSettings
@@ -75,6 +76,7 @@ class Runner:
         self.current: Current | None = None
         self._lock = threading.Lock()
         self.draining = False
+        self.paused = False
         self.abandon = False
         self._consuming = False
         self._next_heartbeat = 0.0
@@ -157,6 +159,9 @@ class Runner:
             return
         if isinstance(msg, Job):
             self._take(msg, delivery)
+        elif isinstance(msg, RunnerCommand):
+            self._command(msg)
+            delivery.ack()
         elif isinstance(msg, CancelJob):
             current = self.current
             if current and (current.job.job_id, current.job.attempt) == (msg.job_id, msg.attempt):
@@ -172,10 +177,25 @@ class Runner:
         else:
             self.broker.dead_letter(delivery, f"a runner queue takes jobs, not {msg.TYPE}")
 
+    def _command(self, cmd: RunnerCommand) -> None:
+        log.info("runner=%s told to %s%s", self.s.runner_id, cmd.action, f": {cmd.reason}" if cmd.reason else "")
+        if cmd.action == "drain":
+            if not self.draining:
+                self.request_stop()
+        else:
+            self.paused = cmd.action == "pause"
+        self._send_status(Heartbeat)
+
     def _take(self, job: Job, delivery: Delivery) -> None:
         ids = f"runner={self.s.runner_id} job={job.job_id} attempt={job.attempt} commit={job.commit[:12]}"
-        if self.current is not None or self.draining:
-            reason = "draining" if self.draining else f"busy with job {self.current.job.job_id}"  # type: ignore[union-attr]
+        missing = sorted(set(job.labels) - set(self.s.labels))
+        if self.current is not None or self.draining or self.paused or missing:
+            if self.current is not None:
+                reason = f"busy with job {self.current.job.job_id}"
+            elif missing:
+                reason = f"lacks labels {', '.join(missing)}"
+            else:
+                reason = "draining" if self.draining else "paused"
             log.info("%s rejected: %s", ids, reason)
             self._publish_result_like(
                 JobRejected(job_id=job.job_id, attempt=job.attempt, runner_id=self.s.runner_id, reason=reason)
@@ -361,7 +381,12 @@ class Runner:
 
     def _send_status(self, kind: type[Hello]) -> None:
         current = self.current
-        state = "draining" if self.draining else ("busy" if current else "idle")
+        if self.draining:
+            state = "draining"
+        elif self.paused:
+            state = "paused"  # even while a job finishes: no new work
+        else:
+            state = "busy" if current else "idle"
         msg = kind(
             runner_id=self.s.runner_id,
             session=self.session,

@@ -22,6 +22,27 @@ from common import naming
 from common.broker import Broker
 from common.settings import BrokerSettings
 from dispatcher.client import QueryFailed, ask
+from dispatcher.registry import RunnerInfo
+
+
+def runner_info(
+    runner_id: str, state: str = "idle", labels: tuple[str, ...] = ("linux",), last_seen: float = 50.0
+) -> RunnerInfo:
+    """A live runner as the dispatcher's registry holds it, for unit tests of what it shows."""
+    return RunnerInfo(
+        runner_id=runner_id,
+        session="s",
+        host="build-host",
+        pid=1,
+        state=state,
+        job_id="",
+        attempt=0,
+        interval=2.0,
+        labels=list(labels),
+        first_seen=0.0,
+        last_seen=last_seen,
+        deadline=100.0,
+    )
 
 
 class GitRepo:

@@ -29,6 +29,7 @@ from common.messages import (
     Message,
     Reply,
     Request,
+    RunnerCommand,
     decode,
 )
 
@@ -38,8 +39,12 @@ SHA256 = "0123456789abcdef" * 4
 SAMPLES: list[Message] = [
     CommitSeen(repo="/srv/git/app", branch="main", commit=SHA1, seen_at=1700000000.5, source="hook"),
     CommitSeen(repo="https://example.com/app.git", branch="feature/x", commit=SHA256, seen_at=1.0),
+    CommitSeen(repo="/srv/git/app", branch="main", commit=SHA1, seen_at=2.0, labels=["gpu", "python3.12"]),
     Job(job_id="j1", attempt=2, repo="/srv/git/app", branch="main", commit=SHA1),
+    Job(job_id="j1", attempt=1, repo="/srv/git/app", branch="main", commit=SHA1, labels=["linux"]),
     CancelJob(job_id="j1", attempt=2, reason="given away"),
+    RunnerCommand(action="pause", reason="maintenance"),
+    RunnerCommand(action="drain"),
     Hello(runner_id="r1", session="s1", host="box", pid=42, labels=["linux", "gpu"], sent_at=5.0),
     Heartbeat(runner_id="r1", session="s1", state="busy", job_id="j1", attempt=1, interval=0.5),
     Goodbye(runner_id="r1", session="s1", job_id="j1", attempt=1, reason="shutdown"),
@@ -484,3 +489,17 @@ def test_fuzz_finds_successful_decodes_too() -> None:
     probe()
     assert len(found) >= 50
     assert len(set(found)) >= len(TYPES) // 2
+
+
+@pytest.mark.parametrize("labels", [["has space"], ["-leading"], [""], ["x" * 65], [f"l{i}" for i in range(33)]])
+def test_bad_labels_are_refused(labels: list[str]) -> None:
+    with pytest.raises(DecodeError, match="label"):
+        decode(job_body(labels=labels))
+    with pytest.raises(ValueError, match="label"):
+        CommitSeen(repo="/r", branch="main", commit=SHA1, seen_at=1.0, labels=labels)
+
+
+def test_an_unknown_runner_command_is_refused() -> None:
+    raw = {"type": "runner_command", "schema_version": SCHEMA_VERSION, "action": "reboot"}
+    with pytest.raises(DecodeError, match="unknown runner command 'reboot'"):
+        decode(json.dumps(raw).encode())

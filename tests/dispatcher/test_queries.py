@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import runner_info
 
 from common.messages import CommitSeen
 from dispatcher import queries
@@ -16,20 +17,7 @@ REPO = "/srv/git/app"
 
 
 def runner(runner_id: str, state: str = "idle", labels: tuple[str, ...] = ()) -> RunnerInfo:
-    return RunnerInfo(
-        runner_id=runner_id,
-        session="s",
-        host="h",
-        pid=1,
-        state=state,
-        job_id="",
-        attempt=0,
-        interval=2.0,
-        labels=list(labels),
-        first_seen=0.0,
-        last_seen=9.0,
-        deadline=100.0,
-    )
+    return runner_info(runner_id, state, labels)
 
 
 @pytest.fixture

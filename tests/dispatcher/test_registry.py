@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from common.messages import Heartbeat, Hello
-from dispatcher.registry import Registry
+from dispatcher.registry import Registry, first_able
 
 
 class Clock:
@@ -127,10 +127,11 @@ def test_remove(registry: Registry) -> None:
     assert not registry.alive("r1")
 
 
-def test_available_excludes_busy_and_draining_runners(registry: Registry) -> None:
+def test_available_excludes_busy_paused_and_draining_runners(registry: Registry) -> None:
     registry.heartbeat(beat("idle"))
     registry.heartbeat(beat("working"))
     registry.heartbeat(beat("leaving", state="draining"))
+    registry.heartbeat(beat("resting", state="paused"))
     assert [r.runner_id for r in registry.available(busy={"working"})] == ["idle"]
     assert {r.runner_id for r in registry.available(busy=set())} == {"idle", "working"}
     assert registry.available(busy={"idle", "working"}) == []
@@ -168,3 +169,17 @@ def test_forgive_restarts_every_deadline(registry: Registry, clock: Clock) -> No
     clock.advance(3.5)
     assert [r.runner_id for r in registry.expire()] == ["a"]
     assert registry.alive("b")
+
+
+def test_labels_pick_the_runners_that_have_every_one(registry: Registry) -> None:
+    registry.heartbeat(beat("plain"))
+    registry.heartbeat(beat("linux", labels=["linux"]))
+    registry.heartbeat(beat("gpu", labels=["gpu", "linux"], state="paused"))
+    assert {r.runner_id for r in registry.able([])} == {"plain", "linux", "gpu"}
+    assert {r.runner_id for r in registry.able(["linux"])} == {"linux", "gpu"}
+    assert [r.runner_id for r in registry.able(["gpu", "linux"])] == ["gpu"]
+    assert registry.able(["arm64"]) == []
+    free = registry.available(busy=set())
+    assert first_able(free, ["gpu"]) is None  # it has them, but it is paused
+    found = first_able(free, ["linux"])
+    assert found is not None and found.runner_id == "linux"

@@ -32,8 +32,10 @@ def store(db_path: Path) -> Iterator[Store]:
     s.close()
 
 
-def seen(commit: str = SHA_A, branch: str = "main", repo: str = REPO, at: float = 100.0) -> CommitSeen:
-    return CommitSeen(repo=repo, branch=branch, commit=commit, seen_at=at)
+def seen(
+    commit: str = SHA_A, branch: str = "main", repo: str = REPO, at: float = 100.0, labels: list[str] | None = None
+) -> CommitSeen:
+    return CommitSeen(repo=repo, branch=branch, commit=commit, seen_at=at, labels=labels or [])
 
 
 def result(row: JobRow, runner: str = "r1", status: str = "passed", **fields: Any) -> JobResult:
@@ -281,16 +283,56 @@ def test_stale_requeue_changes_nothing(store: Store) -> None:
     assert "lost" not in kinds(store, row)
 
 
-def test_unassign_puts_the_same_attempt_back_in_queued(store: Store) -> None:
+def test_unassign_parks_the_same_attempt_for_the_next_runner(store: Store) -> None:
     row = queued(store)
     assert store.assign(row.job_id, 1, "r1", now=2.0)
     store.unassign(row.job_id, 1, "runner r1 queue missing", now=3.0)
     row = current(store, row)
-    assert (row.state, row.attempt, row.runner, row.failures) == ("queued", 1, None, 0)
+    assert (row.state, row.attempt, row.runner, row.failures) == ("parked", 1, None, 0)
     event = store.events(row.job_id)[-1]
     assert (event["kind"], event["reason"]) == ("unroutable", "runner r1 queue missing")
     assert store.assign(row.job_id, 1, "r2", now=4.0)
     assert current(store, row).runner == "r2"
+
+
+def test_labels_are_kept_sorted_and_travel_in_the_job(store: Store) -> None:
+    row = queued(store, labels=["linux", "gpu", "linux"])
+    assert row.labels == ["gpu", "linux"]
+    assert row.as_job().labels == ["gpu", "linux"]
+    assert queued(store, SHA_B).labels == []
+
+
+def test_park_takes_a_queued_job_aside_until_a_runner_takes_it(store: Store) -> None:
+    row = queued(store, labels=["gpu"])
+    assert store.park(row.job_id, 1, "no live runner has labels gpu", now=102.0)
+    parked = current(store, row)
+    assert (parked.state, parked.reason) == ("parked", "no live runner has labels gpu")
+    assert [r.job_id for r in store.in_state("parked")] == [row.job_id]
+    assert not store.park(row.job_id, 1, "again", now=103.0)  # only a queued job parks
+    assert not store.park(row.job_id, 2, "wrong attempt", now=103.0)
+    assert store.assign(row.job_id, 1, "gpu-runner", now=104.0)
+    assert current(store, row).state == "assigned"
+
+
+def test_a_store_from_before_labels_is_brought_up_to_date(db_path: Path) -> None:
+    import sqlite3
+
+    old = sqlite3.connect(db_path)
+    old.executescript(store_module.SCHEMA.replace(",\n    labels      TEXT NOT NULL DEFAULT '[]'", ""))
+    old.execute(
+        "INSERT INTO jobs (job_id, repo, branch, commit_sha, state, seen_at) VALUES ('j', ?, 'main', ?, 'done', 1)",
+        (REPO, SHA_A),
+    )
+    old.commit()
+    assert "labels" not in {r[1] for r in old.execute("PRAGMA table_info(jobs)")}
+    old.close()
+    s = Store(db_path, durable=False)
+    try:
+        row = s.get("j")
+        assert row is not None and row.labels == []
+        assert s.add_job(seen(SHA_B, labels=["gpu"])).labels == ["gpu"]
+    finally:
+        s.close()
 
 
 def test_unassign_leaves_a_started_job_alone(store: Store) -> None:

@@ -1,0 +1,54 @@
+"""What the dispatcher's main thread lets other threads see.
+
+The main thread owns the registry and the broker connection; the web server's
+threads must touch neither. So the main thread copies what the page shows
+into an immutable Snapshot and swaps it in whole; readers only ever see one
+complete snapshot, never a half-changed registry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+from common import naming
+from dispatcher.registry import RunnerInfo
+
+if TYPE_CHECKING:
+    from dispatcher.service import Dispatcher
+
+# Queue depths cost the broker a passive declare each, so look only this often.
+QUEUE_LOOK_EVERY = 5.0
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    runners: tuple[RunnerInfo, ...] = ()  # copies, never the registry's own objects
+    # Shared queue name -> (ready, consumers), None when missing; empty until looked at.
+    queues: Mapping[str, tuple[int, int] | None] = field(default_factory=lambda: MappingProxyType({}))
+    queues_at: float | None = None  # when the queues were last looked at (dispatcher clock)
+    clock_at: float = 0.0  # when this was taken, on the dispatcher's clock (runners' last_seen)...
+    wall_at: float = 0.0  # ...and on the wall clock
+
+    def now(self, wall: float) -> float:
+        """The wall time `wall` on the dispatcher's clock, so a reader can age heartbeats
+        past the snapshot (which stops moving while the main thread reconnects)."""
+        return self.clock_at + (wall - self.wall_at)
+
+    def depth(self, queue: str) -> tuple[int, int] | None:
+        """A queue's depth as last looked at; None for a runner queue (never looked at)."""
+        return self.queues.get(queue)
+
+
+def take_snapshot(d: Dispatcher, previous: Snapshot) -> Snapshot:
+    """A new snapshot of `d`, on its main thread; the queue depths are looked at
+    again only every QUEUE_LOOK_EVERY seconds, else kept from `previous`."""
+    now = d.clock()
+    queues, queues_at = previous.queues, previous.queues_at
+    if queues_at is None or now - queues_at >= QUEUE_LOOK_EVERY:
+        queues = MappingProxyType({name: d.broker.queue_depth(name) for name in naming.shared_queues(d.ns)})
+        queues_at = now
+    runners = tuple(replace(r, labels=list(r.labels)) for r in d.registry.runners.values())
+    return Snapshot(runners=runners, queues=queues, queues_at=queues_at, clock_at=now, wall_at=d.wall())

@@ -1,0 +1,324 @@
+"""The results page, its JSON and /metrics, on a real store and a made-up snapshot (no broker)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import urllib.error
+import urllib.request
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from types import MappingProxyType, SimpleNamespace
+from typing import Any
+
+import pytest
+from support import runner_info
+
+from common.messages import CommitSeen, JobResult
+from dispatcher import web
+from dispatcher.metrics import Metrics
+from dispatcher.registry import RunnerInfo
+from dispatcher.snapshot import Snapshot
+from dispatcher.store import JobRow, Store
+
+REPO = "/srv/git/app"
+SHA_PASS = "a1" * 20
+SHA_FAIL = "b2" * 20
+SHA_LONG = "c3" * 20
+SHA_WAIT = "d4" * 20
+NOW = 1_700_000_000.0
+
+
+def runner(runner_id: str, state: str = "idle", last_seen: float = 50.0) -> RunnerInfo:
+    return runner_info(runner_id, state, last_seen=last_seen)
+
+
+def add_done(store: Store, commit: str, branch: str, status: str, runner_id: str = "r1", **result: Any) -> JobRow:
+    row = store.add_job(CommitSeen(repo=REPO, branch=branch, commit=commit, seen_at=NOW))
+    store.mark_queued(row.job_id, 1, NOW + 1)
+    assert store.assign(row.job_id, 1, runner_id, NOW + 2)
+    assert store.start(row.job_id, 1, runner_id, "s", started_at=NOW + 3, now=NOW + 3)
+    assert store.finish(JobResult(job_id=row.job_id, attempt=1, runner_id=runner_id, status=status, **result), NOW + 10)
+    got = store.get(row.job_id)
+    assert got is not None
+    return got
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[tuple[Path, Store, dict[str, JobRow]]]:
+    """A store with a passed job (whole log kept), a failed one on a hostile branch name,
+    one whose log only has head and tail, one still running and one waiting."""
+    path = tmp_path / "dispatcher.db"
+    store = Store(path, durable=False)
+    full = "collected 1 item\n" + "".join(f"line {i}\n" for i in range(100)) + "1 passed\n"
+    jobs = {
+        "passed": add_done(
+            store,
+            SHA_PASS,
+            "main",
+            "passed",
+            passed=1,
+            duration_s=1.25,
+            log_head=full[:40],
+            log_tail=full[-20:],
+            log_bytes=len(full),
+            log_full=base64.b64encode(zlib.compress(full.encode())).decode(),
+        ),
+        "failed": add_done(
+            store,
+            SHA_FAIL,
+            "<script>alert(1)</script>",
+            "failed",
+            passed=1,
+            failed=1,
+            duration_s=2.5,
+            reason="1 test failed",
+            log_head="E   assert '<b>' == \"&amp;\"\n",
+            log_bytes=26,
+        ),
+        "long": add_done(
+            store,
+            SHA_LONG,
+            "main",
+            "passed",
+            runner_id="r2",
+            passed=3,
+            log_head="HEAD-START\n",
+            log_tail="TAIL-END\n",
+            log_bytes=5000,
+        ),
+    }
+    running = store.add_job(CommitSeen(repo=REPO, branch="main", commit="e5" * 20, seen_at=NOW + 20))
+    store.mark_queued(running.job_id, 1, NOW + 21)
+    store.assign(running.job_id, 1, "r1", NOW + 22)
+    store.start(running.job_id, 1, "r1", "s", started_at=NOW + 23, now=NOW + 23)
+    store.add_job(CommitSeen(repo=REPO, branch="main", commit=SHA_WAIT, seen_at=NOW + 30))
+    yield path, store, jobs
+    store.close()
+
+
+@pytest.fixture
+def site(db: tuple[Path, Store, dict[str, JobRow]]) -> web.Web:
+    path, _, _ = db
+    snap = Snapshot(
+        runners=(runner("r1", "busy", last_seen=48.0), runner("r2", "paused", last_seen=49.5)),
+        queues=MappingProxyType({"ns.jobs.backlog": (2, 0), "ns.dead-letter": (1, 0)}),
+        queues_at=49.0,
+        clock_at=50.0,
+        wall_at=NOW,
+    )
+    return web.Web(path, "ns", Metrics(), lambda: snap, wall=lambda: NOW + 1)
+
+
+def text(resp: web.Response) -> str:
+    return resp.body.decode()
+
+
+def test_results_page_shows_jobs_per_branch_runners_and_queues(site: web.Web) -> None:
+    resp = site.get("/")
+    assert resp.status == 200
+    assert resp.content_type.startswith("text/html")
+    page = text(resp)
+    for sha in (SHA_PASS, SHA_FAIL, SHA_LONG):
+        assert f">{sha[:12]}</a>" in page
+    assert 'class="badge s-passed"' in page and 'class="badge s-failed"' in page
+    assert 'class="badge s-running"' in page  # unfinished jobs are on the page too
+    assert "1 passed, 1 failed" in page and "2.5 s" in page
+    # Runners from the snapshot, the busy one with its job; heartbeat aged to the reader's now.
+    assert 'class="badge r-busy"' in page and 'class="badge r-paused"' in page
+    assert "3.0 s ago" in page
+    assert "ns.dead-letter" in page
+    assert "<script>alert(1)</script>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert 'data-refresh="1"' in page
+    assert "script-src 'sha256-" in resp.headers["Content-Security-Policy"]
+
+
+def test_fragment_is_the_live_part_only(site: web.Web) -> None:
+    frag = text(site.get("/?fragment=1"))
+    assert frag.startswith('<div id="live"') and "<html" not in frag
+    assert SHA_PASS[:12] in frag
+
+
+def test_job_page_escapes_the_log_and_shows_history(site: web.Web, db: tuple[Path, Store, dict[str, JobRow]]) -> None:
+    job = db[2]["failed"]
+    resp = site.get(f"/jobs/{job.job_id}")
+    assert resp.status == 200
+    page = text(resp)
+    assert "E   assert &#x27;&lt;b&gt;&#x27; == &quot;&amp;amp;&quot;" in page
+    assert "'<b>'" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "<script>alert(1)" not in page
+    assert "1 test failed" in page
+    for kind in ("assigned", "started", "result"):
+        assert f"<td>{kind}</td>" in page
+    assert f'href="/jobs/{job.job_id}/log.txt"' in page
+    assert 'data-refresh="0"' in page  # done: the page stops polling
+
+
+def test_job_page_marks_what_was_not_kept(site: web.Web, db: tuple[Path, Store, dict[str, JobRow]]) -> None:
+    page = text(site.get(f"/jobs/{db[2]['long'].job_id}"))
+    assert "HEAD-START" in page and "TAIL-END" in page
+    assert "[... 4980 bytes not kept ...]" in page
+    assert "only its head and tail were kept" in page
+
+
+def test_unknown_or_malformed_job_is_404(site: web.Web) -> None:
+    assert site.get("/jobs/0123456789abcdef").status == 404
+    assert site.get("/jobs/0123456789abcdef/log.txt").status == 404
+    assert site.get("/api/jobs/0123456789abcdef").status == 404
+    assert site.get("/jobs/../../etc/passwd").status == 404
+    assert site.get("/jobs/XYZ").status == 404
+    assert site.get("/nowhere").status == 404
+
+
+def test_log_download_whole_or_head_marker_tail(site: web.Web, db: tuple[Path, Store, dict[str, JobRow]]) -> None:
+    jobs = db[2]
+    whole = site.get(f"/jobs/{jobs['passed'].job_id}/log.txt")
+    assert whole.status == 200 and whole.content_type == "text/plain; charset=utf-8"
+    assert "attachment" in whole.headers["Content-Disposition"]
+    body = text(whole)
+    assert body.startswith("collected 1 item\n") and "line 57\n" in body and body.endswith("1 passed\n")
+    cut = text(site.get(f"/jobs/{jobs['long'].job_id}/log.txt"))
+    assert cut == "HEAD-START\n\n[... 4980 bytes not kept ...]\nTAIL-END\n"
+    raw = text(site.get(f"/jobs/{jobs['failed'].job_id}/log.txt"))
+    assert raw == "E   assert '<b>' == \"&amp;\"\n"  # plain text: not escaped
+
+
+def test_json_has_the_rpc_shapes(site: web.Web, db: tuple[Path, Store, dict[str, JobRow]]) -> None:
+    status = json.loads(site.get("/api/status").body)
+    assert status["namespace"] == "ns"
+    assert [r["runner_id"] for r in status["runners"]] == ["r1", "r2"]
+    assert [r["state"] for r in status["runners"]] == ["busy", "paused"]
+    assert status["results"] == {"passed": 2, "failed": 1}
+    assert status["queues"]["ns.jobs.backlog"] == {"ready": 2, "consumers": 0}
+    assert status["waiting_count"] == 1
+
+    results = json.loads(site.get("/api/results").body)
+    assert {r["commit"] for r in results} == {SHA_PASS, SHA_FAIL, SHA_LONG}  # finished only, as `volt results`
+    assert all("history" in r for r in results)
+    everything = json.loads(site.get("/api/results?done_only=0&limit=2").body)
+    assert len(everything) == 2
+    only = json.loads(site.get(f"/api/results?commit={SHA_FAIL[:8]}").body)
+    assert [r["status"] for r in only] == ["failed"]
+    bad = site.get("/api/results?limit=lots")
+    assert bad.status == 400 and "limit" in json.loads(bad.body)["error"]
+    assert site.get("/api/results?commit=zzzz").status == 400
+
+    job = json.loads(site.get(f"/api/jobs/{db[2]['passed'].job_id}").body)
+    assert job["job"]["status"] == "passed" and job["job"]["history"]
+    assert job["log"]["full_kept"] is True and job["log"]["url"].endswith("/log.txt")
+
+
+def test_metrics_read_the_store_and_the_snapshot(site: web.Web) -> None:
+    site.metrics.redeliveries.inc()
+    site.metrics.dead_letters.inc(2)
+    site.metrics.job_finished(1.5)
+    resp = site.get("/metrics")
+    assert resp.status == 200 and resp.content_type.startswith("text/plain; version=0.0.4")
+    body = text(resp)
+    assert 'volt_jobs_by_status{status="passed"} 2.0' in body
+    assert 'volt_jobs_by_status{status="timeout"} 0.0' in body
+    assert 'volt_jobs_by_state{state="done"} 3.0' in body and 'volt_jobs_by_state{state="running"} 1.0' in body
+    assert 'volt_runners{state="busy"} 1.0' in body and 'volt_runners{state="paused"} 1.0' in body
+    assert 'volt_runners{state="idle"} 0.0' in body
+    assert 'volt_runner_heartbeat_age_seconds{runner="r1"} 3.0' in body
+    assert "volt_redeliveries_total 1.0" in body and "volt_dead_lettered_total 2.0" in body
+    assert "volt_job_duration_seconds_count 1.0" in body
+    assert 'volt_queue_ready_messages{queue="ns.dead-letter"} 1.0' in body
+
+
+def test_queue_wait_is_observed_from_the_stored_times(db: tuple[Path, Store, dict[str, JobRow]]) -> None:
+    metrics = Metrics()
+    metrics.job_started(db[2]["passed"], NOW + 100)  # queued at NOW + 1, started at NOW + 3
+    metrics.job_started(None, NOW)
+    assert metrics.registry.get_sample_value("volt_queue_wait_seconds_count") == 1
+    assert metrics.registry.get_sample_value("volt_queue_wait_seconds_sum") == 2.0
+
+
+def test_reader_cannot_change_the_store(db: tuple[Path, Store, dict[str, JobRow]]) -> None:
+    reader = Store(db[0], readonly=True)
+    try:
+        assert reader.get(db[2]["passed"].job_id) is not None
+        with pytest.raises(Exception, match="readonly"):
+            reader.add_job(CommitSeen(repo=REPO, branch="x", commit="f" * 40, seen_at=NOW))
+    finally:
+        reader.close()
+
+
+def test_served_over_http_on_its_own_thread(db: tuple[Path, Store, dict[str, JobRow]]) -> None:
+    """The real server: a dispatcher-shaped object, a free port, the pages over a socket,
+    and the store read from the server's threads while this one holds its own connection."""
+    path, _, jobs = db
+    fake = SimpleNamespace(
+        s=SimpleNamespace(db=path, http_host="127.0.0.1", http_port=0),
+        ns="ns",
+        metrics=Metrics(),
+        snapshot=Snapshot(),
+    )
+    server = web.serve(fake)  # type: ignore[arg-type]
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        with urllib.request.urlopen(f"{base}/") as resp:
+            assert resp.headers["Cache-Control"] == "no-store"
+            assert SHA_PASS[:12] in resp.read().decode()
+        with urllib.request.urlopen(f"{base}/jobs/{jobs['passed'].job_id}/log.txt") as resp:
+            assert resp.read().decode().endswith("1 passed\n")
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"{base}/jobs/0123456789abcdef")
+        assert err.value.code == 404
+        assert threading.active_count() >= 2
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_port_in_use_is_one_clear_line(db: tuple[Path, Store, dict[str, JobRow]]) -> None:
+    from common.settings import SettingsError
+
+    fake = SimpleNamespace(
+        s=SimpleNamespace(db=db[0], http_host="127.0.0.1", http_port=0), ns="ns", metrics=Metrics(), snapshot=Snapshot()
+    )
+    first = web.serve(fake)  # type: ignore[arg-type]
+    try:
+        fake.s.http_port = first.server_address[1]
+        with pytest.raises(SettingsError, match="cannot serve HTTP on 127.0.0.1"):
+            web.serve(fake)  # type: ignore[arg-type]
+    finally:
+        first.shutdown()
+        first.server_close()
+
+
+def test_snapshot_copies_the_registry_and_looks_at_queues_only_every_few_seconds() -> None:
+    from dispatcher.snapshot import QUEUE_LOOK_EVERY, take_snapshot
+
+    looked: list[str] = []
+
+    def depth(name: str) -> tuple[int, int]:
+        looked.append(name)
+        return (len(looked), 1)
+
+    clock = [100.0]
+    live = runner("r1")
+    d = SimpleNamespace(
+        ns="ns",
+        registry=SimpleNamespace(runners={"r1": live}),
+        broker=SimpleNamespace(queue_depth=depth),
+        clock=lambda: clock[0],
+        wall=lambda: NOW,
+    )
+    first = take_snapshot(d, Snapshot())  # type: ignore[arg-type]
+    looks = len(looked)
+    assert looks > 0 and first.depth("ns.jobs.backlog") is not None
+    live.labels.append("changed")
+    live.state = "draining"
+    assert first.runners[0].labels == ["linux"] and first.runners[0].state == "idle"  # a copy, not the live object
+    clock[0] += 1.0
+    second = take_snapshot(d, first)  # type: ignore[arg-type]
+    assert len(looked) == looks and second.queues is first.queues
+    assert second.runners[0].state == "draining"
+    clock[0] += QUEUE_LOOK_EVERY
+    take_snapshot(d, second)  # type: ignore[arg-type]
+    assert len(looked) == 2 * looks
+    assert second.now(NOW + 2.5) == 103.5
