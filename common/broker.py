@@ -99,8 +99,13 @@ class Delivery:
     correlation_id: str | None
     _channel: BlockingChannel = field(repr=False)
     _tag: int = field(repr=False)
+    # Set while the broker holds acks (Broker.hold_acks): ack() only notes the tag.
+    _held: list[int] | None = field(default=None, repr=False)
 
     def ack(self) -> None:
+        if self._held is not None:
+            self._held.append(self._tag)
+            return
         with _translated():
             self._channel.basic_ack(self._tag)
 
@@ -128,6 +133,7 @@ class Broker:
         self._consumers: list[str] = []
         self._rpc_replies: dict[str, bytes] = {}
         self._rpc_consuming = False
+        self._held: list[int] | None = None
 
     # -- connection -------------------------------------------------------
 
@@ -155,6 +161,8 @@ class Broker:
                 self._ch.confirm_delivery()
                 self._consumers = []
                 self._rpc_consuming = False
+                if self._held is not None:
+                    self._held.clear()  # tags of the old channel mean nothing on this one
                 log.info("connected to %s as %s", redact_url(self.settings.amqp_url), self.client_name)
                 return
             except (pika.exceptions.AMQPError, OSError) as exc:
@@ -396,6 +404,7 @@ class Broker:
                     correlation_id=props.correlation_id,
                     _channel=channel,
                     _tag=method.delivery_tag,
+                    _held=self._held,
                 )
             )
 
@@ -410,6 +419,28 @@ class Broker:
             for tag in self._consumers:
                 ch.basic_cancel(tag)
         self._consumers = []
+
+    def hold_acks(self) -> None:
+        """From now on, acks wait for release_acks(): a worker that makes a whole
+        round of messages durable at once acks them only after that."""
+        if self._held is None:
+            self._held = []
+
+    def release_acks(self) -> None:
+        """Send the held acks as one multiple-ack of the highest tag.
+
+        Sound because this connection's user settles every delivery (ack, reject
+        or requeue) in the round it arrives, so every lower tag is settled too.
+        """
+        held = self._held
+        if not held:
+            return
+        top = max(held)
+        held.clear()
+        if self._ch is None or not self._ch.is_open:
+            return  # the channel died: the broker redelivers them all
+        with _translated():
+            self._ch.basic_ack(top, multiple=True)
 
     def get(self, queue: str) -> Delivery | None:
         """Take one message from a queue (basic.get), or None if it is empty."""
@@ -427,6 +458,7 @@ class Broker:
             correlation_id=props.correlation_id,
             _channel=ch,
             _tag=method.delivery_tag,
+            _held=self._held,
         )
 
     # -- request/reply ----------------------------------------------------

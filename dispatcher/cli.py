@@ -8,7 +8,7 @@ from pathlib import Path
 from common.settings import BrokerSettings, SettingsError, env
 
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+def add_parsers(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
     p = sub.add_parser("dispatcher", help="own job state: route commits to runners, record results")
     p.add_argument("--db", default=env("DB", ".volt/dispatcher.db"), help="SQLite store (env VOLT_DB)")
     p.add_argument("--max-attempts", type=int, default=3, help="attempts before a job whose runners die ends as error")

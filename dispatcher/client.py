@@ -14,7 +14,7 @@ from common.settings import BrokerSettings
 from dispatcher.queries import log_text
 
 
-class QueryFailed(Exception):
+class QueryFailed(exits.CommandFailed):
     """The dispatcher answered with an error, or not at all; one line for the user."""
 
 

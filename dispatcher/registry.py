@@ -38,6 +38,7 @@ class Seen:
     info: RunnerInfo
     new: bool  # first heartbeat from this runner id (or after it was lost)
     restarted_from: str | None  # the previous session, when the runner restarted under its id
+    changed: bool = True  # new, restarted, or in another state than its last heartbeat said
 
 
 class Registry:
@@ -67,7 +68,8 @@ class Registry:
         )
         self.runners[msg.runner_id] = info
         restarted = old.session if old and old.session != msg.session else None
-        return Seen(info, new=old is None, restarted_from=restarted)
+        changed = old is None or restarted is not None or old.state != info.state
+        return Seen(info, new=old is None, restarted_from=restarted, changed=changed)
 
     def forgive(self, grace: float = 0.0) -> None:
         """Restart every deadline, giving at least `grace` seconds: after a broker

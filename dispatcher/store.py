@@ -5,7 +5,8 @@ A job moves pending -> queued -> assigned -> running -> done. `pending` means
 is confirmed, so a crash in between is repaired by re-publishing the pending
 jobs at start-up. A job that no free runner can take (its labels, or a runner
 queue that vanished) leaves the backlog queue and waits here as `parked`, so
-it does not block the jobs behind it. Every change is one transaction.
+it does not block the jobs behind it. Every change is one transaction, or
+one savepoint of a batch that commits a round of changes at once.
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ _ROW_COLUMNS = ", ".join(JobRow.__dataclass_fields__).replace("labels_json", "la
 class Store:
     def __init__(self, path: Path | str, durable: bool = True, readonly: bool = False) -> None:
         self.path = str(path)
+        self._batch = False
         if readonly:
             # A reader for another thread (the web page): WAL lets it read while
             # the owner writes; it creates and changes nothing.
@@ -151,10 +153,44 @@ class Store:
             self.db.execute("ALTER TABLE jobs ADD COLUMN labels TEXT NOT NULL DEFAULT '[]'")
 
     def close(self) -> None:
+        self.commit_batch()
         self.db.close()
+
+    # -- group commit ----------------------------------------------------
+    #
+    # Outside a batch every change is its own transaction. Inside one (the
+    # dispatcher opens a batch per round of messages) each change is a
+    # savepoint, and one COMMIT, one fsync, makes the whole round durable.
+    # The caller acks the round's messages only after that commit.
+
+    def begin_batch(self) -> None:
+        if not self._batch:
+            self.db.execute("BEGIN IMMEDIATE")
+            self._batch = True
+
+    def commit_batch(self) -> None:
+        if self._batch:
+            self._batch = False
+            self.db.execute("COMMIT")
+
+    def checkpoint(self) -> None:
+        """Make the batch so far durable and go on batching."""
+        if self._batch:
+            self.db.execute("COMMIT")
+            self.db.execute("BEGIN IMMEDIATE")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
+        if self._batch:
+            self.db.execute("SAVEPOINT change")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK TO change")
+                self.db.execute("RELEASE change")
+                raise
+            self.db.execute("RELEASE change")
+            return
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield self.db

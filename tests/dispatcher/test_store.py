@@ -450,3 +450,39 @@ def test_everything_survives_reopening(store: Store, db_path: Path) -> None:
         assert kinds(reopened, row) == ["assigned", "started", "result"]
     finally:
         reopened.close()
+
+
+# -- group commit -----------------------------------------------------------
+
+
+def test_a_batch_is_durable_only_once_committed(store: Store, db_path: Path) -> None:
+    reader = Store(db_path, readonly=True)
+    try:
+        store.begin_batch()
+        first = queued(store)
+        assert reader.get(first.job_id) is None  # not committed: another connection cannot see it
+        store.checkpoint()
+        assert reader.get(first.job_id) is not None
+        second = queued(store, SHA_B)
+        assert reader.get(second.job_id) is None
+        store.commit_batch()
+        assert reader.get(second.job_id) is not None
+        store.commit_batch()  # nothing open: nothing to do
+    finally:
+        reader.close()
+
+
+def test_a_failed_change_in_a_batch_undoes_only_itself(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    store.begin_batch()
+    kept = queued(store)
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(store, "_event", broken)
+    with pytest.raises(RuntimeError):
+        store.assign(kept.job_id, 1, "r1", now=2.0)  # its UPDATE ran, then its event failed
+    monkeypatch.undo()
+    store.commit_batch()
+    assert current(store, kept).state == "queued"
+    assert store.assign(kept.job_id, 1, "r1", now=3.0)
