@@ -7,27 +7,36 @@ together and turns user mistakes into one line and an exit code.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from common import exits, logs
 from common.settings import SettingsError, add_common_flags
 
+# The module that adds each sub-command, in help order. A command imports only
+# its own module: `volt notify`, run by git hooks, must start quickly.
+COMMANDS = {
+    "observer": "observer.cli",
+    "notify": "observer.cli",
+    "dispatcher": "dispatcher.cli",
+    "runner": "runner.cli",
+    "up": "common.up",
+    "status": "dispatcher.client",
+    "results": "dispatcher.client",
+    "log": "dispatcher.client",
+    "runner-ctl": "dispatcher.client",
+    "check": "dispatcher.client",
+    "demo": "common.demo",
+}
 
-def build_parser() -> argparse.ArgumentParser:
-    from common import demo, up
-    from dispatcher import cli as dispatcher_cli
-    from dispatcher import client
-    from observer import cli as observer_cli
-    from runner import cli as runner_cli
 
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser for one sub-command when it is a known one, else for them all."""
+    modules = [COMMANDS[command]] if command in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
     parser = argparse.ArgumentParser(prog="volt", description="Volt CI: test every commit on a fleet of runners.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    observer_cli.add_parsers(sub)
-    dispatcher_cli.add_parser(sub)
-    runner_cli.add_parser(sub)
-    up.add_parser(sub)
-    client.add_parsers(sub)
-    demo.add_parser(sub)
+    for name in modules:
+        importlib.import_module(name).add_parsers(sub)
     for p in sub.choices.values():
         add_common_flags(p)
     return parser
@@ -35,9 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from common.broker import BrokerUnavailable
-    from dispatcher.client import QueryFailed
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     logs.configure(args.log_level, args.log_format)
     try:
         return int(args.func(args) or 0)
@@ -47,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokerUnavailable as exc:
         print(f"volt {args.command}: {exc}", file=sys.stderr)
         return exits.BROKER_UNAVAILABLE
-    except QueryFailed as exc:
+    except exits.CommandFailed as exc:
         print(f"volt {args.command}: {exc}", file=sys.stderr)
-        return exits.UNHEALTHY
+        return exc.code
     except KeyboardInterrupt:
         return exits.INTERRUPTED
 

@@ -45,7 +45,7 @@ FIXED = (
 )
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("demo", help="run Volt CI on a sample repository it creates, and show the results")
     p.add_argument("--dir", default=".volt/demo", help="where the sample repository and state go (remade each run)")
     p.add_argument("--runners", type=int, default=2)

@@ -22,7 +22,7 @@ from common.settings import SettingsError
 log = logging.getLogger(__name__)
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("up", help="run a dispatcher, N runners and an observer on this machine")
     p.add_argument("--repo", action="append", required=True, help="repository to watch (repeatable)")
     p.add_argument("--branch", action="append", default=[], help="branch to watch (repeatable)")

@@ -58,7 +58,7 @@ def notify_main(args: argparse.Namespace) -> int:
     from common.broker import Broker, BrokerUnavailable, Unroutable
     from common.messages import check_commit, check_labels
     from common.naming import is_local, normalize_repo
-    from observer.publish import labels_in, publish_commit
+    from observer.publish import LabelsRead, publish_commit
 
     repo = normalize_repo(args.repo)
     if args.commit:
@@ -81,10 +81,11 @@ def notify_main(args: argparse.Namespace) -> int:
         labels = set(check_labels(args.label))
     except ValueError as exc:
         raise SettingsError(f"--label: {exc}") from None
-    if is_local(repo):
-        labels.update(labels_in(repo, commit))
+    reading = LabelsRead(repo, commit) if is_local(repo) else None
     broker = Broker(BrokerSettings.from_args(args), "volt-notify")
     broker.connect(give_up_after=10)
+    if reading is not None:
+        labels.update(reading.result())
     try:
         try:
             publish_commit(broker, repo, args.branch, commit, source="notify", labels=labels)

@@ -26,17 +26,30 @@ def publish_commit(
     broker.publish(naming.commits_exchange(broker.ns), "", seen)
 
 
-def labels_in(repo_path: str, commit: str) -> list[str]:
-    """The runner labels the .volt.toml at `commit` of a local repository asks for."""
-    try:
-        shown = subprocess.run(
-            ["git", "-C", repo_path, "show", f"{commit}:{CONFIG_FILE}"],
-            capture_output=True,
-            timeout=30,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    if shown.returncode != 0:
-        return []  # no .volt.toml there (or no such commit: the runner will say so)
-    return required_labels(shown.stdout.decode("utf-8", "replace"))
+class LabelsRead:
+    """The runner labels the .volt.toml at a commit of a local repository asks
+    for, read by a `git show` that runs while the caller does other work."""
+
+    def __init__(self, repo_path: str, commit: str) -> None:
+        try:
+            self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+                ["git", "-C", repo_path, "show", f"{commit}:{CONFIG_FILE}"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+            )
+        except OSError:
+            self.proc = None
+
+    def result(self) -> list[str]:
+        if self.proc is None:
+            return []
+        try:
+            out, _ = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+            return []
+        if self.proc.returncode != 0:
+            return []  # no .volt.toml there (or no such commit: the runner will say so)
+        return required_labels(out.decode("utf-8", "replace"))

@@ -12,7 +12,7 @@ from common.messages import check_labels
 from common.settings import BrokerSettings, SettingsError, env, env_float
 
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+def add_parsers(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
     p = sub.add_parser("runner", help="take jobs from this runner's queue and run their tests")
     p.add_argument("--id", dest="runner_id", default=env("RUNNER_ID", ""), help="runner id (default: host name)")
     p.add_argument("--workdir", default=env("WORKDIR", ""), help="clones, outbox and logs (default: ./.volt/runner-ID)")

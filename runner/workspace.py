@@ -64,14 +64,13 @@ class Workspace:
         # (say, post-checkout) must not run as the runner on the next job.
         clone.git.set_persistent_git_options(c="core.hooksPath=/dev/null")
         if not _has_commit(clone, commit):
+            # One incremental fetch of every branch; what the clone has is not fetched again.
             clone.git.fetch("origin", "--prune", "--quiet", "+refs/heads/*:refs/remotes/origin/*")
-        if not _has_commit(clone, commit):
-            try:  # servers that allow it can hand over an unadvertised commit
-                clone.git.fetch("origin", "--quiet", commit)
-            except git.GitCommandError:
-                pass
-        if not _has_commit(clone, commit):
-            raise CheckoutError(f"commit {commit} not found in {repo}")
+            if not _has_commit(clone, commit):
+                try:  # servers that allow it can hand over an unadvertised commit
+                    clone.git.fetch("origin", "--quiet", commit)
+                except git.GitCommandError:
+                    raise CheckoutError(f"commit {commit} not found in {repo}") from None
         clone.git.checkout("--force", "--detach", "--quiet", commit)
         clone.git.clean("-ffdxq")
         return path
