@@ -479,8 +479,10 @@ class System:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if not self.broker.connected:
-            self.broker.connect(give_up_after=10)
+        # A fresh connection: the old one may have sat unserviced past its
+        # heartbeat timeout during a long run, and the broker dropped it.
+        self.broker.close()
+        self.broker.connect(give_up_after=10)
         for queue in naming.shared_queues(self.ns) + [naming.runner_queue(self.ns, r) for r in self.runner_ids]:
             self.broker.delete_queue(queue)
         for exchange in naming.exchanges(self.ns):

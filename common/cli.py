@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv[0] if argv else None).parse_args(argv)
     logs.configure(args.log_level, args.log_format)
+    logs.set_context(worker=args.command)
     try:
         return int(args.func(args) or 0)
     except SettingsError as exc:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from common import exits
-from common.settings import SettingsError
+from common.settings import SettingsError, env
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.add_argument("--job-timeout", type=float, default=600.0)
     p.add_argument("--heartbeat-interval", type=float, default=2.0)
     p.add_argument("--state-dir", default=".volt", help="store, cursor and runner workspaces")
+    p.add_argument(
+        "--http-port",
+        type=int,
+        default=env("HTTP_PORT", "0"),
+        help="serve the results page and /metrics on 127.0.0.1:PORT; 0: off (env VOLT_HTTP_PORT)",
+    )
     p.set_defaults(func=main)
 
 
@@ -52,7 +58,8 @@ def commands(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     volt = [sys.executable, "-m", "common.cli"]
     host = socket.gethostname().split(".")[0]
     repos = [normalize_repo(r) for r in args.repo]
-    procs = [("dispatcher", [*volt, "dispatcher", "--db", str(state / "dispatcher.db"), *common])]
+    web = ["--http-port", str(args.http_port)] if args.http_port else []
+    procs = [("dispatcher", [*volt, "dispatcher", "--db", str(state / "dispatcher.db"), *web, *common])]
     for i in range(1, args.runners + 1):
         allow = [flag for repo in repos for flag in ("--allow-repo", repo)]
         procs.append(

@@ -64,8 +64,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.add_argument("--reason", default="", help="said in the runner's log")
     p.set_defaults(func=runner_ctl_main)
 
-    p = sub.add_parser("check", help="exit 0 if the dispatcher answers and runners are alive, else 1")
+    p = sub.add_parser("check", help="exit 0 if the worker (or the system) is healthy, else 1 with the reason")
     p.add_argument("--min-runners", type=int, default=0, help="also require this many live runners")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--runner", metavar="ID", help="check this runner: the dispatcher hears its heartbeats")
+    target.add_argument(
+        "--runner-workdir",
+        metavar="DIR",
+        help="check the runner with this --workdir on this machine: its heartbeats reach the broker",
+    )
+    target.add_argument(
+        "--observer", metavar="STATE_DIR", help="check the observer with this --state-dir: it polls, repos answer"
+    )
     p.add_argument("--timeout", type=float, default=5.0)
     p.set_defaults(func=check_main)
 
@@ -143,13 +153,36 @@ def runner_ctl_main(args: argparse.Namespace) -> int:
 
 
 def check_main(args: argparse.Namespace) -> int:
+    """One line, healthy or unhealthy and why; exit 0 or 1."""
+    problem, fine = _check(args)
+    print(f"unhealthy: {problem}" if problem else f"healthy: {fine}")
+    return exits.UNHEALTHY if problem else exits.OK
+
+
+def _check(args: argparse.Namespace) -> tuple[str | None, str]:
+    if args.observer or args.runner_workdir:
+        import time
+        from pathlib import Path
+
+        from common.health import read_health
+
+        if args.observer:
+            problem = read_health(Path(args.observer), time.time(), "poll")
+            return problem, f"observer polled lately and every repository answered ({args.observer})"
+        problem = read_health(Path(args.runner_workdir), time.time(), "heartbeat")
+        return problem, f"runner heartbeats reach the broker ({args.runner_workdir})"
     try:
+        if args.runner:
+            status = ask(BrokerSettings.from_args(args), "status", timeout=args.timeout)
+            runner = next((r for r in status["runners"] if r["runner_id"] == args.runner), None)
+            if runner is None:
+                return f"runner {args.runner} is not live (the dispatcher has no heartbeat from it)", ""
+            return None, (
+                f"runner {args.runner} {runner['state']}, last heartbeat {runner['seconds_since_heartbeat']:.1f}s ago"
+            )
         data = ask(BrokerSettings.from_args(args), "ping", timeout=args.timeout)
     except QueryFailed as exc:
-        print(f"unhealthy: {exc}")
-        return exits.UNHEALTHY
+        return str(exc), ""
     if data["runners"] < args.min_runners:
-        print(f"unhealthy: {data['runners']} live runner(s), need {args.min_runners}")
-        return exits.UNHEALTHY
-    print(f"healthy: dispatcher answers, {data['runners']} live runner(s)")
-    return exits.OK
+        return f"{data['runners']} live runner(s), need {args.min_runners}", ""
+    return None, f"dispatcher answers, {data['runners']} live runner(s)"

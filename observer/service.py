@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.broker import Broker
+from common.health import write_health
 from common.settings import BrokerSettings
 from observer.cursor import Cursor
 from observer.publish import publish_commit
@@ -76,6 +77,7 @@ class Observer:
     def poll_once(self) -> int:
         """Fetch each repository once and publish what is new; returns how many were published."""
         published = 0
+        failing: dict[str, str] = {}
         for watched, branches in self.watched:
             try:
                 watched.fetch()
@@ -83,6 +85,11 @@ class Observer:
                     published += self._publish_new(watched, branch)
             except RepoError as exc:
                 log.warning("repo=%s skipped this poll: %s", watched.url, exc)
+                failing[f"repo {watched.url}"] = str(exc)
+        try:
+            write_health(self.s.state_dir, self.s.poll, failing)
+        except OSError as exc:
+            log.warning("cannot write the health file in %s: %s", self.s.state_dir, exc)
         return published
 
     def _publish_new(self, watched: WatchedRepo, branch: str) -> int:

@@ -7,7 +7,7 @@ import fcntl
 import socket
 from pathlib import Path
 
-from common import naming
+from common import logs, naming
 from common.messages import check_labels
 from common.settings import BrokerSettings, SettingsError, env, env_float
 
@@ -35,7 +35,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # 
         metavar="PATTERN",
         help="only test repositories matching this glob (repeatable; default: any)",
     )
-    p.add_argument("--label", action="append", default=[], help="a label jobs may require (repeatable)")
+    p.add_argument(
+        "--label",
+        action="append",
+        default=env("LABELS", "").replace(",", " ").split(),
+        help="a label jobs may require (repeatable; env VOLT_LABELS, comma-separated)",
+    )
     p.add_argument(
         "--kill-grace", type=float, default=5.0, help="seconds between SIGTERM and SIGKILL when a test run is stopped"
     )
@@ -72,6 +77,7 @@ def main(args: argparse.Namespace) -> int:
     from runner.service import Runner
 
     settings = settings_from(args)
+    logs.set_context(runner=settings.runner_id)
     settings.workdir.mkdir(parents=True, exist_ok=True)
     # One runner per workdir: a second one (say, a restart while the old one
     # still lives) must not run jobs in the same checkout.

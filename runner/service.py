@@ -25,6 +25,7 @@ from pathlib import Path
 
 from common import naming
 from common.broker import Broker, BrokerUnavailable, Delivery, Unroutable
+from common.health import write_health
 from common.messages import (
     CancelJob,
     DecodeError,
@@ -404,6 +405,16 @@ class Runner:
             self.broker.publish(naming.control_exchange(self.s.broker.namespace), "", msg)
         except Unroutable:
             self._warn_once("no control queue yet (has the dispatcher run?); heartbeats go nowhere")
+            self._note_health({"control queue": "missing; has the dispatcher run?"})
+            return
+        self._note_health({})
+
+    def _note_health(self, failing: dict[str, str]) -> None:
+        """For `volt check --runner-workdir`: the broker took a heartbeat just now."""
+        try:
+            write_health(self.s.workdir, self.s.heartbeat_interval, failing)
+        except OSError as exc:
+            self._warn_once(f"cannot write the health file in {self.s.workdir}: {exc}")
 
     def _goodbye(self, job_id: str, attempt: int, reason: str) -> None:
         msg = Goodbye(runner_id=self.s.runner_id, session=self.session, job_id=job_id, attempt=attempt, reason=reason)

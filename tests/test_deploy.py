@@ -453,10 +453,14 @@ def test_compose_runner_is_scalable(compose: dict[str, Any]) -> None:
 
 def test_compose_healthchecks_and_dependencies(compose: dict[str, Any]) -> None:
     services = compose["services"]
+    # Each worker's health check is `volt check` aimed at that worker; the
+    # folders the checks read are the ones the workers write.
     assert services["dispatcher"]["healthcheck"]["test"] == ["CMD", "volt", "check"]
+    observer_state = services["observer"]["command"][services["observer"]["command"].index("--state-dir") + 1]
+    assert services["observer"]["healthcheck"]["test"] == ["CMD", "volt", "check", "--observer", observer_state]
+    workdir = services["runner"]["command"][services["runner"]["command"].index("--workdir") + 1]
+    assert services["runner"]["healthcheck"]["test"] == ["CMD", "volt", "check", "--runner-workdir", workdir]
     for name, service in services.items():
-        if name != "rabbitmq" and "healthcheck" in service:
-            assert service["healthcheck"]["test"][1:] == ["volt", "check"], name
         for dependency, how in service.get("depends_on", {}).items():
             assert how["condition"] == "service_healthy", (name, dependency)
             assert "healthcheck" in services[dependency], dependency
@@ -523,7 +527,7 @@ K8S_KINDS = {
     "namespace.yaml": ["Namespace"],
     "secret.example.yaml": ["Secret"],
     "config.yaml": ["ConfigMap"],
-    "dispatcher.yaml": ["PersistentVolumeClaim", "Deployment"],
+    "dispatcher.yaml": ["PersistentVolumeClaim", "Deployment", "Service"],
     "observer.yaml": ["PersistentVolumeClaim", "Deployment"],
     "runner.yaml": ["Deployment"],
     "keda-scaledobject.yaml": ["TriggerAuthentication", "ScaledObject"],
@@ -615,3 +619,15 @@ def test_keda_scales_runners_on_the_backlog() -> None:
     assert trigger["authenticationRef"]["name"] == docs["TriggerAuthentication"]["metadata"]["name"]
     [ref] = docs["TriggerAuthentication"]["spec"]["secretTargetRef"]
     assert (ref["parameter"], ref["name"]) == ("host", "volt-amqp")
+
+
+def test_k8s_dispatcher_serves_the_page_and_metrics_through_its_service() -> None:
+    _, deployment, service = k8s_docs("dispatcher.yaml")
+    pod = deployment["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert (env["VOLT_HTTP_PORT"], env["VOLT_HTTP_HOST"]) == ("8080", "0.0.0.0")
+    assert container["ports"] == [{"name": "http", "containerPort": 8080}]
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == "8080"
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["ports"][0]["targetPort"] == "http"

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from common import naming
+
 PASS = "def test_one():\n    assert True\n"
 PASS3 = "def test_a():\n    pass\n\ndef test_b():\n    pass\n\ndef test_c():\n    pass\n"
 FAIL = "def test_ok():\n    pass\n\ndef test_bad():\n    assert 1 == 2\n"
@@ -95,3 +99,34 @@ def test_status_shows_runners_queues_and_waiting_jobs(volt, repo):
     assert runner["seconds_since_heartbeat"] < 5
     assert data["queues"][f"{volt.ns}.jobs.backlog"] == {"ready": 0, "consumers": 0}
     assert "guest:guest" not in json.dumps(data)
+
+
+def test_volt_up_runs_everything_serves_the_page_and_stops_cleanly_on_ctrl_c(volt, repo, tmp_path):
+    import signal
+    import urllib.request
+
+    from support import _free_port
+
+    repo.commit({"tests/test_one.py": PASS})
+    port = _free_port()
+    up = volt.start(
+        "up", "up", "--repo", str(repo.path), "--runners", "2", "--poll", "0.2",
+        "--state-dir", str(tmp_path / "state"), "--http-port", str(port),
+    )  # fmt: skip
+    volt.wait_for("two runners", lambda: len(volt.ask("status")["runners"]) == 2)
+    sha = repo.commit({"tests/test_two.py": PASS3})
+    (row,) = volt.wait_results(1, commit=sha)
+    assert (row["status"], row["passed"]) == ("passed", 4)  # test_one and test_two
+    # volt up runs the runners with --allow-repo set to the watched repository.
+    assert "accepts jobs for any repository" not in volt.log_of("up")
+    page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10).read().decode()
+    assert sha[:12] in page
+
+    up.send_signal(signal.SIGINT)
+    assert up.wait(timeout=60) == 0
+    # Every process it started is gone: no dispatcher answers, no page, no consumers.
+    check = volt.run("check", "--timeout", "3")
+    assert check.returncode == 1 and "unhealthy" in check.stdout
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=3)
+    assert volt.broker.queue_depth(naming.dispatcher_commits_queue(volt.ns)) == (0, 0)

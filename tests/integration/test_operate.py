@@ -105,3 +105,38 @@ def test_pause_resume_and_drain_a_runner(volt, repo):
     unknown = volt.run("runner-ctl", "pause", "nobody")
     assert unknown.returncode == 1
     assert unknown.stderr.strip().splitlines()[-1] == "volt runner-ctl: no live runner 'nobody'"
+
+
+def test_volt_check_targets_a_runner_an_observer_or_the_system(volt, repo, tmp_path):
+    repo.commit(QUICK_TEST, "start")
+    down = volt.run("check", "--timeout", "3")
+    assert down.returncode == 1 and down.stdout.startswith("unhealthy: ")
+    volt.dispatcher()
+    volt.runner("hc-1")
+    volt.wait_for("the runner", lambda: runner_row(volt, "hc-1"))
+    ok = volt.run("check", "--min-runners", "1")
+    assert (ok.returncode, ok.stdout.strip()) == (0, "healthy: dispatcher answers, 1 live runner(s)")
+    assert volt.run("check", "--min-runners", "2").stdout.strip() == "unhealthy: 1 live runner(s), need 2"
+
+    runner_ok = volt.run("check", "--runner", "hc-1")
+    assert runner_ok.returncode == 0 and runner_ok.stdout.startswith("healthy: runner hc-1 idle, last heartbeat")
+    local = volt.run("check", "--runner-workdir", str(tmp_path / "hc-1"))
+    assert local.returncode == 0 and "heartbeats reach the broker" in local.stdout
+    volt.kill("hc-1")
+    volt.wait_for("the runner to be lost", lambda: runner_row(volt, "hc-1") is None, timeout=15)
+    lost = volt.run("check", "--runner", "hc-1")
+    assert lost.returncode == 1
+    assert lost.stdout.strip() == "unhealthy: runner hc-1 is not live (the dispatcher has no heartbeat from it)"
+
+    state = tmp_path / "observer"
+    volt.observer(repo.path)
+    volt.wait_for("the observer to poll", lambda: volt.run("check", "--observer", str(state)).returncode == 0)
+    watching = volt.run("check", "--observer", str(state))
+    assert watching.stdout.startswith("healthy: observer polled lately")
+    # The repository vanishes: the next poll fails, and the check names it.
+    (repo.path / ".git").rename(tmp_path / "moved-git")
+    volt.wait_for(
+        "the check to name the broken repository",
+        lambda: (r := volt.run("check", "--observer", str(state))).returncode == 1 and f"repo {repo.path}:" in r.stdout,
+        timeout=20,
+    )
