@@ -41,17 +41,39 @@ class TestConfig:
     uses_default: bool = False
 
 
-def default_command(junit_path: Path) -> list[str]:
+def default_command(junit_path: Path, tree: Path) -> list[str]:
     """pytest with the runner's own Python; it also runs unittest-style tests."""
-    return [
-        sys.executable,
-        "-m",
-        "pytest",
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        f"--junitxml={junit_path}",
-    ]
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit_path}"]
+    if not has_pytest_config(tree):
+        # pytest looks for its settings from the tree upwards: a workdir inside
+        # another project (the default is ./.volt/...) must not lend that
+        # project's pytest settings to the repository under test.
+        command += ["-c", os.devnull, f"--rootdir={tree}"]
+    return command
+
+
+# Where pytest reads its settings from, and what marks its section there.
+_PYTEST_CONFIGS = (
+    ("pytest.ini", ""),
+    (".pytest.ini", ""),
+    ("pyproject.toml", "[tool.pytest.ini_options]"),
+    ("tox.ini", "[pytest]"),
+    ("setup.cfg", "[tool:pytest]"),
+)
+
+
+def has_pytest_config(tree: Path) -> bool:
+    """Whether the checked-out tree carries pytest settings of its own at its root."""
+    for name, section in _PYTEST_CONFIGS:
+        path = tree / name
+        if not path.is_file():
+            continue
+        try:
+            if section in path.read_text(encoding="utf-8", errors="replace"):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def load_config(tree: Path, junit_path: Path, default_timeout: float) -> TestConfig:
@@ -70,7 +92,7 @@ def load_config(tree: Path, junit_path: Path, default_timeout: float) -> TestCon
         raise ConfigError(f"{CONFIG_FILE}: test.timeout must be a positive number of seconds")
     raw = section.get("command")
     if raw is None:
-        return TestConfig(default_command(junit_path), float(timeout), uses_default=True)
+        return TestConfig(default_command(junit_path, tree), float(timeout), uses_default=True)
     if isinstance(raw, str):
         try:
             command = shlex.split(raw)

@@ -369,6 +369,30 @@ def test_the_default_command_runs_pytest_and_counts_its_tests(tmp_path: Path) ->
     assert "test_bad" in out.log.head_text() + out.log.tail_text()
 
 
+def test_the_default_command_ignores_pytest_settings_of_a_project_around_the_workdir(tmp_path: Path) -> None:
+    # The runner's default workdir is ./.volt/...: maybe inside a project of its own.
+    (tmp_path / "pyproject.toml").write_text('[tool.pytest.ini_options]\naddopts = "--no-such-pytest-flag"\n')
+    tree = tmp_path / ".volt" / "runner-1" / "repos" / "app"
+    tree.mkdir(parents=True)
+    (tree / "test_one.py").write_text("def test_ok(): pass\n")
+    out = run(load_config(tree, tree / "junit.xml", 60.0), tree)
+    assert (out.status, out.passed) == ("passed", 1), out.log.head_text()
+
+
+def test_the_default_command_keeps_the_repositorys_own_pytest_settings(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text('[tool.pytest.ini_options]\naddopts = "--no-such-pytest-flag"\n')
+    tree = tmp_path / "app"
+    tree.mkdir()
+    (tree / "pyproject.toml").write_text('[project]\nname = "app"\n\n[tool.pytest.ini_options]\nmarkers = ["slow"]\n')
+    (tree / "test_one.py").write_text("import pytest\n@pytest.mark.slow\ndef test_ok(): pass\n")
+    config = load_config(tree, tree / "junit.xml", 60.0)
+    assert "-c" not in config.command  # its own settings are found before the outer ones
+    out = run(config, tree)
+    assert (out.status, out.passed) == ("passed", 1), out.log.head_text()
+    (tree / "pyproject.toml").write_text('[project]\nname = "app"\n')  # settings elsewhere: not its own
+    assert "-c" in load_config(tree, tmp_path / "junit.xml", 60.0).command
+
+
 def test_a_command_that_does_not_exist_is_an_error(tmp_path: Path) -> None:
     out = run(Config(["volt-no-such-command-here", "--x"], 10.0), tmp_path)
     assert (out.status, out.exit_code) == ("error", None)
