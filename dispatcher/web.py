@@ -295,7 +295,8 @@ class Web:
             status = queries.status(store, self.ns, snap.runners, snap.now(self.wall()), snap.depth)
             jobs = queries.results(store, {"limit": RECENT_JOBS, "done_only": False})
         live = (
-            f'<div id="live" data-refresh="1">{_summary(status)}{_runners(status)}{_jobs(jobs)}{_queues(status)}</div>'
+            f'<div id="live" data-refresh="1">{_summary(status)}{_runners(status)}{_waiting(status)}{_jobs(jobs)}'
+            f"{_queues(status)}</div>"
         )
         if fragment:
             return Response(200, "text/html; charset=utf-8", live.encode())
@@ -368,6 +369,23 @@ def _runners(status: dict[str, Any]) -> str:
             f"<tr><td>{e(r['runner_id'])}</td><td>{e(r['host'])}</td><td>{_badge(r['state'], 'r')}</td>"
             f"<td>{_job_link(r['job_id'], r['commit'])}</td><td>{e(', '.join(r['labels']) or '-')}</td>"
             f'<td class="num"><span{stale}>{age:.1f} s ago</span></td></tr>'
+        )
+    out.append("</table>\n")
+    return "\n".join(out)
+
+
+def _waiting(status: dict[str, Any]) -> str:
+    """Jobs not yet on a runner, each with what it waits for."""
+    if not status["waiting_count"]:
+        return ""
+    out = [
+        f"<h2>Waiting ({e(status['waiting_count'])})</h2>",
+        '<table id="waiting"><tr><th>commit</th><th>branch</th><th>repository</th><th>waits for</th></tr>',
+    ]
+    for job in status["waiting"]:
+        out.append(
+            f'<tr data-commit="{e(job["commit"])}"><td>{_job_link(job["job_id"], job["commit"])}</td>'
+            f"<td>{e(job['branch'])}</td><td>{e(job['repo'])}</td><td>{e(job['why'])}</td></tr>"
         )
     out.append("</table>\n")
     return "\n".join(out)

@@ -136,6 +136,15 @@ def test_results_page_shows_jobs_per_branch_runners_and_queues(site: web.Web) ->
     assert "script-src 'sha256-" in resp.headers["Content-Security-Policy"]
 
 
+def test_waiting_jobs_say_what_they_wait_for(site: web.Web) -> None:
+    page = text(site.get("/"))
+    waiting = page[page.index('<table id="waiting">') :]
+    waiting = waiting[: waiting.index("</table>")]
+    assert f'data-commit="{SHA_WAIT}"' in waiting
+    # r1 is busy and r2 paused: the pending commit waits for a free runner.
+    assert "waiting for a free runner (1 busy)" in waiting
+
+
 def test_fragment_is_the_live_part_only(site: web.Web) -> None:
     frag = text(site.get("/?fragment=1"))
     assert frag.startswith('<div id="live"') and "<html" not in frag
