@@ -6,7 +6,9 @@ and cached under bench/out/repos/ (generated once; later runs reuse it). Each
 run clones it (hardlinked) as the origin, lets runner.workspace.Workspace
 make its first (cold) checkout, then repeatedly adds a commit that changes 10
 files to the origin and times Workspace.checkout of that new commit: a fetch,
-a forced checkout and a clean, as a warm runner does for every job.
+a forced checkout and a clean, as a warm runner does for every job. The origin
+is named by a file:// URL, so it is fetched from as a remote repository is (a
+plain path would be shared through git's alternates and need no fetch at all).
 Prints the median per length; asserts nothing.
 """
 
@@ -56,14 +58,15 @@ def measure(commits: int, files: int, runs: int) -> tuple[float, list[float]]:
         origin.path.parent.mkdir(exist_ok=True)
         Repo.open(tmp).git("clone", "--quiet", "--bare", str(source), str(origin.path))
         workspace = Workspace(tmp / "runner")
+        url = f"file://{origin.path}"
         began = time.perf_counter()
-        workspace.checkout(str(origin.path), origin.head())
+        workspace.checkout(url, origin.head())
         cold = time.perf_counter() - began
         warm = []
         for _ in range(runs):
             new = origin.import_commits(1, touch=10)
             began = time.perf_counter()
-            workspace.checkout(str(origin.path), new)
+            workspace.checkout(url, new)
             warm.append(time.perf_counter() - began)
         progress(
             f"{commits} commits: cold {cold * 1000:.0f} ms, warm " + ", ".join(f"{w * 1000:.0f}" for w in warm) + " ms"

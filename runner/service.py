@@ -106,7 +106,10 @@ class Runner:
         self.reap_orphans()
         if not self.s.allow_repos:
             log.warning("runner=%s accepts jobs for any repository (no --allow-repo set)", self.s.runner_id)
-        self.broker.run(self._setup, self._serve, stopping=lambda: False, on_lost=self._on_lost)
+        try:
+            self.broker.run(self._setup, self._serve, stopping=lambda: False, on_lost=self._on_lost)
+        finally:
+            self.workspace.close()
         return 0
 
     def _on_lost(self) -> bool:

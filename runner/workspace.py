@@ -13,6 +13,7 @@ import git
 
 from common.gitutil import git_reason, one_line
 from common.messages import valid_commit
+from common.naming import is_local
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,9 @@ class Workspace:
     def __init__(self, root: Path) -> None:
         self.root = root
         (root / "repos").mkdir(parents=True, exist_ok=True)
+        # Open clones, kept between jobs: each keeps a `git cat-file` process
+        # that answers "is this commit here?" without a new process per job.
+        self._open: dict[Path, git.Repo] = {}
 
     def path_for(self, repo: str) -> Path:
         return self.root / "repos" / _slug(repo)
@@ -50,13 +54,24 @@ class Workspace:
         except (git.GitError, OSError, ValueError) as exc:
             # A test suite may delete or corrupt .git; a fresh clone repairs it.
             log.warning("workspace %s is broken (%s); cloning it again", path, one_line(exc))
+            self._forget(path)
             shutil.rmtree(path, ignore_errors=True)
         try:
             return self._checkout(repo, commit, path)
         except CheckoutError:
             raise
         except (git.GitError, OSError, ValueError) as exc:
+            self._forget(path)
             raise CheckoutError(f"cannot check out {commit[:12]} of {repo}: {one_line(exc)}") from None
+
+    def close(self) -> None:
+        for path in list(self._open):
+            self._forget(path)
+
+    def _forget(self, path: Path) -> None:
+        clone = self._open.pop(path, None)
+        if clone is not None:
+            clone.close()
 
     def _checkout(self, repo: str, commit: str, path: Path) -> Path:
         clone = self._open_or_clone(repo, path)
@@ -77,27 +92,36 @@ class Workspace:
 
     def _open_or_clone(self, repo: str, path: Path) -> git.Repo:
         if path.exists():
-            clone = git.Repo(path)
-            if clone.bare or not (path / ".git").is_dir():
-                raise git.InvalidGitRepositoryError(str(path))
+            clone = self._open.get(path)
+            if clone is None or not (path / ".git").is_dir():
+                self._forget(path)
+                clone = git.Repo(path)
+                if clone.bare or not (path / ".git").is_dir():
+                    raise git.InvalidGitRepositoryError(str(path))
+                self._open[path] = clone
             return clone
         # Clone beside the final place and rename, so a crash never leaves a
         # half-made clone that looks whole.
         tmp = Path(tempfile.mkdtemp(prefix=".clone-", dir=path.parent))
         try:
             try:
-                git.Repo.clone_from(repo, tmp / "c", no_checkout=True, quiet=True)
+                # A repository on this machine is shared, not copied: the clone
+                # reads its objects in place (git's alternates), so a new commit
+                # there is checked out with no fetch at all.
+                git.Repo.clone_from(repo, tmp / "c", no_checkout=True, quiet=True, shared=is_local(repo))
             except git.GitCommandError as exc:
                 raise CheckoutError(f"cannot clone {repo}: {git_reason(exc)}") from None
             (tmp / "c").rename(path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        return git.Repo(path)
+        clone = self._open[path] = git.Repo(path)
+        return clone
 
 
 def _has_commit(clone: git.Repo, commit: str) -> bool:
+    """Whether the clone holds `commit` (and it is a commit), asked of the clone's
+    long-lived `git cat-file --batch-check`, which sees what fetches add."""
     try:
-        clone.git.cat_file("-e", f"{commit}^{{commit}}")
-        return True
-    except git.GitCommandError:
+        return bool(clone.odb.info(bytes.fromhex(commit)).type == b"commit")
+    except ValueError:  # "<sha> missing"
         return False

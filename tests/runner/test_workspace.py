@@ -83,23 +83,37 @@ def test_a_second_checkout_reuses_the_clone(ws: Workspace, source: GitRepo) -> N
 
 
 def test_a_commit_it_already_has_needs_no_fetch(ws: Workspace, source: GitRepo, tmp_path: Path) -> None:
+    url = f"file://{source.path}"  # a URL: cloned by copy, like a remote repository
     old = source.git("rev-parse", "HEAD")
     new = source.commit({"app.py": "print('v2')\n"})
-    tree = ws.checkout(str(source.path), new)
+    tree = ws.checkout(url, new)
     source.path.rename(tmp_path / "moved-away")  # any fetch would now fail
-    assert ws.checkout(str(source.path), old) == tree
+    assert ws.checkout(url, old) == tree
     assert git(tree, "rev-parse", "HEAD") == old
 
 
-def test_a_commit_pushed_later_is_fetched(ws: Workspace, source: GitRepo) -> None:
+def test_a_repository_on_this_machine_is_shared_not_fetched(ws: Workspace, source: GitRepo) -> None:
     tree = ws.checkout(str(source.path), source.git("rev-parse", "HEAD"))
+    assert (tree / ".git" / "objects" / "info" / "alternates").read_text().strip() == str(
+        source.path / ".git" / "objects"
+    )
+    git(tree, "remote", "set-url", "origin", "/nonexistent")  # any fetch would now fail
     later = source.commit({"app.py": "print('later')\n"}, "later")
     assert ws.checkout(str(source.path), later) == tree
+    assert (tree / "app.py").read_text() == "print('later')\n"
+
+
+@pytest.mark.parametrize("as_url", [False, True], ids=["path", "url"])
+def test_a_commit_pushed_later_is_checked_out(ws: Workspace, source: GitRepo, as_url: bool) -> None:
+    repo = f"file://{source.path}" if as_url else str(source.path)  # a URL is fetched from
+    tree = ws.checkout(repo, source.git("rev-parse", "HEAD"))
+    later = source.commit({"app.py": "print('later')\n"}, "later")
+    assert ws.checkout(repo, later) == tree
     assert (tree / "app.py").read_text() == "print('later')\n"
     source.git("checkout", "-q", "-b", "feature")
     on_branch = source.commit({"feature.txt": "f\n"}, "on a new branch")
     source.git("checkout", "-q", "main")
-    ws.checkout(str(source.path), on_branch)
+    ws.checkout(repo, on_branch)
     assert (tree / "feature.txt").read_text() == "f\n"
 
 
