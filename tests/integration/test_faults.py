@@ -125,6 +125,30 @@ def test_a_job_whose_runners_keep_dying_ends_as_error_after_the_retry_limit(volt
     assert len(survivors) == 1  # the fourth runner never got the job
 
 
+def test_a_job_for_a_runner_whose_queue_vanished_goes_to_the_next_runner_at_once(volt, repo, tmp_path):
+    sha = repo.commit({"tests/test_one.py": "def test_one():\n    pass\n"})
+    volt.dispatcher()
+    # A runner that still counts as live (a slow heartbeat) but whose queue is gone.
+    volt.runner("vanished", heartbeat=10.0)
+    volt.wait_for("the runner", lambda: volt.ask("status")["runners"])
+    volt.procs["vanished"].send_signal(signal.SIGSTOP)
+    volt.broker.delete_queue(naming.runner_queue(volt.ns, "vanished"))
+    volt.run("notify", "--repo", str(repo.path), "--branch", "main", "--commit", sha)
+    volt.wait_for(
+        "the publish to the missing queue to be refused",
+        lambda: any(e["kind"] == "unroutable" for r in volt.results(done_only=False) for e in r["history"]),
+        timeout=15,
+    )
+    # The runner is dropped at once, not after its heartbeat timeout (30 s here).
+    assert volt.ask("status")["runners"] == []
+    volt.runner("next", heartbeat=0.5)
+    (row,) = volt.wait_results(1, timeout=30)
+    assert (row["status"], row["runner"], row["attempts"]) == ("passed", "next", 1)
+    unroutable = next(e for e in row["history"] if e["kind"] == "unroutable")
+    assert unroutable["reason"] == "runner vanished queue missing"
+    volt.procs["vanished"].send_signal(signal.SIGCONT)
+
+
 def test_dispatcher_killed_mid_stream_loses_nothing_and_records_each_result_once(volt, repo, tmp_path):
     volt.dispatcher()
     volt.runner("dk-a")
