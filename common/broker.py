@@ -101,6 +101,9 @@ class Delivery:
     _tag: int = field(repr=False)
     # Set while the broker holds acks (Broker.hold_acks): ack() only notes the tag.
     _held: list[int] | None = field(default=None, repr=False)
+    # The sender's RabbitMQ user when it said so; RabbitMQ refuses a user_id
+    # that is not the sender's own login, so this one can be trusted.
+    user_id: str | None = None
 
     def ack(self) -> None:
         if self._held is not None:
@@ -355,6 +358,7 @@ class Broker:
         reply_to: str | None = None,
         correlation_id: str | None = None,
         expiration_ms: int | None = None,
+        user_id: str | None = None,
     ) -> None:
         """Publish and wait for the broker's confirm; raise Unroutable or BrokerUnavailable."""
         body = message if isinstance(message, bytes) else message.to_json()
@@ -366,6 +370,7 @@ class Broker:
             correlation_id=correlation_id,
             expiration=str(expiration_ms) if expiration_ms is not None else None,
             type=message.TYPE if isinstance(message, Message) else None,
+            user_id=user_id,
         )
         with _translated():
             self._channel().basic_publish(exchange, routing_key, body, properties=props, mandatory=mandatory)
@@ -405,6 +410,7 @@ class Broker:
                     _channel=channel,
                     _tag=method.delivery_tag,
                     _held=self._held,
+                    user_id=props.user_id,
                 )
             )
 
@@ -504,6 +510,8 @@ class Broker:
             reply_to=DIRECT_REPLY_TO,
             correlation_id=corr,
             expiration_ms=int(timeout * 1000),
+            # Says who asks; RabbitMQ checks it is this connection's login.
+            user_id=pika.URLParameters(self.settings.amqp_url).credentials.username,
         )
         deadline = time.monotonic() + timeout
         while corr not in self._rpc_replies:

@@ -22,6 +22,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # 
     p.add_argument(
         "--http-host", default=env("HTTP_HOST", "127.0.0.1"), help="address to serve it on (env VOLT_HTTP_HOST)"
     )
+    p.add_argument(
+        "--operator",
+        action="append",
+        default=[u for u in env("OPERATORS", "").replace(",", " ").split() if u],
+        metavar="USER",
+        help="RabbitMQ user allowed to pause, resume or drain runners (repeatable; env VOLT_OPERATORS, "
+        "comma-separated; default: anyone who may ask the dispatcher)",
+    )
     p.set_defaults(func=main)
     return p
 
@@ -40,6 +48,7 @@ def main(args: argparse.Namespace) -> int:
         heartbeat_misses=max(1, args.heartbeat_misses),
         http_port=args.http_port,
         http_host=args.http_host,
+        operators=tuple(args.operator),
     )
     dispatcher = Dispatcher(settings)
     if settings.http_port:

@@ -64,7 +64,10 @@ def job_dict(row: JobRow, events: list[dict[str, Any]] | None = None) -> dict[st
     return data
 
 
-def answer(d: Dispatcher, req: Request) -> Any:
+def answer(d: Dispatcher, req: Request, asker: str | None = None) -> Any:
+    """The reply to a request; `asker` is the RabbitMQ user who sent it, if it said."""
+    if req.method == "runner_ctl":
+        return _runner_ctl(d, req.params, asker)
     handler = _HANDLERS.get(req.method)
     if handler is None:
         raise QueryError(f"unknown request {req.method!r}")
@@ -204,11 +207,11 @@ def _log(d: Dispatcher, params: dict[str, Any]) -> dict[str, Any]:
     return job_log(d.store, str(params.get("id", "")))
 
 
-def _runner_ctl(d: Dispatcher, params: dict[str, Any]) -> dict[str, Any]:
+def _runner_ctl(d: Dispatcher, params: dict[str, Any], asker: str | None) -> dict[str, Any]:
     runner, action = params.get("runner"), params.get("action")
     if not isinstance(runner, str) or action not in RunnerCommand.ACTIONS:
         raise QueryError(f"runner_ctl needs a runner id and one of {', '.join(RunnerCommand.ACTIONS)}")
-    return d.command_runner(runner, str(action), str(params.get("reason", ""))[:200])
+    return d.command_runner(runner, str(action), str(params.get("reason", ""))[:200], asker=asker)
 
 
 def _ping(d: Dispatcher, params: dict[str, Any]) -> dict[str, Any]:
@@ -220,5 +223,4 @@ _HANDLERS = {
     "results": _results,
     "log": _log,
     "ping": _ping,
-    "runner_ctl": _runner_ctl,
 }

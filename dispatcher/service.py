@@ -57,6 +57,9 @@ class DispatcherSettings:
     # The results page and /metrics (dispatcher/web.py); port 0: off.
     http_port: int = 0
     http_host: str = "127.0.0.1"
+    # RabbitMQ users allowed to pause, resume or drain runners; empty: anyone
+    # who may ask the dispatcher at all.
+    operators: tuple[str, ...] = ()
 
 
 class Dispatcher:
@@ -105,6 +108,10 @@ class Dispatcher:
                 self.run_once(0.25)
             return True
 
+        if self.s.operators:
+            log.info("runner-ctl allowed for %s", ", ".join(self.s.operators))
+        else:
+            log.info("runner-ctl allowed for anyone who may ask the dispatcher (no --operator set)")
         self.broker.hold_acks()
         self.broker.run(self.setup, serve, stopping=lambda: self.stopping)
         self.broker.close()
@@ -261,8 +268,11 @@ class Dispatcher:
         self.store.park(job.job_id, job.attempt, why, self.wall())
         self._parked_maybe = True
 
-    def command_runner(self, runner_id: str, action: str, reason: str = "") -> dict[str, Any]:
-        """Pause, resume or drain a live runner (`volt runner-ctl`)."""
+    def command_runner(self, runner_id: str, action: str, reason: str = "", asker: str | None = None) -> dict[str, Any]:
+        """Pause, resume or drain a live runner (`volt runner-ctl`), if `asker` may."""
+        if self.s.operators and asker not in self.s.operators:
+            who = f"user {asker!r}" if asker else "a request that names no user"
+            raise queries.QueryError(f"{who} may not control runners (the dispatcher's --operator list)")
         info = self.registry.get(runner_id)
         if info is None:
             raise queries.QueryError(f"no live runner {runner_id!r}")
@@ -273,7 +283,7 @@ class Dispatcher:
             raise queries.QueryError(f"runner {runner_id!r} has no queue") from None
         # Until its next heartbeat says so itself: no new work for a paused or draining runner.
         info.state = {"pause": "paused", "drain": "draining"}.get(action, "idle")
-        log.info("runner=%s told to %s%s", runner_id, action, f": {reason}" if reason else "")
+        log.info("runner=%s told to %s by %s%s", runner_id, action, asker or "?", f": {reason}" if reason else "")
         if action == "resume":
             self.assign()
         return {"runner": runner_id, "action": action, "state": info.state}
@@ -403,7 +413,7 @@ class Dispatcher:
         if msg is None:
             return
         try:
-            reply = Reply(ok=True, data=queries.answer(self, msg))
+            reply = Reply(ok=True, data=queries.answer(self, msg, asker=d.user_id))
         except queries.QueryError as exc:
             reply = Reply(ok=False, error=str(exc))
         self.broker.reply(d, reply)

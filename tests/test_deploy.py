@@ -631,3 +631,16 @@ def test_k8s_dispatcher_serves_the_page_and_metrics_through_its_service() -> Non
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == "8080"
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
     assert service["spec"]["ports"][0]["targetPort"] == "http"
+
+
+def test_only_admin_and_dispatcher_users_may_control_runners(
+    compose: dict[str, Any], definitions: dict[str, Any]
+) -> None:
+    users = {u["name"] for u in definitions["users"]}
+    operators = compose["services"]["dispatcher"]["environment"]["VOLT_OPERATORS"].split(",")
+    assert set(operators) == {"volt-admin", "volt-dispatcher"} <= users
+    _, deployment, _ = k8s_docs("dispatcher.yaml")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert {e["name"]: e.get("value") for e in container["env"]}["VOLT_OPERATORS"] == ",".join(operators)
+    env_file = (DEPLOY / "systemd" / "volt.env").read_text()
+    assert f"VOLT_OPERATORS={','.join(operators)}" in env_file.splitlines()

@@ -675,7 +675,15 @@ def test_commits_are_tested_with_each_role_on_its_own_user(amqp_url: str, repo, 
                 time.sleep(0.3)
 
         try:
-            system.start("dispatcher", "dispatcher", "dispatcher", "--db", str(tmp_path / "dispatcher.db"))
+            system.start(
+                "dispatcher",
+                "dispatcher",
+                "dispatcher",
+                "--db",
+                str(tmp_path / "dispatcher.db"),
+                "--operator",
+                deployment.user("dispatcher"),
+            )
             system.start(
                 "runner",
                 "runner",
@@ -725,6 +733,15 @@ def test_commits_are_tested_with_each_role_on_its_own_user(amqp_url: str, repo, 
             # in its own container, on its own user.
             check = system.run("dispatcher", "check", "--min-runners", "1")
             assert check.returncode == 0, check.stdout + check.stderr
+
+            # Only an operator may pause a runner: RabbitMQ vouches for who asks.
+            refused = system.run("viewer", "runner-ctl", "pause", "perm-r1")
+            assert refused.returncode == 1
+            assert f"user '{deployment.user('viewer')}' may not control runners" in refused.stderr
+            assert ask(viewer, "status", timeout=10)["runners"][0]["state"] != "paused"
+            for action in ("pause", "resume"):
+                done = system.run("dispatcher", "runner-ctl", action, "perm-r1")
+                assert done.returncode == 0, done.stdout + done.stderr
 
             # Nobody was refused anything along the way.
             assert "ACCESS_REFUSED" not in system.logs() + notify.stderr
