@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -223,10 +224,21 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port() -> int:
+    """A free TCP port below the kernel's ephemeral range, so that no outgoing
+    connection can take it while a server that listens on it is restarted."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for port in random.sample(range(10000, max(low, 10001)), k=min(200, max(low - 10000, 1))):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    pytest.fail("no free TCP port below the ephemeral range")
 
 
 def _listening(port: int) -> bool:
@@ -245,7 +257,7 @@ class Node:
             pytest.fail("the broker-restart test needs rabbitmq-server and rabbitmqctl installed locally")
         self.base = base
         self.name = f"volt{uuid.uuid4().hex[:8]}@localhost"
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/%2F"
         for sub in ("mnesia", "log"):
             (base / sub).mkdir(parents=True, exist_ok=True)
@@ -258,7 +270,7 @@ class Node:
             **os.environ,
             "RABBITMQ_NODENAME": self.name,
             "RABBITMQ_NODE_PORT": str(self.port),
-            "RABBITMQ_DIST_PORT": str(_free_port()),
+            "RABBITMQ_DIST_PORT": str(free_port()),
             "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
             "RABBITMQ_LOG_BASE": str(base / "log"),
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),

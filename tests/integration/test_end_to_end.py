@@ -105,10 +105,10 @@ def test_volt_up_runs_everything_serves_the_page_and_stops_cleanly_on_ctrl_c(vol
     import signal
     import urllib.request
 
-    from support import _free_port
+    from support import free_port
 
     repo.commit({"tests/test_one.py": PASS})
-    port = _free_port()
+    port = free_port()
     up = volt.start(
         "up", "up", "--repo", str(repo.path), "--runners", "2", "--poll", "0.2",
         "--state-dir", str(tmp_path / "state"), "--http-port", str(port),
