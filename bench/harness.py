@@ -8,6 +8,7 @@ Progress goes to stderr. Nothing here asserts anything.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -174,6 +175,18 @@ def cpu_seconds(pid: int, with_children: bool = True) -> float:
         # a reaped child's time lands in its parent's cutime/cstime.
         total += sum(int(f) for f in fields[11 : 15 if with_children else 13])
     return total / _CLK_TCK
+
+
+def add_window_args(parser: argparse.ArgumentParser) -> None:
+    """--quick, --windows and --window: how long a CPU benchmark samples."""
+    parser.add_argument("--quick", action="store_true", help="fewer and shorter windows")
+    parser.add_argument("--windows", type=int, help="how many windows (default 3; 2 with --quick)")
+    parser.add_argument("--window", type=float, help="seconds per window (default 10; shorter with --quick)")
+
+
+def window_plan(args: argparse.Namespace, quick_window: float) -> tuple[int, float]:
+    """(windows, seconds each) from add_window_args' flags."""
+    return args.windows or (2 if args.quick else 3), args.window or (quick_window if args.quick else 10.0)
 
 
 class CpuMeter:

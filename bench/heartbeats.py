@@ -15,7 +15,18 @@ import argparse
 import time
 from pathlib import Path
 
-from harness import CpuMeter, System, ask, median, progress, report, start_profiler, stop_profiler
+from harness import (
+    CpuMeter,
+    System,
+    add_window_args,
+    ask,
+    median,
+    progress,
+    report,
+    start_profiler,
+    stop_profiler,
+    window_plan,
+)
 
 from common import naming
 
@@ -24,15 +35,12 @@ TARGET = 0.15  # of one core
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="shorter windows")
+    add_window_args(parser)
     parser.add_argument("--runners", type=int, default=500)
     parser.add_argument("--interval", type=float, default=2.0)
-    parser.add_argument("--windows", type=int)
-    parser.add_argument("--window", type=float, help="seconds per window")
     parser.add_argument("--profile", type=Path, help="py-spy the dispatcher meanwhile (.svg, .txt or .json)")
     args = parser.parse_args()
-    windows = args.windows or (2 if args.quick else 3)
-    window = args.window or (6.0 if args.quick else 10.0)
+    windows, window = window_plan(args, quick_window=6.0)
     system = System(tag="bench-heartbeats")
     try:
         system.dispatcher()

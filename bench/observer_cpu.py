@@ -12,21 +12,18 @@ from __future__ import annotations
 import argparse
 import time
 
-from harness import CpuMeter, Repo, System, median, progress, report
+from harness import CpuMeter, Repo, System, add_window_args, median, progress, report, window_plan
 
 TARGET = 0.20  # of one core
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="shorter windows")
+    add_window_args(parser)
     parser.add_argument("--repos", type=int, default=50)
     parser.add_argument("--poll", type=float, default=1.0)
-    parser.add_argument("--windows", type=int)
-    parser.add_argument("--window", type=float, help="seconds per window")
     args = parser.parse_args()
-    windows = args.windows or (2 if args.quick else 3)
-    window = args.window or (5.0 if args.quick else 10.0)
+    windows, window = window_plan(args, quick_window=5.0)
     system = System(tag="bench-observer")
     try:
         repos = []

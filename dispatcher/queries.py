@@ -66,7 +66,7 @@ def job_dict(row: JobRow, events: list[dict[str, Any]] | None = None) -> dict[st
 
 def answer(d: Dispatcher, req: Request, asker: str | None = None) -> Any:
     """The reply to a request; `asker` is the RabbitMQ user who sent it, if it said."""
-    if req.method == "runner_ctl":
+    if req.method == "runner_ctl":  # the one request that changes something: it needs the asker
         return _runner_ctl(d, req.params, asker)
     handler = _HANDLERS.get(req.method)
     if handler is None:

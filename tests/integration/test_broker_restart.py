@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -35,7 +34,11 @@ def test_every_worker_survives_a_broker_restart_and_loses_nothing(node, tmp_path
         outbox = tmp_path / "rs-a" / "outbox"
         volt.wait_for("the result to wait in the outbox", lambda: list(outbox.glob("*.json")), timeout=30)
         during = repo.commit({"a.txt": "2", ".volt.toml": '[test]\ncommand = ["true"]\n'})
-        time.sleep(1.0)
+        volt.wait_for(
+            "every worker to notice the broker is gone",
+            lambda: all("lost the broker" in volt.log_of(name) for name in volt.procs),
+            timeout=30,
+        )
         assert all(p.poll() is None for p in volt.procs.values()), "a worker died with the broker"
         node.start()
 

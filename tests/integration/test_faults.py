@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from datetime import datetime
@@ -9,10 +10,19 @@ from datetime import datetime
 from support import alive, pids, suite
 
 from common import naming
+from common.health import HEALTH_FILE
 
 
 def _epoch(iso: str) -> float:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def last_poll(state_dir) -> float:
+    """When the observer with this state dir last finished a poll (its health file)."""
+    try:
+        return float(json.loads((state_dir / HEALTH_FILE).read_text())["at"])
+    except (OSError, ValueError, KeyError):
+        return 0.0
 
 
 def kinds(row: dict) -> list[str]:
@@ -197,7 +207,9 @@ def test_observer_killed_and_restarted_neither_skips_nor_repeats(volt, repo):
     # Published oldest first: the jobs were seen in commit order.
     by_seen = [r["commit"] for r in sorted(rows, key=lambda r: r["seen_at"])]
     assert by_seen[-5:] == while_down
-    time.sleep(1.0)  # a few more polls: nothing new must appear
+    # Let the observer poll a few more times: nothing new must appear.
+    polled_before = time.time()
+    volt.wait_for("three more polls", lambda: last_poll(volt.tmp / "observer") > polled_before + 0.6)
     assert len(volt.results(done_only=False)) == 9
 
 
@@ -222,7 +234,7 @@ def test_runner_drains_on_first_sigterm_and_hands_back_on_the_second(volt, repo,
     volt.run("notify", "--repo", str(repo.path), "--branch", "main", "--commit", sha2)
     volt.wait_for("the long run to start", lambda: len(pids(marker2)) == 1)
     volt.procs["drain-b"].send_signal(signal.SIGTERM)
-    time.sleep(0.3)
+    volt.wait_for("the first SIGTERM to be taken", lambda: "draining: finishing" in volt.log_of("drain-b"))
     volt.procs["drain-b"].send_signal(signal.SIGTERM)
     assert volt.procs["drain-b"].wait(timeout=30) == 0
     volt.wait_for("the test process to stop", lambda: not alive(pids(marker2)[0]), timeout=10)
