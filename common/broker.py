@@ -75,6 +75,45 @@ class RpcTimeout(BrokerError):
     """No reply to a request in time."""
 
 
+class InUse(BrokerError):
+    """An exclusive consumer already holds the queue: another process has this
+    worker's identity (a second dispatcher on a namespace, a runner id twice)."""
+
+
+class AckLedger:
+    """Which delivery tags of one channel are settled, so that an ack never
+    covers a delivery that is not handled yet (delivery rule 2).
+
+    Tags count up from 1 on a channel, over consumed and gotten deliveries
+    alike, and pika may hold later deliveries in its buffer while an earlier
+    one is handled. A multiple-ack is sent only up to the highest tag below
+    which every delivery is settled; held acks above it go one by one.
+    """
+
+    def __init__(self) -> None:
+        self.floor = 0  # every tag <= floor is settled
+        self._above: set[int] = set()  # settled tags > floor
+        self.held: list[int] = []
+
+    def settled(self, tag: int) -> None:
+        """A delivery was rejected, requeued or acked on its own."""
+        self._above.add(tag)
+        self._advance()
+
+    def release(self) -> tuple[int | None, list[int]]:
+        """Take the held acks: (multiple-ack up to this tag or None, tags to ack one by one)."""
+        held, self.held = self.held, []
+        self._above.update(held)
+        self._advance()
+        below = [t for t in held if t <= self.floor]
+        return (max(below) if below else None), sorted(t for t in held if t > self.floor)
+
+    def _advance(self) -> None:
+        while self.floor + 1 in self._above:
+            self.floor += 1
+            self._above.discard(self.floor)
+
+
 @contextmanager
 def _translated() -> Iterator[None]:
     try:
@@ -99,26 +138,35 @@ class Delivery:
     correlation_id: str | None
     _channel: BlockingChannel = field(repr=False)
     _tag: int = field(repr=False)
-    # Set while the broker holds acks (Broker.hold_acks): ack() only notes the tag.
-    _held: list[int] | None = field(default=None, repr=False)
+    # The ledger of the channel it came on; with holding on (Broker.hold_acks)
+    # ack() only notes the tag, and release_acks() sends it.
+    _ledger: AckLedger | None = field(default=None, repr=False)
+    _hold: bool = field(default=False, repr=False)
     # The sender's RabbitMQ user when it said so; RabbitMQ refuses a user_id
     # that is not the sender's own login, so this one can be trusted.
     user_id: str | None = None
 
     def ack(self) -> None:
-        if self._held is not None:
-            self._held.append(self._tag)
+        if self._hold and self._ledger is not None:
+            self._ledger.held.append(self._tag)
             return
         with _translated():
             self._channel.basic_ack(self._tag)
+        self._settled()
 
     def requeue(self) -> None:
         with _translated():
             self._channel.basic_nack(self._tag, requeue=True)
+        self._settled()
 
     def reject(self) -> None:
         with _translated():
             self._channel.basic_reject(self._tag, requeue=False)
+        self._settled()
+
+    def _settled(self) -> None:
+        if self._ledger is not None:
+            self._ledger.settled(self._tag)
 
 
 Handler = Callable[[Delivery], None]
@@ -127,16 +175,31 @@ Handler = Callable[[Delivery], None]
 class Broker:
     """A blocking connection with one confirmed channel, and the topology helpers."""
 
+    # What opens a connection: pika's, or (in unit tests of the service loops)
+    # an in-memory broker's with the same interface.
+    connection_factory: Callable[[pika.URLParameters], Any] = pika.BlockingConnection
+
     def __init__(self, settings: BrokerSettings, client_name: str) -> None:
         self.settings = settings
         self.ns = settings.namespace
         self.client_name = client_name
         self._conn: pika.BlockingConnection | None = None
         self._ch: BlockingChannel | None = None
+        # Unconfirmed publishes (probes, replies) go on a channel of their own,
+        # so they never wait on the broker, even while it blocks publishers.
+        self._fire_ch: BlockingChannel | None = None
         self._consumers: list[str] = []
         self._rpc_replies: dict[str, bytes] = {}
         self._rpc_consuming = False
-        self._held: list[int] | None = None
+        self._hold = False
+        self._ledger = AckLedger()
+        # Seconds pika waits on a broker that blocks publishers before it gives
+        # the connection up (a worker then reconnects; a command says why).
+        self.blocked_timeout = 60.0
+        # Since when (monotonic) the broker blocks this connection's publishes
+        # (a memory or disk alarm), or None; and who wants to know of changes.
+        self.blocked_since: float | None = None
+        self.on_blocked: Callable[[bool], None] = lambda blocked: None
 
     # -- connection -------------------------------------------------------
 
@@ -144,28 +207,36 @@ class Broker:
     def connected(self) -> bool:
         return bool(self._conn and self._conn.is_open and self._ch and self._ch.is_open)
 
-    def connect(self, give_up_after: float | None = None) -> None:
+    def connect(self, give_up_after: float | None = None, stopping: Callable[[], bool] = lambda: False) -> None:
         """Connect, retrying with capped exponential backoff and full jitter.
 
-        With give_up_after, raise BrokerUnavailable once that many seconds pass.
+        With give_up_after, raise BrokerUnavailable once that many seconds pass;
+        and raise it at once when `stopping()` turns true.
         """
         params = pika.URLParameters(self.settings.amqp_url)
         params.client_properties = {"connection_name": self.client_name}
         params.connection_attempts = 1
         params.socket_timeout = 5
-        params.blocked_connection_timeout = 60
+        params.blocked_connection_timeout = self.blocked_timeout
         params.heartbeat = 30
         started = time.monotonic()
         attempt = 0
         while True:
+            if stopping():
+                raise BrokerUnavailable("stopping")
             try:
-                self._conn = pika.BlockingConnection(params)
+                self._conn = type(self).connection_factory(params)
+                self._conn.add_on_connection_blocked_callback(lambda *_: self._set_blocked(True))
+                self._conn.add_on_connection_unblocked_callback(lambda *_: self._set_blocked(False))
                 self._ch = self._conn.channel()
                 self._ch.confirm_delivery()
+                self._fire_ch = None
                 self._consumers = []
                 self._rpc_consuming = False
-                if self._held is not None:
-                    self._held.clear()  # tags of the old channel mean nothing on this one
+                # Tags of the old channel mean nothing on this one; what they
+                # covered and was not acked, the broker delivers again.
+                self._ledger = AckLedger()
+                self.blocked_since = None
                 log.info("connected to %s as %s", redact_url(self.settings.amqp_url), self.client_name)
                 return
             except (pika.exceptions.AMQPError, OSError) as exc:
@@ -190,7 +261,18 @@ class Broker:
                     reason,
                     delay,
                 )
-                time.sleep(delay)
+                _sleep(delay, stopping)
+
+    def _set_blocked(self, blocked: bool) -> None:
+        if blocked == (self.blocked_since is not None):
+            return
+        self.blocked_since = time.monotonic() if blocked else None
+        log.warning(
+            "%s: RabbitMQ %s publishers",
+            self.client_name,
+            "blocks" if blocked else "no longer blocks",
+        )
+        self.on_blocked(blocked)
 
     def run(
         self,
@@ -198,36 +280,60 @@ class Broker:
         step: Callable[[], bool],
         stopping: Callable[[], bool],
         on_lost: Callable[[], bool] = lambda: False,
+        retry_on: tuple[type[Exception], ...] = (),
+        in_use_patience: float = 120.0,
     ) -> None:
         """A worker's loop: connect, set up, then call step() until it returns True.
 
-        Any broker error closes the connection and starts over after a jittered
-        delay that doubles with failures close together (up to 30 s), so a
-        refused permission does not spin. on_lost() returning True ends the loop.
+        Any broker error (or one of `retry_on`) closes the connection and starts
+        over after a jittered delay that doubles with failures close together
+        (up to 30 s), so a refused permission does not spin. on_lost() returning
+        True ends the loop. InUse before the first successful setup is raised at
+        once (another process has this identity); after it, it is retried for
+        `in_use_patience` seconds, long enough for the broker to drop a
+        connection of ours that it still thinks alive, then raised.
         """
         failures, last_failure = 0, 0.0
+        was_set_up = False
+        in_use_since: float | None = None
         while not stopping():
             try:
                 if not self.connected:
-                    self.connect()
+                    self.connect(stopping=stopping)
                     setup()
+                    was_set_up, in_use_since = True, None
                 if step():
                     return
-            except BrokerError as exc:
+            except InUse:
+                now = time.monotonic()
+                in_use_since = in_use_since or now
+                if not was_set_up or now - in_use_since > in_use_patience:
+                    self.close()
+                    raise
+                failures += 1
+                self._back_off(failures, "its queue is in use by another connection", stopping)
+            except Exception as exc:
+                if not isinstance(exc, (BrokerError, *retry_on)):
+                    raise
+                if stopping():
+                    break
                 now = time.monotonic()
                 failures = failures + 1 if now - last_failure < 60 else 1
                 last_failure = now
-                delay = random.uniform(0.5, 1.0) * min(30.0, 0.5 * 2 ** (failures - 1))
-                log.warning("%s lost the broker (%s); reconnecting in %.1fs", self.client_name, exc, delay)
                 self.close()
                 if on_lost():
                     return
-                until = time.monotonic() + delay
-                while time.monotonic() < until and not stopping():
-                    time.sleep(0.1)
+                why = f"lost the broker ({exc})" if isinstance(exc, BrokerError) else str(exc)
+                self._back_off(failures, why, stopping)
+
+    def _back_off(self, failures: int, why: str, stopping: Callable[[], bool]) -> None:
+        delay = random.uniform(0.5, 1.0) * min(30.0, 0.5 * 2 ** (failures - 1))
+        log.warning("%s %s; reconnecting in %.1fs", self.client_name, why, delay)
+        self.close()
+        _sleep(delay, stopping)
 
     def close(self) -> None:
-        conn, self._conn, self._ch = self._conn, None, None
+        conn, self._conn, self._ch, self._fire_ch = self._conn, None, None, None
         if conn is not None and conn.is_open:
             try:
                 conn.close()
@@ -259,6 +365,12 @@ class Broker:
         if self._ch is None or not self._ch.is_open:
             raise BrokerUnavailable("not connected")
         return self._ch
+
+    def _fire_channel(self) -> BlockingChannel:
+        if self._fire_ch is None or not self._fire_ch.is_open:
+            with _translated():
+                self._fire_ch = self._connection().channel()
+        return self._fire_ch
 
     # -- topology ---------------------------------------------------------
 
@@ -359,8 +471,13 @@ class Broker:
         correlation_id: str | None = None,
         expiration_ms: int | None = None,
         user_id: str | None = None,
+        confirm: bool = True,
     ) -> None:
-        """Publish and wait for the broker's confirm; raise Unroutable or BrokerUnavailable."""
+        """Publish and wait for the broker's confirm; raise Unroutable or BrokerUnavailable.
+
+        confirm=False sends it on a channel without confirms and returns at
+        once: for what may be lost (replies, probes), never for work.
+        """
         body = message if isinstance(message, bytes) else message.to_json()
         props = pika.BasicProperties(
             content_type="application/json",
@@ -373,7 +490,15 @@ class Broker:
             user_id=user_id,
         )
         with _translated():
-            self._channel().basic_publish(exchange, routing_key, body, properties=props, mandatory=mandatory)
+            ch = self._channel() if confirm else self._fire_channel()
+            ch.basic_publish(exchange, routing_key, body, properties=props, mandatory=mandatory and confirm)
+
+    def probe_blocked(self) -> None:
+        """Publish a message that goes nowhere, without waiting: if RabbitMQ blocks
+        publishers (a memory or disk alarm), it tells this connection so
+        (`blocked_since`, `on_blocked`) once it reads it. An idle connection is
+        never told, so a worker that must know asks this way."""
+        self.publish("", f"{self.ns}.probe.{uuid.uuid4().hex[:8]}", b"", persistent=False, confirm=False)
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Move a message we cannot use to the dead-letter queue, with the reason."""
@@ -390,7 +515,9 @@ class Broker:
 
     # -- consuming --------------------------------------------------------
 
-    def consume(self, queue: str, handler: Handler, prefetch: int = 1) -> None:
+    def consume(self, queue: str, handler: Handler, prefetch: int = 1, exclusive: bool = False) -> None:
+        """Deliver `queue`'s messages to handler; with `exclusive`, raise InUse if
+        another connection consumes it, and keep everyone else out while we do."""
         ch = self._channel()
 
         def on_message(
@@ -399,24 +526,32 @@ class Broker:
             props: pika.BasicProperties,
             body: bytes,
         ) -> None:
-            handler(
-                Delivery(
-                    body=body,
-                    queue=queue,
-                    headers=dict(props.headers or {}),
-                    redelivered=bool(method.redelivered),
-                    reply_to=props.reply_to,
-                    correlation_id=props.correlation_id,
-                    _channel=channel,
-                    _tag=method.delivery_tag,
-                    _held=self._held,
-                    user_id=props.user_id,
-                )
-            )
+            handler(self._delivery(queue, channel, method, props, body))
 
         with _translated():
             ch.basic_qos(prefetch_count=prefetch)
-            self._consumers.append(ch.basic_consume(queue, on_message))
+            try:
+                self._consumers.append(ch.basic_consume(queue, on_message, exclusive=exclusive))
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code == 403 and "exclusive" in exc.reply_text:
+                    self.close()
+                    raise InUse(f"queue {queue} is in use by another consumer") from None
+                raise
+
+    def _delivery(self, queue: str, channel: BlockingChannel, method: Any, props: Any, body: bytes) -> Delivery:
+        return Delivery(
+            body=body,
+            queue=queue,
+            headers=dict(props.headers or {}),
+            redelivered=bool(method.redelivered),
+            reply_to=props.reply_to,
+            correlation_id=props.correlation_id,
+            _channel=channel,
+            _tag=method.delivery_tag,
+            _ledger=self._ledger,
+            _hold=self._hold,
+            user_id=props.user_id,
+        )
 
     def stop_consuming(self) -> None:
         """Cancel every consumer; messages not yet taken stay in their queues."""
@@ -429,24 +564,24 @@ class Broker:
     def hold_acks(self) -> None:
         """From now on, acks wait for release_acks(): a worker that makes a whole
         round of messages durable at once acks them only after that."""
-        if self._held is None:
-            self._held = []
+        self._hold = True
 
     def release_acks(self) -> None:
-        """Send the held acks as one multiple-ack of the highest tag.
-
-        Sound because this connection's user settles every delivery (ack, reject
-        or requeue) in the round it arrives, so every lower tag is settled too.
-        """
-        held = self._held
-        if not held:
-            return
-        top = max(held)
-        held.clear()
+        """Send the held acks: one multiple-ack for those below the ledger's floor
+        (every tag under it is settled), the rest one by one (delivery rule 2)."""
+        top, singles = self._ledger.release()
         if self._ch is None or not self._ch.is_open:
             return  # the channel died: the broker redelivers them all
         with _translated():
-            self._ch.basic_ack(top, multiple=True)
+            if top is not None:
+                self._ch.basic_ack(top, multiple=True)
+            for tag in singles:
+                self._ch.basic_ack(tag)
+
+    def drop_held_acks(self) -> None:
+        """Forget the held acks (what they were for did not become durable); the
+        caller closes the connection so the broker delivers those messages again."""
+        self._ledger.held.clear()
 
     def get(self, queue: str) -> Delivery | None:
         """Take one message from a queue (basic.get), or None if it is empty."""
@@ -455,37 +590,25 @@ class Broker:
             method, props, body = ch.basic_get(queue, auto_ack=False)
         if method is None:
             return None
-        return Delivery(
-            body=body,
-            queue=queue,
-            headers=dict(props.headers or {}),
-            redelivered=bool(method.redelivered),
-            reply_to=props.reply_to,
-            correlation_id=props.correlation_id,
-            _channel=ch,
-            _tag=method.delivery_tag,
-            _held=self._held,
-        )
+        return self._delivery(queue, ch, method, props, body)
 
     # -- request/reply ----------------------------------------------------
 
     def reply(self, request: Delivery, message: Message) -> None:
-        """Answer a request; a requester that has gone away is not an error."""
+        """Answer a request, without waiting on a confirm: a requester that has
+        gone away is no error, and a broker that blocks publishers must not
+        stall the one who answers."""
         if not request.reply_to:
             return
-        try:
-            self.publish(
-                "",
-                request.reply_to,
-                message,
-                persistent=False,
-                # RabbitMQ returns mandatory publishes to direct reply-to
-                # even when it delivers them; a gone requester is no error.
-                mandatory=False,
-                correlation_id=request.correlation_id,
-            )
-        except Unroutable:
-            log.info("requester went away before its reply")
+        self.publish(
+            "",
+            request.reply_to,
+            message,
+            persistent=False,
+            mandatory=False,
+            correlation_id=request.correlation_id,
+            confirm=False,
+        )
 
     def request(self, message: Message, timeout: float) -> bytes:
         """Send a request to the dispatcher and wait for the reply body."""
@@ -520,6 +643,16 @@ class Broker:
                 raise RpcTimeout(f"no answer from the dispatcher within {timeout:g}s (is `volt dispatcher` running?)")
             self.process(min(left, 0.5))
         return self._rpc_replies.pop(corr)
+
+
+def _sleep(seconds: float, stopping: Callable[[], bool]) -> None:
+    """Sleep, but wake within 0.1 s of `stopping()` turning true."""
+    until = time.monotonic() + seconds
+    while not stopping():
+        left = until - time.monotonic()
+        if left <= 0:
+            return
+        time.sleep(min(0.1, left))
 
 
 def _describe(exc: BaseException) -> str:
