@@ -22,7 +22,11 @@ SCHEMA_VERSION = 1
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 _COMMIT = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
+# A finished job's status, and the states a job and a runner go through: the
+# one home of these names (the store, the registry, metrics and page use them).
 STATUSES = ("passed", "failed", "error", "timeout", "cancelled")
+JOB_STATES = ("pending", "queued", "parked", "assigned", "running", "done")
+RUNNER_STATES = ("idle", "busy", "paused", "draining")
 
 
 class DecodeError(ValueError):
@@ -106,6 +110,12 @@ class Job(Message):
     branch: str
     commit: str
     labels: list[str] = field(default_factory=list)
+    # Set when the dispatcher assigns it: the token that fences this
+    # assignment (only the assigned runner learns it, and echoes it in every
+    # message about the job), and how long the dispatcher keeps the job
+    # without a heartbeat echoing it. Empty in the backlog.
+    lease: str = ""
+    lease_s: float = 0.0
 
     def __post_init__(self) -> None:
         check_commit(self.commit)
@@ -123,6 +133,7 @@ class CancelJob(Message):
     job_id: str
     attempt: int
     reason: str = ""
+    lease: str = ""  # a runner cancels only the assignment this names
 
 
 @dataclass(frozen=True)
@@ -159,9 +170,12 @@ class Hello(Message):
     interval: float = 2.0
     labels: list[str] = field(default_factory=list)
     sent_at: float = 0.0
+    lease: str = ""  # of the job it runs: each heartbeat that echoes it renews the lease
 
     def __post_init__(self) -> None:
         check_labels(self.labels)
+        if self.state not in RUNNER_STATES:
+            raise ValueError(f"unknown runner state {self.state!r:.40}")
 
 
 @dataclass(frozen=True)
@@ -179,6 +193,7 @@ class Goodbye(Message):
     job_id: str = ""
     attempt: int = 0
     reason: str = ""
+    lease: str = ""  # of the job it hands back; without it the job waits for its lease to end
 
 
 @dataclass(frozen=True)
@@ -189,6 +204,7 @@ class JobStarted(Message):
     runner_id: str
     session: str
     started_at: float
+    lease: str = ""
 
 
 @dataclass(frozen=True)
@@ -199,6 +215,20 @@ class JobRejected(Message):
     job_id: str
     attempt: int
     runner_id: str
+    reason: str = ""
+    lease: str = ""
+
+
+@dataclass(frozen=True)
+class JobAbandoned(Message):
+    """A runner gave up an attempt it had started (its lease ran out while it
+    could not heartbeat, or it failed inside); the job is tried again."""
+
+    TYPE: ClassVar[str] = "job_abandoned"
+    job_id: str
+    attempt: int
+    runner_id: str
+    lease: str
     reason: str = ""
 
 
@@ -223,6 +253,7 @@ class JobResult(Message):
     log_bytes: int = 0
     # zlib-compressed, base64-encoded whole log; empty when it was too big to ship.
     log_full: str = ""
+    lease: str = ""  # a result counts only with the lease of the job's current assignment
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -264,6 +295,7 @@ TYPES: dict[str, type[Message]] = {
         Goodbye,
         JobStarted,
         JobRejected,
+        JobAbandoned,
         JobResult,
         Request,
         Reply,

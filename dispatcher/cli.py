@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common.settings import BrokerSettings, SettingsError, env
+from common.settings import BrokerSettings, SettingsError, env, env_float
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
@@ -13,6 +13,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # 
     p.add_argument("--db", default=env("DB", ".volt/dispatcher.db"), help="SQLite store (env VOLT_DB)")
     p.add_argument("--max-attempts", type=int, default=3, help="attempts before a job whose runners die ends as error")
     p.add_argument("--heartbeat-misses", type=int, default=3, help="missed heartbeats before a runner is lost")
+    p.add_argument(
+        "--park-timeout",
+        type=float,
+        default=env_float("PARK_TIMEOUT", 3600.0),
+        help="seconds a job may wait while no live runner has its labels, before it ends as error "
+        "(env VOLT_PARK_TIMEOUT; default 3600)",
+    )
     p.add_argument(
         "--http-port",
         type=int,
@@ -36,11 +43,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # 
 
 def main(args: argparse.Namespace) -> int:
     from dispatcher.service import Dispatcher, DispatcherSettings
+    from dispatcher.store import StoreError
 
     if not 0 <= args.http_port <= 65535:
         raise SettingsError(f"--http-port must be from 0 (off) to 65535, got {args.http_port}")
+    if args.park_timeout <= 0:
+        raise SettingsError("--park-timeout must be a positive number of seconds")
     db = Path(args.db).resolve()
-    db.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SettingsError(f"cannot create the folder of --db {db}: {exc.strerror}") from None
     settings = DispatcherSettings(
         broker=BrokerSettings.from_args(args),
         db=db,
@@ -49,8 +62,12 @@ def main(args: argparse.Namespace) -> int:
         http_port=args.http_port,
         http_host=args.http_host,
         operators=tuple(args.operator),
+        park_timeout=args.park_timeout,
     )
-    dispatcher = Dispatcher(settings)
+    try:
+        dispatcher = Dispatcher(settings)
+    except StoreError as exc:
+        raise SettingsError(str(exc)) from None
     if settings.http_port:
         from dispatcher import web
 

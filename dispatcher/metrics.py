@@ -16,14 +16,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from common.messages import JOB_STATES, RUNNER_STATES, STATUSES
 from dispatcher.store import JobRow
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-RUNNER_STATES = ("idle", "busy", "draining", "paused")
-# Always present (as 0 when none), so a dashboard's series never vanish; the
-# store may hold more states than these, and those appear when they occur.
-JOB_STATES = ("pending", "queued", "assigned", "running", "done")
-STATUSES = ("passed", "failed", "error", "timeout", "cancelled")
+# Every state and status (common/messages.py) is always present, as 0 when
+# none, so a dashboard's series never vanish.
 
 # From "picked up at once" to "waited an hour for a runner".
 WAIT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, float("inf"))

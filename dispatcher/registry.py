@@ -31,6 +31,10 @@ class RunnerInfo:
     deadline: float
     last_assigned: float = 0.0
     wall_last_seen: float = field(default_factory=time.time)
+    lease: str = ""  # of the job its last heartbeat says it runs
+    # It refused a job since its last heartbeat: send it nothing more until
+    # it says again how it is, so a refusal cannot turn into a loop.
+    refusing: bool = False
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,7 @@ class Registry:
             last_seen=now,
             deadline=now + interval * self.misses,
             last_assigned=old.last_assigned if old else 0.0,
+            lease=msg.lease,
         )
         self.runners[msg.runner_id] = info
         restarted = old.session if old and old.session != msg.session else None
@@ -96,8 +101,9 @@ class Registry:
         return self.runners.get(runner_id)
 
     def available(self, busy: set[str]) -> list[RunnerInfo]:
-        """Runners that can take a job now, the longest-unused first."""
-        free = [r for r in self.runners.values() if r.runner_id not in busy and r.state in TAKES_JOBS]
+        """Runners that can take a job now, the longest-unused first: idle by their
+        own word (a heartbeat that carries no job) and by the store's."""
+        free = [r for r in self.runners.values() if r.runner_id not in busy and is_free(r)]
         return sorted(free, key=lambda r: r.last_assigned)
 
     def able(self, labels: Iterable[str]) -> list[RunnerInfo]:
@@ -107,6 +113,12 @@ class Registry:
 
 # The states in which a runner reports it would take a job (not paused, not draining).
 TAKES_JOBS = ("idle", "busy")
+
+
+def is_free(runner: RunnerInfo) -> bool:
+    """A runner is free only when its heartbeat carries no job: one still running
+    an attempt the dispatcher took from it (say, after a freeze) is not."""
+    return runner.state == "idle" and not runner.job_id and not runner.refusing
 
 
 def has_labels(runner: RunnerInfo, labels: Iterable[str]) -> bool:

@@ -3,20 +3,29 @@
 One thread owns the broker connection and the store. Every handler is
 idempotent, and acks only once what it received is safe in the store
 (delivery rules 2 and 4), so a crash anywhere is repaired by redelivery.
+A store that cannot be written is not a bad message: the round is rolled
+back, nothing of it is acked, and the loop starts over after a back-off.
+
+Each assignment carries a lease token that only its runner learns. The job
+stays with that runner while heartbeats echoing the lease arrive; when they
+stop for the runner's lease window, the job is taken back (delivery rule 5).
+Messages about a job count only with its current lease, so a runner that
+lost its job, or a forger, cannot start, finish or hand back someone else's.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from common import naming
-from common.broker import Broker, BrokerError, Delivery, Unroutable
+from common import exits, naming
+from common.broker import Broker, BrokerError, Delivery, InUse, Unroutable
 from common.messages import (
     CancelJob,
     CommitSeen,
@@ -24,6 +33,7 @@ from common.messages import (
     Goodbye,
     Hello,
     Job,
+    JobAbandoned,
     JobRejected,
     JobResult,
     JobStarted,
@@ -32,14 +42,20 @@ from common.messages import (
     RunnerCommand,
     decode,
 )
-from common.settings import BrokerSettings
+from common.settings import BrokerSettings, SettingsError
 from dispatcher import queries
 from dispatcher.metrics import Metrics
 from dispatcher.registry import Registry, RunnerInfo, first_able
 from dispatcher.snapshot import Snapshot, take_snapshot
-from dispatcher.store import Store
+from dispatcher.store import JobRow, Store, StoreError, StoreGone
 
 log = logging.getLogger(__name__)
+
+# A round that took longer than this means the dispatcher itself stalled
+# (paused, swapped out, a slow disk): nobody was heard meanwhile.
+STALL_AFTER = 2.0
+# How often parked jobs are checked against --park-timeout.
+PARK_CHECK_EVERY = 5.0
 
 
 @dataclass(frozen=True)
@@ -53,6 +69,9 @@ class DispatcherSettings:
     restart_grace: float = 10.0
     # How long a job may sit assigned but not started before it is taken back.
     start_timeout: float = 10.0
+    # How long a job may wait for a runner with its labels while no live
+    # runner has them, before it ends as error.
+    park_timeout: float = 3600.0
     prefetch: int = 100
     # The results page and /metrics (dispatcher/web.py); port 0: off.
     http_port: int = 0
@@ -60,6 +79,14 @@ class DispatcherSettings:
     # RabbitMQ users allowed to pause, resume or drain runners; empty: anyone
     # who may ask the dispatcher at all.
     operators: tuple[str, ...] = ()
+
+
+@dataclass
+class LeaseWatch:
+    """When the dispatcher takes a job back unless a heartbeat echoes its lease."""
+
+    lease: str
+    deadline: float
 
 
 class Dispatcher:
@@ -81,7 +108,9 @@ class Dispatcher:
         self.started = clock()
         self.stopping = False
         self._next_sweep = 0.0
+        self._next_park_check = 0.0
         self._next_snapshot = 0.0
+        self._last_round = clock()
         # Whether the backlog queue or the store may hold jobs waiting for a
         # runner; lets a heartbeat skip a basic.get on an empty backlog. Only
         # this dispatcher puts jobs in the backlog, so the flag is exact; it is
@@ -89,6 +118,16 @@ class Dispatcher:
         self._backlog_maybe = True
         self._parked_maybe = True
         self._lost_reasons: dict[str, str] = {}
+        self.leases: dict[str, LeaseWatch] = {}
+        # (runner, lease) -> when it was last told to cancel that stale attempt
+        self._cancelled: dict[tuple[str, str], float] = {}
+        # label set -> when a live runner last had all of them
+        self._labels_seen: dict[tuple[str, ...], float] = {}
+        self._probed_at = -1e9
+        self._behind_since: float | None = None
+        # What to do once the round is durable (log lines that say "recorded",
+        # metrics): never for a change that was rolled back.
+        self._after_commit: list[Callable[[], None]] = []
         self.metrics = Metrics()
         # What the web server's threads may read: swapped in whole by this thread.
         self.snapshot = Snapshot()
@@ -105,17 +144,32 @@ class Dispatcher:
     def run(self) -> int:
         def serve() -> bool:
             while not self.stopping:
-                self.run_once(0.25)
+                try:
+                    self.run_once(0.25)
+                except StoreGone as exc:
+                    raise exits.CommandFailed(f"{exc}; stopping") from None
             return True
 
         if self.s.operators:
             log.info("runner-ctl allowed for %s", ", ".join(self.s.operators))
         else:
             log.info("runner-ctl allowed for anyone who may ask the dispatcher (no --operator set)")
+        try:
+            self.store.lock()
+        except StoreError as exc:
+            raise SettingsError(str(exc)) from None
         self.broker.hold_acks()
-        self.broker.run(self.setup, serve, stopping=lambda: self.stopping)
-        self.broker.close()
-        self.store.close()
+        self.broker.on_blocked = self._on_blocked
+        try:
+            self.broker.run(self.setup, serve, stopping=lambda: self.stopping, retry_on=(StoreError,))
+        except InUse:
+            raise SettingsError(
+                f"another dispatcher is running in namespace {self.ns!r} (its queues are in exclusive use); "
+                "stop it, or give this one another --namespace"
+            ) from None
+        finally:
+            self.broker.close()
+            self.store.close()
         log.info("dispatcher stopped")
         return 0
 
@@ -123,20 +177,32 @@ class Dispatcher:
         """Declare the topology, start consuming, and repair what a crash left."""
         b = self.broker
         b.declare_topology()
+        # Exclusive consumers: a second dispatcher on this namespace is refused
+        # here, before it has taken anything.
         for queue, handler in (
             (naming.dispatcher_commits_queue(self.ns), self.on_commit),
             (naming.dispatcher_control_queue(self.ns), self.on_control),
             (naming.dispatcher_results_queue(self.ns), self.on_result),
             (naming.dispatcher_rpc_queue(self.ns), self.on_request),
         ):
-            b.consume(queue, self._guarded(handler), prefetch=self.s.prefetch)
+            b.consume(queue, self._guarded(handler), prefetch=self.s.prefetch, exclusive=True)
         # Runners could not be heard while we were disconnected: give them a
         # full heartbeat timeout (and the restart grace) to report in.
-        self.registry.forgive(self.s.restart_grace)
+        self._forgive(self.s.restart_grace)
         self.started = self.clock()
         self._backlog_maybe = self._parked_maybe = True
-        for row in self.store.in_state("pending"):
-            self._enqueue(row.as_job())
+        self.store.begin_batch()
+        try:
+            for row in self.store.in_state("pending"):
+                self._enqueue(row.as_job())
+            backlog = b.queue_depth(naming.backlog_queue(self.ns))
+            if backlog is not None and backlog[0] == 0:
+                self._repair_backlog()
+            self.store.commit_batch()
+        except BaseException:
+            self._abort_round()
+            raise
+        self._after_durable()
         log.info("dispatcher ready: namespace=%s store=%s", self.ns, self.s.db)
 
     def run_once(self, time_limit: float = 0.0) -> None:
@@ -144,18 +210,38 @@ class Dispatcher:
 
         Group commit: the round's store changes become durable in one COMMIT,
         and only then are its messages acked (delivery rules 2 and 4 hold per
-        round instead of per message, at one fsync per round).
+        round instead of per message, at one fsync per round). A store error
+        rolls the round back and acks none of it.
         """
+        now = self.clock()
+        if now - self._last_round > STALL_AFTER:
+            log.warning("the dispatcher stalled for %.1fs; giving runners a fresh lease", now - self._last_round)
+            self._forgive(0.0)
         self.store.begin_batch()
         try:
             self.broker.process(time_limit)
             if self.clock() >= self._next_sweep:
+                self.store.check_identity()
                 self.sweep()
                 self.assign()
                 self._next_sweep = self.clock() + 0.25
-        finally:
             self.store.commit_batch()
-            self.broker.release_acks()
+        except StoreError as exc:
+            self._abort_round()
+            if not isinstance(exc, StoreGone):
+                log.error("%s: nothing of this round is acked; it is retried", exc)
+            raise
+        except BaseException:
+            # What was handled is whole (a savepoint per change): keep it.
+            try:
+                self.store.commit_batch()
+            except StoreError:
+                self._abort_round()
+                raise
+            self._after_durable()
+            raise
+        self._after_durable()
+        self._last_round = self.clock()
         if self.s.http_port and self.clock() >= self._next_snapshot:
             self.snapshot = take_snapshot(self, self.snapshot)
             self._next_snapshot = self.clock() + 0.25
@@ -163,7 +249,37 @@ class Dispatcher:
     def _make_durable(self) -> None:
         """Commit the round so far, then ack what it handled; the round goes on."""
         self.store.checkpoint()
+        self._after_durable()
+
+    def _after_durable(self) -> None:
         self.broker.release_acks()
+        todo, self._after_commit = self._after_commit, []
+        for fn in todo:
+            fn()
+
+    def _abort_round(self) -> None:
+        self.store.rollback_batch()
+        self.broker.drop_held_acks()
+        self._after_commit.clear()
+        self._backlog_maybe = self._parked_maybe = True
+
+    def _later(self, level: int, fmt: str, *args: Any) -> None:
+        """Log once the round is durable: a line must not claim what a rollback undid."""
+        self._after_commit.append(lambda: log.log(level, fmt, *args))
+
+    def _forgive(self, grace: float) -> None:
+        """Nobody could be heard for a while (our outage, a stall, a blocking
+        broker): restart every runner's deadline and every lease's."""
+        self.registry.forgive(grace)
+        longest = max((self._lease_window(r) for r in self.registry.runners.values()), default=0.0)
+        until = self.clock() + max(grace, longest)
+        for w in self.leases.values():
+            w.deadline = max(w.deadline, until)
+
+    def _on_blocked(self, blocked: bool) -> None:
+        if not blocked:
+            # Heartbeats could not be published meanwhile: start over.
+            self._forgive(self.s.restart_grace)
 
     # -- commits ----------------------------------------------------------
 
@@ -174,7 +290,14 @@ class Dispatcher:
         row = self.store.add_job(msg, now=self.wall())
         if row.state == "pending":
             self._enqueue(row.as_job())
-            log.info("job=%s commit=%s repo=%s branch=%s queued", row.job_id, row.commit_sha[:12], row.repo, row.branch)
+            self._later(
+                logging.INFO,
+                "job=%s commit=%s repo=%s branch=%s queued",
+                row.job_id,
+                row.commit_sha[:12],
+                row.repo,
+                row.branch,
+            )
             if row.labels and not self.registry.able(row.labels):
                 log.warning("job=%s needs labels %s: no live runner has them", row.job_id, ", ".join(row.labels))
         d.ack()
@@ -185,6 +308,17 @@ class Dispatcher:
         self.broker.publish(naming.jobs_exchange(self.ns), naming.BACKLOG_ROUTING_KEY, job)
         self.store.mark_queued(job.job_id, job.attempt, self.wall())
         self._backlog_maybe = True
+
+    def _repair_backlog(self) -> None:
+        """The backlog queue is empty, so every job the store has as queued lost
+        its message (a purge, a lost node): publish them again. A copy too many
+        is harmless: only the first one finds the job still queued."""
+        orphans = self.store.in_state("queued")
+        for row in orphans:
+            self.broker.publish(naming.jobs_exchange(self.ns), naming.BACKLOG_ROUTING_KEY, row.as_job())
+        if orphans:
+            self._backlog_maybe = True
+            log.warning("%d queued job(s) had no backlog message; published them again", len(orphans))
 
     # -- assignment -------------------------------------------------------
 
@@ -206,9 +340,12 @@ class Dispatcher:
 
         def pick(job: Job) -> bool:
             runner = first_able(free, job.labels)
-            if runner is None or not self.store.assign(job.job_id, job.attempt, runner.runner_id, self.wall()):
+            if runner is None:
                 return False
-            picked.append((job, runner))
+            lease = self.store.assign(job.job_id, job.attempt, runner.runner_id, self.wall())
+            if lease is None:
+                return False
+            picked.append((replace(job, lease=lease, lease_s=self._lease_window(runner)), runner))
             free.remove(runner)
             return True
 
@@ -222,20 +359,32 @@ class Dispatcher:
             d = self.broker.get(naming.backlog_queue(self.ns))
             if d is None:
                 self._backlog_maybe = False
+                self._repair_backlog()
                 break
             job = self._decode(d, Job)
             if job is None:
                 continue
             stored = self.store.get(job.job_id)
-            if stored is not None and stored.state == "queued" and stored.attempt == job.attempt and not pick(job):
+            if stored is None:
+                # A store that started empty on a namespace with a backlog.
+                stored = self.store.adopt(job, self.wall())
+                self._later(logging.WARNING, "job=%s commit=%s adopted from the backlog", job.job_id, job.commit[:12])
+            if stored.state == "queued" and stored.attempt == job.attempt and not pick(job):
                 self._park(job)
             # Held until the round is durable: the store now has the job assigned or
             # parked (or knows better than this copy, left by a crash or a re-queue).
             d.ack()
         if picked:
+            now = self.clock()
+            for job, _ in picked:
+                self.leases[job.job_id] = LeaseWatch(job.lease, now + max(self.s.start_timeout, job.lease_s))
             self._make_durable()  # no runner gets a job the store could forget
             for job, runner in picked:
                 self._send(job, runner)
+
+    def _lease_window(self, runner: RunnerInfo) -> float:
+        """How long a job stays with `runner` after the last heartbeat that echoed its lease."""
+        return runner.interval * self.registry.misses
 
     def _send(self, job: Job, runner: RunnerInfo) -> None:
         """Publish an assigned job to its runner's queue."""
@@ -245,7 +394,10 @@ class Dispatcher:
             # Its queue is gone, so is the runner: the job waits for the next one.
             log.warning("runner=%s has no queue; job=%s waits for another runner", runner.runner_id, job.job_id)
             self.registry.remove(runner.runner_id)
-            self.store.unassign(job.job_id, job.attempt, f"runner {runner.runner_id} queue missing", self.wall())
+            self.leases.pop(job.job_id, None)
+            self.store.unassign(
+                job.job_id, job.lease, "unroutable", f"runner {runner.runner_id} queue missing", self.wall()
+            )
             self._parked_maybe = True
             return
         runner.last_assigned = self.clock()
@@ -267,6 +419,24 @@ class Dispatcher:
             log.warning("job=%s commit=%s waits: %s", job.job_id, job.commit[:12], why)
         self.store.park(job.job_id, job.attempt, why, self.wall())
         self._parked_maybe = True
+
+    def _expire_parked(self) -> None:
+        """End as error the parked jobs whose labels no live runner has had for park_timeout."""
+        now = self.clock()
+        for row in self.store.in_state("parked"):
+            if not row.labels:
+                continue
+            key = tuple(row.labels)
+            if self.registry.able(row.labels):
+                self._labels_seen[key] = now
+                continue
+            since = self._labels_seen.setdefault(key, self.started)
+            if now - since >= self.s.park_timeout:
+                reason = f"no live runner has had labels {', '.join(row.labels)} for {now - since:.0f}s"
+                if self.store.expire_parked(row.job_id, reason, self.wall()):
+                    self._later(
+                        logging.ERROR, "job=%s commit=%s ended as error: %s", row.job_id, row.commit_sha[:12], reason
+                    )
 
     def command_runner(self, runner_id: str, action: str, reason: str = "", asker: str | None = None) -> dict[str, Any]:
         """Pause, resume or drain a live runner (`volt runner-ctl`), if `asker` may."""
@@ -300,7 +470,8 @@ class Dispatcher:
                 log.info("runner=%s host=%s joined (session %s)", msg.runner_id, msg.host, msg.session)
             if seen.restarted_from:
                 log.warning("runner=%s restarted (session %s -> %s)", msg.runner_id, seen.restarted_from, msg.session)
-                self._take_back_jobs_of(msg.runner_id, "runner restarted", keep_session=msg.session)
+            if msg.job_id:
+                self._echoed(msg, seen.info)
             d.ack()
             if seen.changed:  # a runner that heartbeats as before has not become free
                 self.assign()
@@ -309,99 +480,183 @@ class Dispatcher:
         info = self.registry.get(msg.runner_id)
         if info is None or info.session == msg.session:
             self.registry.remove(msg.runner_id)
-            self._take_back_jobs_of(msg.runner_id, f"runner left ({msg.reason or 'goodbye'})", failure=False)
+            why = f"runner left ({msg.reason or 'goodbye'})"
+            for row in self.store.in_state("assigned", "running"):
+                if row.runner != msg.runner_id or row.lease is None:
+                    continue
+                if row.state == "assigned":  # sent, never started: same attempt, to the next runner
+                    self.leases.pop(row.job_id, None)
+                    self.store.unassign(row.job_id, row.lease, "returned", why, self.wall())
+                    self._parked_maybe = True
+                elif msg.lease and row.lease == msg.lease:
+                    self._requeue(row.job_id, row.lease, why, failure=False)
         d.ack()
         self.assign()
 
+    def _echoed(self, msg: Hello, info: RunnerInfo) -> None:
+        """A heartbeat says its runner runs a job: renew the lease it echoes, or
+        tell the runner to stop an attempt that is no longer its own."""
+        watch = self.leases.get(msg.job_id)
+        if watch is not None and msg.lease and watch.lease == msg.lease:
+            watch.deadline = max(watch.deadline, self.clock() + self._lease_window(info))
+            return
+        row = self.store.get(msg.job_id)
+        if row is not None and row.lease and row.lease == msg.lease and row.runner == msg.runner_id:
+            # The job is its own, but this dispatcher has not watched it yet (a restart).
+            self.leases[msg.job_id] = LeaseWatch(row.lease, self.clock() + self._lease_window(info))
+            return
+        self._cancel(msg.runner_id, msg.job_id, msg.attempt, msg.lease, "this attempt is no longer yours")
+
     def sweep(self) -> None:
-        """Declare lost the runners whose heartbeats stopped; take their jobs back."""
+        """Take back the jobs whose lease was not renewed in time, and forget the
+        runners whose heartbeats stopped; but only after making sure the silence
+        is theirs, not a broker that blocks publishers or a queue we are behind on."""
+        now = self.clock()
+        if now >= self._next_park_check:
+            self._expire_parked()
+            self._next_park_check = now + PARK_CHECK_EVERY
+        active = self.store.in_state("assigned", "running")
+        due: list[JobRow] = []
+        for row in active:
+            watch = self.leases.get(row.job_id)
+            if watch is None or watch.lease != row.lease:
+                # Not watched yet (a restart): its runner gets the grace to echo it.
+                grace = self.s.restart_grace if now - self.started < self.s.restart_grace else self.s.start_timeout
+                self.leases[row.job_id] = LeaseWatch(row.lease or "", now + grace)
+            elif watch.deadline < now:
+                due.append(row)
+        if len(self.leases) > 2 * len(active) + 100:
+            keep = {row.job_id for row in active}
+            self.leases = {k: v for k, v in self.leases.items() if k in keep}
+        expiring = any(r.deadline < now for r in self.registry.runners.values())
+        if not (due or expiring) or not self._silence_is_theirs():
+            return
         for info in self.registry.expire():
             silent = self.clock() - info.last_seen
             reason = f"runner {info.runner_id} lost (no heartbeat for {silent:.1f}s)"
             log.warning("%s", reason)
             self._lost_reasons[info.runner_id] = reason
+        for row in due:
+            reason, failure = self._why_gone(row)
+            self._requeue(row.job_id, row.lease or "", reason, failure=failure)
+
+    def _silence_is_theirs(self) -> bool:
+        """Whether heartbeats that did not come are the runners' doing. RabbitMQ
+        tells a connection that it blocks publishers only once it publishes, so
+        probe first and decide on a later sweep; and a control queue with
+        heartbeats waiting means we are behind, not they."""
         now = self.clock()
-        in_grace = now - self.started < self.s.restart_grace
-        for row in self.store.in_state("assigned", "running"):
-            runner = row.runner or ""
-            owner = self.registry.get(runner)
-            if owner is None:
-                lost = self._lost_reasons.get(runner)
-                if lost is None and in_grace:
-                    continue  # it may not have reported in since our restart
-                lost = lost or f"runner {runner} not seen since the dispatcher started"
-                self._requeue(row.job_id, row.attempt, lost, failure=True)
-                continue
-            if row.state == "assigned" and row.assigned_at is not None:
-                waited = self.wall() - row.assigned_at
-                if waited > max(self.s.start_timeout, 3 * owner.interval) and owner.job_id != row.job_id:
-                    self._requeue(row.job_id, row.attempt, f"runner {runner} never started it", failure=False)
+        if self.broker.blocked_since is not None:
+            return False
+        if not 0.2 <= now - self._probed_at <= 2.0:
+            self.broker.probe_blocked()
+            self._probed_at = now
+            return False
+        depth = self.broker.queue_depth(naming.dispatcher_control_queue(self.ns))
+        if depth is not None and depth[0] > 0:
+            self._behind_since = self._behind_since or now
+            if now - self._behind_since < self.s.restart_grace:
+                return False
+        self._behind_since = None
+        return True
 
-    def _take_back_jobs_of(self, runner_id: str, reason: str, failure: bool = True, keep_session: str = "") -> None:
-        for row in self.store.in_state("assigned", "running"):
-            if row.runner != runner_id:
-                continue
-            if keep_session and row.session == keep_session:
-                continue
-            self._requeue(row.job_id, row.attempt, reason, failure=failure)
+    def _why_gone(self, row: JobRow) -> tuple[str, bool]:
+        """Why a job's lease ran out, and whether that counts as a failed attempt."""
+        runner = row.runner or ""
+        info = self.registry.get(runner)
+        if info is None:
+            lost = self._lost_reasons.get(runner) or f"runner {runner} not seen since the dispatcher started"
+            return lost, True
+        if row.state == "assigned":
+            return f"runner {runner} never started it", False
+        if row.session and info.session != row.session:
+            return f"runner restarted (session {row.session} -> {info.session})", True
+        says = f"job {info.job_id}" if info.job_id else "no job"
+        return f"runner {runner} is not running it (its heartbeats say {says})", True
 
-    def _requeue(self, job_id: str, attempt: int, reason: str, failure: bool) -> None:
+    def _requeue(self, job_id: str, lease: str, reason: str, failure: bool) -> bool:
+        """Take a job back from its current assignment; False if `lease` is not it."""
         outcome = self.store.requeue(
-            job_id, attempt, reason, self.wall(), failure=failure, max_failures=self.s.max_attempts
+            job_id, lease, reason, self.wall(), failure=failure, max_failures=self.s.max_attempts
         )
+        if outcome == "stale":
+            return False
+        self.leases.pop(job_id, None)
         if outcome == "pending":
-            self.metrics.redeliveries.inc()
             row = self.store.get(job_id)
             assert row is not None
-            log.warning(
-                "job=%s attempt=%d taken back (%s); retrying as attempt %d", job_id, attempt, reason, row.attempt
-            )
+            self._after_commit.append(self.metrics.redeliveries.inc)
+            self._later(logging.WARNING, "job=%s taken back (%s); retrying as attempt %d", job_id, reason, row.attempt)
             self._enqueue(row.as_job())
-        elif outcome == "error":
-            log.error("job=%s ended as error after attempt %d: %s", job_id, attempt, reason)
+        else:
+            self._later(logging.ERROR, "job=%s ended as error: %s", job_id, reason)
+        return True
 
     # -- results ----------------------------------------------------------
 
     def on_result(self, d: Delivery) -> None:
-        msg = self._decode(d, JobStarted, JobResult, JobRejected)
+        msg = self._decode(d, JobStarted, JobResult, JobRejected, JobAbandoned)
         if msg is None:
             return
         ids = f"runner={msg.runner_id} job={msg.job_id} attempt={msg.attempt}"
         if isinstance(msg, JobStarted):
-            if not self.store.start(msg.job_id, msg.attempt, msg.runner_id, msg.session, msg.started_at, self.wall()):
-                row = self.store.get(msg.job_id)
-                duplicate = (
-                    row is not None
-                    and row.state == "running"
-                    and row.attempt == msg.attempt
-                    and row.runner == msg.runner_id
-                )
-                if not duplicate:
-                    log.warning("%s started an attempt that is not its own; cancelling it", ids)
-                    self._cancel(msg.runner_id, msg.job_id, msg.attempt, "this attempt was given to another runner")
-            else:
-                self.metrics.job_started(self.store.get(msg.job_id), self.wall())
+            self._started(msg, ids)
         elif isinstance(msg, JobResult):
             if self.store.finish(msg, self.wall()):
-                self.metrics.job_finished(msg.duration_s)
-                log.info("%s recorded: %s passed=%d failed=%d", ids, msg.status, msg.passed, msg.failed)
-            else:
-                log.info("%s late result (%s) kept as history", ids, msg.status)
-        else:
-            row = self.store.get(msg.job_id)
-            if row is not None and row.runner == msg.runner_id:
-                self._requeue(
-                    msg.job_id, msg.attempt, f"runner {msg.runner_id} refused it: {msg.reason}", failure=False
+                self.leases.pop(msg.job_id, None)
+                self._after_commit.append(functools.partial(self.metrics.job_finished, msg.duration_s))
+                self._later(
+                    logging.INFO, "%s recorded: %s passed=%d failed=%d", ids, msg.status, msg.passed, msg.failed
                 )
+            else:
+                self._later(logging.INFO, "%s late result (%s) kept as history", ids, msg.status)
+        elif isinstance(msg, JobRejected):
+            # Refused before it ran: the same attempt goes to another runner.
+            if msg.lease and self.store.unassign(
+                msg.job_id, msg.lease, "refused", f"runner {msg.runner_id} refused it: {msg.reason}", self.wall()
+            ):
+                self.leases.pop(msg.job_id, None)
+                self._parked_maybe = True
+                info = self.registry.get(msg.runner_id)
+                if info is not None:
+                    info.refusing = True
+                log.info("%s refused: %s", ids, msg.reason)
+        else:
+            why = f"runner {msg.runner_id} gave it up: {msg.reason}"
+            if not self._requeue(msg.job_id, msg.lease, why, failure=True):
+                self.store.note(msg.job_id, msg.attempt, msg.runner_id, "late_abandoned", msg.reason, self.wall())
         d.ack()
         self.assign()
 
-    def _cancel(self, runner_id: str, job_id: str, attempt: int, reason: str) -> None:
+    def _started(self, msg: JobStarted, ids: str) -> None:
+        row = self.store.get(msg.job_id)
+        if msg.lease and self.store.start(
+            msg.job_id, msg.lease, msg.runner_id, msg.session, msg.started_at, self.wall()
+        ):
+            info = self.registry.get(msg.runner_id)
+            if info is not None:
+                self.leases[msg.job_id] = LeaseWatch(msg.lease, self.clock() + self._lease_window(info))
+            self._after_commit.append(lambda: self.metrics.job_started(self.store.get(msg.job_id), self.wall()))
+            return
+        duplicate = row is not None and row.state == "running" and row.lease == msg.lease and bool(msg.lease)
+        if not duplicate:
+            log.warning("%s started an attempt that is not its own; cancelling it", ids)
+            self._cancel(msg.runner_id, msg.job_id, msg.attempt, msg.lease, "this attempt was given to another runner")
+
+    def _cancel(self, runner_id: str, job_id: str, attempt: int, lease: str, reason: str) -> None:
+        """Tell a runner to stop an attempt (at most once a second per attempt)."""
+        now = self.clock()
+        key = (runner_id, lease)
+        if now - self._cancelled.get(key, -1e9) < 1.0:
+            return
+        if len(self._cancelled) > 10000:
+            self._cancelled.clear()
+        self._cancelled[key] = now
         try:
             self.broker.publish(
                 naming.jobs_exchange(self.ns),
                 naming.runner_routing_key(runner_id),
-                CancelJob(job_id=job_id, attempt=attempt, reason=reason),
+                CancelJob(job_id=job_id, attempt=attempt, reason=reason, lease=lease),
             )
         except Unroutable:
             pass  # no queue, no runner: nothing left to cancel
@@ -423,13 +678,14 @@ class Dispatcher:
 
     def _guarded(self, handler: Callable[[Delivery], None]) -> Callable[[Delivery], None]:
         """A handler that a message it chokes on cannot kill: the message is
-        dead-lettered with the error, so its redelivery cannot crash-loop us."""
+        dead-lettered with the error, so its redelivery cannot crash-loop us.
+        Broker and store errors are not the message's: they end the round."""
 
         def guarded(d: Delivery) -> None:
             try:
                 handler(d)
-            except BrokerError:
-                raise  # the connection's problem, not the message's
+            except (BrokerError, StoreError):
+                raise
             except Exception as exc:
                 log.exception("handling a message from %s failed", d.queue)
                 self.broker.dead_letter(d, f"dispatcher error: {type(exc).__name__}: {exc}")

@@ -172,6 +172,9 @@ class Outcome:
     skipped: int = 0
     reason: str = ""
     log: LogCollector = field(default_factory=LogCollector)
+    # Stopped because the runner's lease on the job ran out: not a result, the
+    # dispatcher gives the job to another runner.
+    abandoned: bool = False
 
 
 @dataclass(frozen=True)
@@ -226,11 +229,13 @@ def run_command(
     cancel: threading.Event,
     grace: float = 5.0,
     on_start: Callable[[int], None] | None = None,
+    lease_lost: Callable[[], bool] = lambda: False,
 ) -> Outcome:
     """Run the test command in its own process group, bounded in time and log size.
 
     On timeout or cancel the whole group gets SIGTERM, then SIGKILL after the
-    grace period. Whatever the command does, this returns an Outcome.
+    grace period; when `lease_lost()` turns true, SIGKILL at once (the job may
+    already be someone else's). Whatever the command does, this returns an Outcome.
     """
     collector = LogCollector()
     started = time.monotonic()
@@ -264,12 +269,14 @@ def run_command(
     try:
         while proc.poll() is None:
             watch.wait(0.05)
-            if cancel.is_set():
+            if lease_lost():
+                stopped_for = "lease"
+            elif cancel.is_set():
                 stopped_for = "cancelled"
             elif time.monotonic() >= deadline:
                 stopped_for = "timeout"
             if stopped_for and proc.poll() is None:
-                _stop_group(proc, grace)
+                _stop_group(proc, 0.0 if stopped_for == "lease" else grace)
                 break
             stopped_for = ""
     finally:
@@ -287,6 +294,9 @@ def run_command(
     else:
         proc.stdout.close()
     code = proc.returncode
+    if stopped_for == "lease" or (code == -signal.SIGKILL and lease_lost()):
+        # Stopped here, or by the watchdog while this runner was frozen.
+        return Outcome("cancelled", code, duration, reason="lease lost", log=collector, abandoned=True)
     if stopped_for == "timeout":
         return Outcome("timeout", code, duration, reason=f"stopped after {config.timeout:g}s time limit", log=collector)
     if stopped_for == "cancelled":
@@ -378,11 +388,12 @@ class _ExitWatch:
 
 
 def _stop_group(proc: subprocess.Popen[bytes], grace: float) -> None:
-    _kill_group(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
+    if grace > 0:
+        _kill_group(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
     _kill_group(proc.pid, signal.SIGKILL)
     proc.wait()
 

@@ -6,6 +6,13 @@ heartbeats, and publishes results. Checkout and the test run happen on a
 worker thread, which hands its result back through an on-disk outbox (so a
 result finished while the broker is down survives) and wakes the main thread
 with call_threadsafe.
+
+Each job comes with a lease: it is ours while the dispatcher hears
+heartbeats that echo it. Each heartbeat the broker confirms renews it here
+too; when renewals stop for nearly the dispatcher's window (we are frozen or
+cut off), the test run is killed, by the worker thread or, if this process
+cannot run at all, by the watchdog process (runner/watchdog.py), so that the
+job never runs here and on its next runner at the same time.
 """
 
 from __future__ import annotations
@@ -13,18 +20,22 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+import math
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from base64 import b64encode
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from common import naming
-from common.broker import Broker, BrokerUnavailable, Delivery, Unroutable
+from common.broker import Broker, BrokerUnavailable, Delivery, InUse, Unroutable
 from common.health import write_health
 from common.messages import (
     CancelJob,
@@ -33,17 +44,23 @@ from common.messages import (
     Heartbeat,
     Hello,
     Job,
+    JobAbandoned,
     JobRejected,
     JobResult,
     JobStarted,
+    Message,
     RunnerCommand,
     decode,
 )
-from common.settings import BrokerSettings
+from common.settings import BrokerSettings, SettingsError
 from runner.execute import ConfigError, Outcome, load_config, run_command, test_env
 from runner.workspace import CheckoutError, Workspace
 
 log = logging.getLogger(__name__)
+
+# Results kept after they were confirmed, to answer a job delivered again
+# (after a broker crash) with its result instead of running it twice.
+SENT_KEPT = 100
 
 
 @dataclass(frozen=True)
@@ -63,6 +80,52 @@ class Current:
     job: Job
     cancel: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    # Set by the worker thread when it ends: the result (also in the outbox,
+    # unless writing it failed), or why it gave the attempt up.
+    result: JobResult | None = None
+    abandoned: str = ""
+    # The lease holds until this (time.monotonic()); renewed by each confirmed
+    # heartbeat, suspended while the broker blocks publishers.
+    lease_until: float = math.inf
+    held: bool = False
+
+    def lease_lost(self) -> bool:
+        return not self.held and time.monotonic() > self.lease_until
+
+
+class Watchdog:
+    """The runner's end of the pipe to runner/watchdog.py."""
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()
+
+    def tell(self, line: str) -> None:
+        with self._lock:
+            for _ in range(2):
+                try:
+                    if self._proc is None or self._proc.poll() is not None:
+                        self._proc = subprocess.Popen(
+                            [sys.executable, "-m", "runner.watchdog"],
+                            stdin=subprocess.PIPE,
+                            start_new_session=True,  # a Ctrl-Z or SIGSTOP for the runner is not for it
+                        )
+                    stdin: IO[bytes] | None = self._proc.stdin
+                    assert stdin is not None
+                    stdin.write(f"{line}\n".encode())
+                    stdin.flush()
+                    return
+                except OSError as exc:  # it died (a broken pipe), or cannot start
+                    self._proc = None
+                    error = exc
+            log.error("cannot reach the watchdog (%s): a frozen runner's test would not be stopped", error)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._proc is not None and self._proc.stdin is not None:
+                self._proc.stdin.close()
+                self._proc.wait(timeout=5)
 
 
 class Runner:
@@ -72,16 +135,19 @@ class Runner:
         self.session = uuid.uuid4().hex[:12]
         self.workspace = Workspace(settings.workdir)
         self.outbox = settings.workdir / "outbox"
-        self.outbox.mkdir(parents=True, exist_ok=True)
+        self.sent = settings.workdir / "sent"
+        for folder in (self.outbox, self.sent):
+            folder.mkdir(parents=True, exist_ok=True)
         self.pgid_file = settings.workdir / "current-job.json"
         self.current: Current | None = None
-        self._lock = threading.Lock()
+        self.watchdog = Watchdog()
         self.draining = False
         self.paused = False
         self.abandon = False
-        self._consuming = False
         self._next_heartbeat = 0.0
         self._warned: set[str] = set()
+        # Results and hand-backs that could not go to the outbox or the broker yet.
+        self._unsent: list[Message] = []
 
     # -- lifecycle --------------------------------------------------------
 
@@ -106,36 +172,62 @@ class Runner:
         self.reap_orphans()
         if not self.s.allow_repos:
             log.warning("runner=%s accepts jobs for any repository (no --allow-repo set)", self.s.runner_id)
+        self.broker.on_blocked = self._on_blocked
         try:
-            self.broker.run(self._setup, self._serve, stopping=lambda: False, on_lost=self._on_lost)
+            self.broker.run(self._setup, self._serve, stopping=self._stopping, on_lost=self._on_lost)
+        except InUse:
+            raise SettingsError(
+                f"another runner with id {self.s.runner_id!r} is running in namespace "
+                f"{self.s.broker.namespace!r} (its queue is in exclusive use); give this one another --id"
+            ) from None
         finally:
             self.workspace.close()
+            self.watchdog.close()
         return 0
 
+    def _stopping(self) -> bool:
+        """Told to stop while the broker is out of reach: once no test runs, what
+        is left to send waits in the outbox for the next start."""
+        if not (self.draining or self.abandon) or self.broker.connected:
+            return False
+        current = self.current
+        if current is not None and not current.done.is_set():
+            return False  # draining waits for the job; a second signal is stopping it
+        if current is not None and self.abandon:
+            self._clear_outbox_for(current.job)
+        else:
+            self._spill_unsent()
+        return True
+
+    def _spill_unsent(self) -> None:
+        for msg in self._unsent:
+            try:
+                lease = getattr(msg, "lease", "") or "x"
+                (self.outbox / f"{getattr(msg, 'job_id', 'msg')}-{lease}.json").write_bytes(msg.to_json())
+            except OSError as exc:
+                log.error("runner=%s cannot keep an unsent %s: %s", self.s.runner_id, msg.TYPE, exc)
+        self._unsent.clear()
+
     def _on_lost(self) -> bool:
-        self._consuming = False
-        # Told to stop now, with nothing running: no need to wait for the broker.
-        return self.abandon and self.current is None
+        return self._stopping()
 
     def _setup(self) -> None:
         self.broker.declare_runner_exchanges()
         queue = self.broker.declare_runner_queue(self.s.runner_id)
-        if not self.draining:
-            self.broker.consume(queue, self.on_delivery, prefetch=1)
-            self._consuming = True
+        # Exclusive: a second process with this id is refused here. Kept while
+        # draining too (it rejects what it gets), so it still hears cancels.
+        self.broker.consume(queue, self.on_delivery, prefetch=1, exclusive=True)
         self._send_status(Hello)
         self.flush_outbox()
 
     def _serve(self) -> bool:
         """Process events until it is time to exit (True)."""
         while True:
-            if self.draining and self._consuming:
-                self.broker.stop_consuming()
-                self._consuming = False
             self._finish_thread()
             self.flush_outbox()
-            if self.draining and self.current is None and not self._outbox_files():
-                self._goodbye("", 0, "drained")
+            nothing_left = self.current is None and not self._outbox_files() and not self._unsent
+            if self.draining and nothing_left:
+                self._goodbye(None, "drained")
                 self.broker.close()
                 log.info("runner=%s drained and stopped", self.s.runner_id)
                 return True
@@ -145,13 +237,25 @@ class Runner:
                 self.current.thread.join(timeout=self.s.kill_grace + 5)
                 job = self.current.job
                 self._clear_outbox_for(job)
-                self._goodbye(job.job_id, job.attempt, "stopped by a second signal")
+                self._goodbye(job, "stopped by a second signal")
                 self.broker.close()
                 return True
             now = time.monotonic()
             if now >= self._next_heartbeat:
                 self._send_status(Heartbeat)
             self.broker.process(min(0.2, max(0.0, self._next_heartbeat - time.monotonic())))
+
+    def _on_blocked(self, blocked: bool) -> None:
+        """While the broker blocks publishers no heartbeat gets through, and the
+        dispatcher declares nobody lost: hold the lease until it lets go."""
+        current = self.current
+        if current is None:
+            return
+        current.held = blocked
+        if blocked:
+            self.watchdog.tell("hold")
+        else:
+            self._renew(current)
 
     # -- messages in ------------------------------------------------------
 
@@ -168,7 +272,7 @@ class Runner:
             delivery.ack()
         elif isinstance(msg, CancelJob):
             current = self.current
-            if current and (current.job.job_id, current.job.attempt) == (msg.job_id, msg.attempt):
+            if current and current.job.job_id == msg.job_id and current.job.lease == msg.lease:
                 log.info(
                     "runner=%s job=%s attempt=%d cancelled: %s",
                     self.s.runner_id,
@@ -192,17 +296,32 @@ class Runner:
 
     def _take(self, job: Job, delivery: Delivery) -> None:
         ids = f"runner={self.s.runner_id} job={job.job_id} attempt={job.attempt} commit={job.commit[:12]}"
+        current = self.current
+        if current is not None and current.job.job_id == job.job_id and current.job.lease == job.lease:
+            log.info("%s delivered again while it runs; running it once", ids)
+            delivery.ack()
+            return
+        done = self._finished_result(job)
+        if done is not None:
+            # A job delivered again after it ran (a broker crash lost our ack):
+            # its result, not a second run.
+            log.info("%s delivered again after it ran; sending its result again", ids)
+            self._publish(done)
+            delivery.ack()
+            return
         missing = sorted(set(job.labels) - set(self.s.labels))
-        if self.current is not None or self.draining or self.paused or missing:
-            if self.current is not None:
-                reason = f"busy with job {self.current.job.job_id}"
+        if current is not None or self.draining or self.paused or missing:
+            if current is not None:
+                reason = f"busy with job {current.job.job_id}"
             elif missing:
                 reason = f"lacks labels {', '.join(missing)}"
             else:
                 reason = "draining" if self.draining else "paused"
             log.info("%s rejected: %s", ids, reason)
-            self._publish_result_like(
-                JobRejected(job_id=job.job_id, attempt=job.attempt, runner_id=self.s.runner_id, reason=reason)
+            self._publish(
+                JobRejected(
+                    job_id=job.job_id, attempt=job.attempt, runner_id=self.s.runner_id, reason=reason, lease=job.lease
+                )
             )
             delivery.ack()
             return
@@ -218,6 +337,7 @@ class Runner:
                     reason=f"repository not allowed on runner {self.s.runner_id}: {job.repo}",
                     started_at=time.time(),
                     finished_at=time.time(),
+                    lease=job.lease,
                 ),
             )
             delivery.ack()
@@ -229,6 +349,7 @@ class Runner:
             runner_id=self.s.runner_id,
             session=self.session,
             started_at=time.time(),
+            lease=job.lease,
         )
         try:
             self.broker.publish(naming.results_exchange(self.s.broker.namespace), "", started)
@@ -239,6 +360,7 @@ class Runner:
         delivery.ack()
         log.info("%s started", ids)
         current = Current(job)
+        self._renew(current)
         current.thread = threading.Thread(target=self._work, args=(current,), name=f"job-{job.job_id}", daemon=True)
         self.current = current
         current.thread.start()
@@ -247,6 +369,18 @@ class Runner:
     def allowed(self, repo: str) -> bool:
         return not self.s.allow_repos or any(fnmatch.fnmatchcase(repo, p) for p in self.s.allow_repos)
 
+    # -- the lease --------------------------------------------------------
+
+    def _renew(self, current: Current) -> None:
+        """The broker took a heartbeat naming the job: the dispatcher keeps it ours
+        for `lease_s` from about now. Stop half an interval before that."""
+        lease_s = current.job.lease_s
+        if lease_s <= 0:
+            return  # a dispatcher that gives no window: nothing to keep to
+        current.lease_until = time.monotonic() + max(lease_s - self.s.heartbeat_interval / 2, 0.1)
+        if not current.held:
+            self.watchdog.tell(f"until {current.lease_until}")
+
     # -- the worker thread ------------------------------------------------
 
     def _work(self, current: Current) -> None:
@@ -254,20 +388,42 @@ class Runner:
         started_at = time.time()
         try:
             outcome = self._run_job(current)
-        except Exception as exc:  # a runner never dies of a job
+        except BaseException as exc:  # a runner never dies of a job, and a job never ends without a word
             log.exception("runner=%s job=%s crashed the worker", self.s.runner_id, job.job_id)
             outcome = Outcome("error", None, 0.0, reason=f"runner error: {type(exc).__name__}: {exc}")
-        result = _result_from(job, self.s.runner_id, outcome, started_at)
-        self._write_outbox(job, result)
+        if outcome.abandoned:
+            current.abandoned = outcome.reason
+        else:
+            try:
+                current.result = _result_from(job, self.s.runner_id, outcome, started_at)
+            except Exception as exc:  # noqa: BLE001 - say what failed rather than nothing
+                current.result = JobResult(
+                    job_id=job.job_id,
+                    attempt=job.attempt,
+                    runner_id=self.s.runner_id,
+                    status="error",
+                    reason=f"runner error: cannot build the result: {type(exc).__name__}: {exc}",
+                    lease=job.lease,
+                )
+            try:
+                self._write_outbox(job, current.result)
+            except OSError as exc:
+                log.error(
+                    "runner=%s job=%s cannot write the outbox (%s); sending the result from memory",
+                    self.s.runner_id,
+                    job.job_id,
+                    exc,
+                )
         log.info(
             "runner=%s job=%s attempt=%d commit=%s finished: %s %s",
             self.s.runner_id,
             job.job_id,
             job.attempt,
             job.commit[:12],
-            outcome.status,
+            outcome.status if not outcome.abandoned else "abandoned",
             outcome.reason,
         )
+        current.done.set()
         try:
             self.broker.call_threadsafe(lambda: None)
         except BrokerUnavailable:
@@ -283,6 +439,8 @@ class Runner:
         log.debug(
             "runner=%s job=%s checkout took %.1f ms", self.s.runner_id, job.job_id, (time.monotonic() - began) * 1000
         )
+        if current.lease_lost():
+            return Outcome("cancelled", None, 0.0, reason="lease lost", abandoned=True)
         junit = self.s.workdir / "junit" / f"{job.job_id}-{job.attempt}.xml"
         junit.parent.mkdir(exist_ok=True)
         junit.unlink(missing_ok=True)
@@ -306,15 +464,18 @@ class Runner:
                 junit,
                 current.cancel,
                 grace=self.s.kill_grace,
-                on_start=lambda pid: self._note_pgid(pid, job),
+                on_start=lambda pid: self._note_pgid(pid, current),
+                lease_lost=current.lease_lost,
             )
         finally:
+            self.watchdog.tell("done")
             self.pgid_file.unlink(missing_ok=True)
             junit.unlink(missing_ok=True)
 
-    def _note_pgid(self, pgid: int, job: Job) -> None:
-        # If this runner is killed, its restart kills the orphaned test group.
-        self.pgid_file.write_text(json.dumps({"pgid": pgid, "job_id": job.job_id}))
+    def _note_pgid(self, pgid: int, current: Current) -> None:
+        self.watchdog.tell(f"run {pgid} {current.lease_until if not current.held else math.inf}")
+        # If the runner and its watchdog are both killed, its restart kills the orphaned group.
+        self.pgid_file.write_text(json.dumps({"pgid": pgid, "job_id": current.job.job_id}))
 
     def reap_orphans(self) -> None:
         """Kill the test process group a killed predecessor left running."""
@@ -333,18 +494,35 @@ class Runner:
         self.pgid_file.unlink(missing_ok=True)
 
     def _finish_thread(self) -> None:
-        """Free the runner once its worker has left the result in the outbox.
+        """Once the worker thread is done, send what it left and free the runner.
 
-        Done here, on the main thread and before the result is published, so
-        the next job the dispatcher sends is never refused as busy.
+        The job stays ours (heartbeats echo it) until its result is confirmed;
+        then a heartbeat says we are idle, so the dispatcher sends the next one.
         """
         current = self.current
-        if current is None or current.thread is None or self.abandon:
+        if current is None or current.thread is None or self.abandon or not current.done.is_set():
             return
-        done = (self.outbox / _outbox_name(current.job)).exists() or not current.thread.is_alive()
-        if done:
-            current.thread.join()
+        current.thread.join()
+        job = current.job
+        if current.abandoned:
+            log.warning(
+                "runner=%s job=%s attempt=%d given up: %s", self.s.runner_id, job.job_id, job.attempt, current.abandoned
+            )
+            self._unsent.append(
+                JobAbandoned(
+                    job_id=job.job_id,
+                    attempt=job.attempt,
+                    runner_id=self.s.runner_id,
+                    lease=job.lease,
+                    reason=current.abandoned,
+                )
+            )
+        elif current.result is not None and not (self.outbox / _outbox_name(job)).exists():
+            self._unsent.append(current.result)  # the outbox could not take it
+        self.flush_outbox()
+        if not self._outbox_files() and not self._unsent:
             self.current = None
+            self._send_status(Heartbeat)
 
     # -- messages out -----------------------------------------------------
 
@@ -360,10 +538,26 @@ class Runner:
     def _clear_outbox_for(self, job: Job) -> None:
         (self.outbox / _outbox_name(job)).unlink(missing_ok=True)
 
+    def _finished_result(self, job: Job) -> JobResult | None:
+        """The result this runner already has for this assignment, if any."""
+        name = _outbox_name(job)
+        for folder in (self.outbox, self.sent):
+            try:
+                msg = decode((folder / name).read_bytes())
+            except (OSError, DecodeError):
+                continue
+            if isinstance(msg, JobResult):
+                return msg
+        return None
+
     def flush_outbox(self) -> None:
         """Publish every finished result; each file goes only once confirmed."""
-        if self.abandon:
+        if self.abandon or not self.broker.connected:
             return
+        while self._unsent:
+            if not self._publish(self._unsent[0]):
+                return
+            self._unsent.pop(0)
         for path in self._outbox_files():
             try:
                 body = path.read_bytes()
@@ -372,16 +566,29 @@ class Runner:
                 log.error("runner=%s dropping unreadable outbox file %s: %s", self.s.runner_id, path, exc)
                 path.unlink(missing_ok=True)
                 continue
-            try:
-                self.broker.publish(naming.results_exchange(self.s.broker.namespace), "", result)
-            except Unroutable:
-                # The dispatcher has never run here: keep it and try again later.
-                self._warn_once("no results queue yet (has the dispatcher run?); results wait in the outbox")
+            if not self._publish(result):
                 return
+            self._keep_sent(path)
+
+    def _keep_sent(self, path: Path) -> None:
+        """Move a confirmed result to `sent/`, keeping the last SENT_KEPT."""
+        try:
+            os.replace(path, self.sent / path.name)
+            kept = sorted(self.sent.glob("*.json"), key=lambda p: p.stat().st_mtime)
+            for old in kept[:-SENT_KEPT]:
+                old.unlink(missing_ok=True)
+        except OSError:
             path.unlink(missing_ok=True)
 
-    def _publish_result_like(self, msg: JobRejected) -> None:
-        self.broker.publish(naming.results_exchange(self.s.broker.namespace), "", msg)
+    def _publish(self, msg: Message) -> bool:
+        """Publish to the results exchange; False if it must wait (no queue yet)."""
+        try:
+            self.broker.publish(naming.results_exchange(self.s.broker.namespace), "", msg)
+        except Unroutable:
+            # The dispatcher has never run here: keep it and try again later.
+            self._warn_once("no results queue yet (has the dispatcher run?); results wait in the outbox")
+            return False
+        return True
 
     def _send_status(self, kind: type[Hello]) -> None:
         current = self.current
@@ -402,6 +609,7 @@ class Runner:
             interval=self.s.heartbeat_interval,
             labels=list(self.s.labels),
             sent_at=time.time(),
+            lease=current.job.lease if current else "",
         )
         self._next_heartbeat = time.monotonic() + self.s.heartbeat_interval
         try:
@@ -410,6 +618,8 @@ class Runner:
             self._warn_once("no control queue yet (has the dispatcher run?); heartbeats go nowhere")
             self._note_health({"control queue": "missing; has the dispatcher run?"})
             return
+        if current is not None:
+            self._renew(current)
         self._note_health({})
 
     def _note_health(self, failing: dict[str, str]) -> None:
@@ -419,8 +629,15 @@ class Runner:
         except OSError as exc:
             self._warn_once(f"cannot write the health file in {self.s.workdir}: {exc}")
 
-    def _goodbye(self, job_id: str, attempt: int, reason: str) -> None:
-        msg = Goodbye(runner_id=self.s.runner_id, session=self.session, job_id=job_id, attempt=attempt, reason=reason)
+    def _goodbye(self, job: Job | None, reason: str) -> None:
+        msg = Goodbye(
+            runner_id=self.s.runner_id,
+            session=self.session,
+            job_id=job.job_id if job else "",
+            attempt=job.attempt if job else 0,
+            reason=reason,
+            lease=job.lease if job else "",
+        )
         try:
             self.broker.publish(naming.control_exchange(self.s.broker.namespace), "", msg)
         except (BrokerUnavailable, Unroutable):
@@ -433,7 +650,7 @@ class Runner:
 
 
 def _outbox_name(job: Job) -> str:
-    return f"{job.job_id}-{job.attempt}.json"
+    return f"{job.job_id}-{job.lease or job.attempt}.json"
 
 
 def _result_from(job: Job, runner_id: str, outcome: Outcome, started_at: float) -> JobResult:
@@ -456,4 +673,5 @@ def _result_from(job: Job, runner_id: str, outcome: Outcome, started_at: float) 
         log_tail=outcome.log.tail_text(),
         log_bytes=outcome.log.total,
         log_full=b64encode(full).decode() if full else "",
+        lease=job.lease,
     )

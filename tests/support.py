@@ -199,12 +199,23 @@ class Volt:
 
 def suite(marker: Path, first_sleep: float, later_sleep: float = 0.0, extra: str = "") -> dict[str, str]:
     """A .volt.toml whose command records each run's pid in `marker` and sleeps
-    `first_sleep` on its first run, `later_sleep` after (so a retry is quick)."""
+    `first_sleep` on its first run, `later_sleep` after (so a retry is quick).
+
+    A run that starts while an earlier run of the same suite still lives also
+    writes `overlap <pid>`: `overlaps(marker)` says whether a job ran twice at once.
+    """
     code = (
         "import os, time\n"
         f"m = {str(marker)!r}\n"
-        "runs = open(m).read().count(chr(10)) if os.path.exists(m) else 0\n"
-        "open(m, 'a').write(str(os.getpid()) + chr(10))\n"
+        "prev = [p for p in open(m).read().split() if p.isdigit()] if os.path.exists(m) else []\n"
+        "def live(p):\n"
+        "    try:\n"
+        "        return open('/proc/' + p + '/stat').read().rsplit(')', 1)[1].split()[0] != 'Z'\n"
+        "    except OSError:\n"
+        "        return False\n"
+        "clash = ''.join('overlap ' + p + chr(10) for p in prev if live(p))\n"
+        "open(m, 'a').write(str(os.getpid()) + chr(10) + clash)\n"
+        "runs = len(prev)\n"
         f"{extra}\n"
         f"time.sleep({first_sleep} if runs == 0 else {later_sleep})\n"
     )
@@ -212,7 +223,12 @@ def suite(marker: Path, first_sleep: float, later_sleep: float = 0.0, extra: str
 
 
 def pids(marker: Path) -> list[int]:
-    return [int(p) for p in marker.read_text().split()] if marker.exists() else []
+    return [int(p) for p in marker.read_text().split() if p.isdigit()] if marker.exists() else []
+
+
+def overlaps(marker: Path) -> list[str]:
+    """The runs of a `suite` that started while an earlier one still ran."""
+    return [line for line in marker.read_text().splitlines() if line.startswith("overlap")] if marker.exists() else []
 
 
 def alive(pid: int) -> bool:

@@ -23,6 +23,7 @@ from common.messages import (
     Heartbeat,
     Hello,
     Job,
+    JobAbandoned,
     JobRejected,
     JobResult,
     JobStarted,
@@ -49,7 +50,9 @@ SAMPLES: list[Message] = [
     Heartbeat(runner_id="r1", session="s1", state="busy", job_id="j1", attempt=1, interval=0.5),
     Goodbye(runner_id="r1", session="s1", job_id="j1", attempt=1, reason="shutdown"),
     JobStarted(job_id="j1", attempt=1, runner_id="r1", session="s1", started_at=10.25),
-    JobRejected(job_id="j1", attempt=1, runner_id="r1", reason="busy"),
+    JobRejected(job_id="j1", attempt=1, runner_id="r1", reason="busy", lease="L1"),
+    JobAbandoned(job_id="j1", attempt=1, runner_id="r1", lease="L1", reason="lease lost"),
+    Job(job_id="j1", attempt=1, repo="/srv/git/app", branch="main", commit=SHA1, lease="L1", lease_s=6.0),
     JobResult(
         job_id="j1",
         attempt=1,

@@ -39,7 +39,9 @@ def seen(
 
 
 def result(row: JobRow, runner: str = "r1", status: str = "passed", **fields: Any) -> JobResult:
+    """A result for the row's assignment as it was when `row` was read (its lease)."""
     fields.setdefault("attempt", row.attempt)
+    fields.setdefault("lease", row.lease or "")
     return JobResult(job_id=row.job_id, runner_id=runner, status=status, **fields)
 
 
@@ -51,8 +53,9 @@ def queued(store: Store, commit: str = SHA_A, **kw: Any) -> JobRow:
 
 def running(store: Store, commit: str = SHA_A, runner: str = "r1", **kw: Any) -> JobRow:
     row = queued(store, commit, **kw)
-    assert store.assign(row.job_id, row.attempt, runner, now=102.0)
-    assert store.start(row.job_id, row.attempt, runner, "sess-1", started_at=103.0, now=103.5)
+    lease = store.assign(row.job_id, row.attempt, runner, now=102.0)
+    assert lease
+    assert store.start(row.job_id, lease, runner, "sess-1", started_at=103.0, now=103.5)
     return current(store, row)
 
 
@@ -121,12 +124,14 @@ def test_pending_queued_assigned_running_done(store: Store) -> None:
     row = current(store, row)
     assert (row.state, row.queued_at) == ("queued", 101.0)
 
-    assert store.assign(row.job_id, 1, "r1", now=102.0)
+    lease = store.assign(row.job_id, 1, "r1", now=102.0)
     row = current(store, row)
-    assert (row.state, row.runner, row.assigned_at) == ("assigned", "r1", 102.0)
+    assert (row.state, row.runner, row.assigned_at, row.lease) == ("assigned", "r1", 102.0, lease)
+    assert lease and len(lease) == 32  # a token nobody can guess
     assert store.busy_runners() == {"r1"}
 
-    assert store.start(row.job_id, 1, "r1", "sess-1", started_at=103.0, now=103.5)
+    assert not store.start(row.job_id, "guessed", "r1", "sess-1", started_at=103.0, now=103.5)
+    assert store.start(row.job_id, lease, "r1", "sess-1", started_at=103.0, now=103.5)
     row = current(store, row)
     assert (row.state, row.session, row.started_at) == ("running", "sess-1", 103.0)
     assert store.busy_runners() == {"r1"}
@@ -137,6 +142,7 @@ def test_pending_queued_assigned_running_done(store: Store) -> None:
     assert (row.state, row.status, row.exit_code, row.finished_at) == ("done", "failed", 1, 110.0)
     assert (row.passed, row.failed, row.errors, row.skipped, row.duration_s) == (5, 2, 1, 3, 4.5)
     assert store.busy_runners() == set()
+    assert current(store, row).lease is None  # nothing can speak for it any more
     assert store.count_by_state() == {"done": 1}
     assert store.count_by_status() == {"failed": 1}
     assert kinds(store, row) == ["assigned", "started", "result"]
@@ -145,14 +151,15 @@ def test_pending_queued_assigned_running_done(store: Store) -> None:
 def test_steps_out_of_order_change_nothing(store: Store) -> None:
     row = store.add_job(seen())
     assert not store.assign(row.job_id, 1, "r1", now=1.0)  # still pending
-    assert not store.start(row.job_id, 1, "r1", "s", started_at=1.0, now=1.0)
+    assert not store.start(row.job_id, "no-lease", "r1", "s", started_at=1.0, now=1.0)
     store.mark_queued(row.job_id, 2, now=1.0)  # wrong attempt
     assert current(store, row).state == "pending"
     store.mark_queued(row.job_id, 1, now=1.0)
     assert not store.assign(row.job_id, 2, "r1", now=2.0)  # wrong attempt
-    assert store.assign(row.job_id, 1, "r1", now=2.0)
+    lease = store.assign(row.job_id, 1, "r1", now=2.0)
+    assert lease
     assert not store.assign(row.job_id, 1, "r2", now=2.0)  # already taken
-    assert not store.start(row.job_id, 1, "r2", "s", started_at=3.0, now=3.0)  # not its job
+    assert not store.start(row.job_id, lease, "r2", "s", started_at=3.0, now=3.0)  # not its job
     row = current(store, row)
     assert (row.state, row.runner) == ("assigned", "r1")
     assert kinds(store, row) == ["assigned"]
@@ -161,7 +168,7 @@ def test_steps_out_of_order_change_nothing(store: Store) -> None:
 def test_a_result_before_job_started_is_accepted(store: Store) -> None:
     row = queued(store)
     assert store.assign(row.job_id, 1, "r1", now=102.0)
-    assert store.finish(result(row, started_at=104.0), now=110.0)
+    assert store.finish(result(current(store, row), started_at=104.0), now=110.0)
     row = current(store, row)
     assert (row.state, row.status, row.started_at) == ("done", "passed", 104.0)
 
@@ -192,7 +199,7 @@ def test_a_duplicate_result_never_overwrites_the_winner(store: Store) -> None:
 
 def test_a_result_from_an_attempt_that_was_given_away_is_history_only(store: Store) -> None:
     row = running(store, runner="r1")
-    assert store.requeue(row.job_id, 1, "runner r1 lost", now=105.0, failure=True, max_failures=3) == "pending"
+    assert store.requeue(row.job_id, row.lease, "runner r1 lost", now=105.0, failure=True, max_failures=3) == "pending"
     store.mark_queued(row.job_id, 2, now=106.0)
     assert store.assign(row.job_id, 2, "r2", now=107.0)
     # r1 was only slow: its attempt-1 result arrives now.
@@ -210,6 +217,17 @@ def test_a_result_from_an_attempt_that_was_given_away_is_history_only(store: Sto
     ]
 
 
+def test_a_result_without_the_lease_is_history_only(store: Store) -> None:
+    row = running(store, runner="r1")
+    # The right runner, job and attempt, but not the lease: a forgery, or an older assignment.
+    assert not store.finish(result(row, lease="forged", status="passed"), now=110.0)
+    assert not store.finish(result(row, lease="", status="passed"), now=110.0)
+    assert current(store, row).state == "running"
+    assert kinds(store, row)[-2:] == ["late_result", "late_result"]
+    assert store.finish(result(row, status="failed"), now=111.0)
+    assert current(store, row).status == "failed"
+
+
 def test_a_result_for_an_unknown_job_is_kept_as_history(store: Store) -> None:
     ghost = JobResult(job_id="nope", attempt=1, runner_id="r1", status="passed")
     assert not store.finish(ghost, now=1.0)
@@ -221,9 +239,10 @@ def test_a_result_for_an_unknown_job_is_kept_as_history(store: Store) -> None:
 
 def test_requeue_starts_a_new_attempt(store: Store) -> None:
     row = running(store)
-    assert store.requeue(row.job_id, 1, "runner r1 lost", now=105.0, failure=True, max_failures=3) == "pending"
+    assert store.requeue(row.job_id, row.lease, "runner r1 lost", now=105.0, failure=True, max_failures=3) == "pending"
     row = current(store, row)
     assert (row.state, row.attempt, row.failures, row.runner, row.session) == ("pending", 2, 1, None, None)
+    assert row.lease is None
     assert (row.assigned_at, row.started_at) == (None, None)
     assert row.reason == "attempt 1: runner r1 lost"
     assert row.as_job() == Job(job_id=row.job_id, attempt=2, repo=REPO, branch="main", commit=SHA_A)
@@ -236,8 +255,9 @@ def test_requeue_ends_as_error_after_max_failures(store: Store) -> None:
     row = store.add_job(seen())
     for attempt in (1, 2, 3):
         store.mark_queued(row.job_id, attempt, now=1.0)
-        assert store.assign(row.job_id, attempt, f"r{attempt}", now=2.0)
-        outcome = store.requeue(row.job_id, attempt, f"runner r{attempt} lost", now=3.0, failure=True, max_failures=3)
+        lease = store.assign(row.job_id, attempt, f"r{attempt}", now=2.0)
+        assert lease
+        outcome = store.requeue(row.job_id, lease, f"runner r{attempt} lost", now=3.0, failure=True, max_failures=3)
         assert outcome == ("error" if attempt == 3 else "pending")
     row = current(store, row)
     assert (row.state, row.status, row.attempt, row.failures) == ("done", "error", 3, 3)
@@ -255,29 +275,32 @@ def test_requeue_without_failure_does_not_count(store: Store) -> None:
     row = store.add_job(seen())
     for attempt in range(1, 6):  # more than max_failures
         store.mark_queued(row.job_id, attempt, now=1.0)
-        assert store.assign(row.job_id, attempt, "r1", now=2.0)
-        assert store.requeue(row.job_id, attempt, "runner left", now=3.0, failure=False, max_failures=2) == "pending"
+        lease = store.assign(row.job_id, attempt, "r1", now=2.0)
+        assert lease
+        assert store.requeue(row.job_id, lease, "runner left", now=3.0, failure=False, max_failures=2) == "pending"
     row = current(store, row)
     assert (row.attempt, row.failures, row.state) == (6, 0, "pending")
     assert kinds(store, row).count("returned") == 5
     store.mark_queued(row.job_id, 6, now=4.0)
-    assert store.assign(row.job_id, 6, "r1", now=5.0)
-    assert store.requeue(row.job_id, 6, "lost", now=6.0, failure=True, max_failures=2) == "pending"
+    lease = store.assign(row.job_id, 6, "r1", now=5.0)
+    assert lease
+    assert store.requeue(row.job_id, lease, "lost", now=6.0, failure=True, max_failures=2) == "pending"
     store.mark_queued(row.job_id, 7, now=7.0)
-    assert store.assign(row.job_id, 7, "r1", now=8.0)
-    assert store.requeue(row.job_id, 7, "lost", now=9.0, failure=True, max_failures=2) == "error"
+    lease = store.assign(row.job_id, 7, "r1", now=8.0)
+    assert lease
+    assert store.requeue(row.job_id, lease, "lost", now=9.0, failure=True, max_failures=2) == "error"
 
 
 def test_stale_requeue_changes_nothing(store: Store) -> None:
-    assert store.requeue("nope", 1, "x", now=1.0, failure=True, max_failures=3) == "stale"
+    assert store.requeue("nope", "x", "x", now=1.0, failure=True, max_failures=3) == "stale"
     row = store.add_job(seen())
-    assert store.requeue(row.job_id, 1, "x", now=1.0, failure=True, max_failures=3) == "stale"  # pending
+    assert store.requeue(row.job_id, "x", "x", now=1.0, failure=True, max_failures=3) == "stale"  # pending
     store.mark_queued(row.job_id, 1, now=1.0)
-    assert store.requeue(row.job_id, 1, "x", now=1.0, failure=True, max_failures=3) == "stale"  # queued
+    assert store.requeue(row.job_id, "x", "x", now=1.0, failure=True, max_failures=3) == "stale"  # queued
     row = running(store, SHA_B)
-    assert store.requeue(row.job_id, 2, "x", now=1.0, failure=True, max_failures=3) == "stale"  # other attempt
+    assert store.requeue(row.job_id, "other", "x", now=1.0, failure=True, max_failures=3) == "stale"  # not its lease
     assert store.finish(result(row), now=2.0)
-    assert store.requeue(row.job_id, 1, "x", now=3.0, failure=True, max_failures=3) == "stale"  # done
+    assert store.requeue(row.job_id, row.lease, "x", now=3.0, failure=True, max_failures=3) == "stale"  # done
     row = current(store, row)
     assert (row.state, row.attempt, row.failures, row.status) == ("done", 1, 0, "passed")
     assert "lost" not in kinds(store, row)
@@ -285,10 +308,12 @@ def test_stale_requeue_changes_nothing(store: Store) -> None:
 
 def test_unassign_parks_the_same_attempt_for_the_next_runner(store: Store) -> None:
     row = queued(store)
-    assert store.assign(row.job_id, 1, "r1", now=2.0)
-    store.unassign(row.job_id, 1, "runner r1 queue missing", now=3.0)
+    lease = store.assign(row.job_id, 1, "r1", now=2.0)
+    assert lease
+    assert not store.unassign(row.job_id, "other", "unroutable", "not its lease", now=3.0)
+    assert store.unassign(row.job_id, lease, "unroutable", "runner r1 queue missing", now=3.0)
     row = current(store, row)
-    assert (row.state, row.attempt, row.runner, row.failures) == ("parked", 1, None, 0)
+    assert (row.state, row.attempt, row.runner, row.failures, row.lease) == ("parked", 1, None, 0, None)
     event = store.events(row.job_id)[-1]
     assert (event["kind"], event["reason"]) == ("unroutable", "runner r1 queue missing")
     assert store.assign(row.job_id, 1, "r2", now=4.0)
@@ -337,7 +362,7 @@ def test_a_store_from_before_labels_is_brought_up_to_date(db_path: Path) -> None
 
 def test_unassign_leaves_a_started_job_alone(store: Store) -> None:
     row = running(store)
-    store.unassign(row.job_id, 1, "late", now=3.0)
+    assert not store.unassign(row.job_id, row.lease, "refused", "late", now=3.0)
     assert current(store, row).state == "running"
 
 

@@ -38,9 +38,11 @@ def runner(runner_id: str, state: str = "idle", last_seen: float = 50.0) -> Runn
 def add_done(store: Store, commit: str, branch: str, status: str, runner_id: str = "r1", **result: Any) -> JobRow:
     row = store.add_job(CommitSeen(repo=REPO, branch=branch, commit=commit, seen_at=NOW))
     store.mark_queued(row.job_id, 1, NOW + 1)
-    assert store.assign(row.job_id, 1, runner_id, NOW + 2)
-    assert store.start(row.job_id, 1, runner_id, "s", started_at=NOW + 3, now=NOW + 3)
-    assert store.finish(JobResult(job_id=row.job_id, attempt=1, runner_id=runner_id, status=status, **result), NOW + 10)
+    lease = store.assign(row.job_id, 1, runner_id, NOW + 2)
+    assert lease
+    assert store.start(row.job_id, lease, runner_id, "s", started_at=NOW + 3, now=NOW + 3)
+    done = JobResult(job_id=row.job_id, attempt=1, runner_id=runner_id, status=status, lease=lease, **result)
+    assert store.finish(done, NOW + 10)
     got = store.get(row.job_id)
     assert got is not None
     return got
@@ -92,8 +94,9 @@ def db(tmp_path: Path) -> Iterator[tuple[Path, Store, dict[str, JobRow]]]:
     }
     running = store.add_job(CommitSeen(repo=REPO, branch="main", commit="e5" * 20, seen_at=NOW + 20))
     store.mark_queued(running.job_id, 1, NOW + 21)
-    store.assign(running.job_id, 1, "r1", NOW + 22)
-    store.start(running.job_id, 1, "r1", "s", started_at=NOW + 23, now=NOW + 23)
+    lease = store.assign(running.job_id, 1, "r1", NOW + 22)
+    assert lease
+    store.start(running.job_id, lease, "r1", "s", started_at=NOW + 23, now=NOW + 23)
     store.add_job(CommitSeen(repo=REPO, branch="main", commit=SHA_WAIT, seen_at=NOW + 30))
     yield path, store, jobs
     store.close()

@@ -7,7 +7,7 @@ import signal
 import time
 from datetime import datetime
 
-from support import alive, pids, suite
+from support import alive, overlaps, pids, suite
 
 from common import naming
 from common.health import HEALTH_FILE
@@ -76,27 +76,38 @@ def test_runner_restarted_with_its_id_runs_nothing_twice_and_late_results_stay_h
     volt.run("notify", "--repo", str(repo.path), "--branch", "main", "--commit", sha)
     volt.wait_for("the first run to start", lambda: len(pids(marker)) == 1)
 
-    # A second process on the same id and workspace is refused while the first lives.
+    # A second process on the same id is refused while the first lives: on the
+    # same workspace (its lock), and on another one (its queue is in exclusive use).
     clash = volt.run("runner", "--id", "same-a", "--workdir", str(tmp_path / "same-a"))
     assert clash.returncode == 2 and "another runner is using" in clash.stderr
+    clash = volt.run("runner", "--id", "same-a", "--workdir", str(tmp_path / "elsewhere"))
+    assert clash.returncode == 2, clash.stderr
+    last = clash.stderr.strip().splitlines()[-1]
+    assert last.startswith("volt runner: another runner with id 'same-a' is running"), clash.stderr
+    assert "Traceback" not in clash.stderr
 
-    # Freeze the runner past its heartbeat timeout: its attempt is given to another.
+    # Freeze the runner past its heartbeat timeout: its attempt is given to
+    # another, and its watchdog kills the frozen attempt's test before that.
+    first_pid = pids(marker)[0]
     volt.procs["same-a"].send_signal(signal.SIGSTOP)
     volt.runner("same-b", heartbeat=0.5)
     (row,) = volt.wait_results(1, timeout=30)
     assert row["runner"] == "same-b" and row["attempts"] == 2
-    # Thawed, the first runner finishes its given-away attempt: kept as history only.
+    assert not alive(first_pid)
+    assert overlaps(marker) == [] and len(pids(marker)) == 2
+    # Thawed, the first runner finds its lease gone: it gives the attempt up, kept as history only.
     volt.procs["same-a"].send_signal(signal.SIGCONT)
 
-    def late() -> dict | None:
+    def given_up() -> dict | None:
         (r,) = volt.results()
-        return r if "late_result" in kinds(r) else None
+        return r if "late_abandoned" in kinds(r) else None
 
-    row = volt.wait_for("the late result", late, timeout=30)
+    row = volt.wait_for("the thawed runner to give its attempt up", given_up, timeout=30)
     assert row["runner"] == "same-b" and row["attempts"] == 2 and row["status"] == "passed"
-    assert kinds(row).count("result") == 1
-    late_event = next(e for e in row["history"] if e["kind"] == "late_result")
+    assert kinds(row).count("result") == 1 and "late_result" not in kinds(row)
+    late_event = next(e for e in row["history"] if e["kind"] == "late_abandoned")
     assert late_event["attempt"] == 1 and late_event["runner"] == "same-a"
+    assert late_event["reason"] == "lease lost"
 
     # Killed and restarted under its id: the new session takes nothing of the old.
     marker2 = tmp_path / "runs2"

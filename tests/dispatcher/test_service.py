@@ -1,0 +1,509 @@
+"""The dispatcher's loop, driven round by round on an in-memory broker with an
+injected clock: each delivery rule broken on purpose, deterministically."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fakebroker import FakeRabbit, Queue
+
+from common import naming
+from common.broker import Broker, InUse
+from common.messages import (
+    CancelJob,
+    CommitSeen,
+    Goodbye,
+    Heartbeat,
+    Hello,
+    Job,
+    JobAbandoned,
+    JobRejected,
+    JobResult,
+    JobStarted,
+    Message,
+    decode,
+)
+from common.settings import BrokerSettings
+from dispatcher.service import Dispatcher, DispatcherSettings
+from dispatcher.store import Store, StoreError
+
+NS = "unit"
+REPO = "/srv/git/app"
+
+
+def sha(i: int) -> str:
+    return f"{i:040x}"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def rabbit(monkeypatch: pytest.MonkeyPatch) -> FakeRabbit:
+    r = FakeRabbit()
+    monkeypatch.setattr(Broker, "connection_factory", r.connect)
+    return r
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def settings(tmp_path: Path, **kw: Any) -> DispatcherSettings:
+    return DispatcherSettings(broker=BrokerSettings(namespace=NS), db=tmp_path / "dispatcher.db", **kw)
+
+
+def start(tmp_path: Path, clock: Clock, **kw: Any) -> Dispatcher:
+    """A dispatcher connected and set up as its run() would, ready for run_once()."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    d = Dispatcher(
+        settings(tmp_path, **kw), store=Store(tmp_path / "dispatcher.db", durable=False), clock=clock, wall=clock
+    )
+    d.broker.hold_acks()
+    d.broker.on_blocked = d._on_blocked
+    d.broker.connect()
+    d.setup()
+    return d
+
+
+def kill(d: Dispatcher) -> None:
+    """kill -9: nothing more is committed or acked; the broker takes back what was unacked."""
+    d.store.rollback_batch()
+    assert d.broker._conn is not None
+    d.broker._conn.close()
+
+
+class Killed(BaseException):
+    pass
+
+
+class Peer:
+    """A client of the fake broker speaking for runners and observers."""
+
+    def __init__(self) -> None:
+        self.b = Broker(BrokerSettings(namespace=NS), "peer")
+        self.b.connect()
+        self.b.declare_runner_exchanges()
+        self.b.declare_commit_path()
+
+    def commit(self, i: int, labels: tuple[str, ...] = ()) -> None:
+        msg = CommitSeen(repo=REPO, branch="main", commit=sha(i), seen_at=float(i), labels=list(labels))
+        self.b.publish(naming.commits_exchange(NS), "", msg)
+
+    def send(self, msg: Message) -> None:
+        exchange = naming.control_exchange(NS) if isinstance(msg, (Hello, Goodbye)) else naming.results_exchange(NS)
+        self.b.publish(exchange, "", msg)
+
+    def hello(self, runner: str, job: Job | None = None, session: str = "s1", interval: float = 1.0, **kw: Any) -> None:
+        self.send(
+            Heartbeat(
+                runner_id=runner,
+                session=session,
+                state="busy" if job else kw.pop("state", "idle"),
+                job_id=job.job_id if job else "",
+                attempt=job.attempt if job else 0,
+                lease=job.lease if job else "",
+                interval=interval,
+                **kw,
+            )
+        )
+
+
+def runner_queue(rabbit: FakeRabbit, runner: str) -> list[Message]:
+    """What the dispatcher sent a runner (taken off its queue)."""
+    name = naming.runner_queue(NS, runner)
+    if name not in rabbit.queues:
+        rabbit.queues[name] = Queue(name, {})
+        rabbit.bindings.append((name, naming.jobs_exchange(NS), naming.runner_routing_key(runner)))
+        return []
+    return [decode(m.body) for m in rabbit.take_all(name)]
+
+
+def jobs_for(rabbit: FakeRabbit, runner: str) -> list[Job]:
+    return [m for m in runner_queue(rabbit, runner) if isinstance(m, Job)]
+
+
+def rounds(d: Dispatcher, clock: Clock, n: int = 4, step: float = 0.3) -> None:
+    for _ in range(n):
+        d.run_once()
+        clock.advance(step)
+
+
+@pytest.fixture
+def peer(rabbit: FakeRabbit) -> Peer:
+    return Peer()
+
+
+# -- rule 2: acks cover only what is handled and stored ------------------------
+
+
+def test_acks_never_cover_a_delivery_not_yet_handled_and_a_kill_loses_nothing(
+    rabbit: FakeRabbit, peer: Peer, tmp_path: Path, clock: Clock
+) -> None:
+    d = start(tmp_path, clock)
+    runner_queue(rabbit, "r1")
+    peer.hello("r1")
+    rounds(d, clock, 1)
+    for i in range(200):
+        peer.commit(i)
+    handled = 0
+    real = d.on_commit
+
+    def on_commit(delivery: Any) -> None:
+        nonlocal handled
+        handled += 1
+        real(delivery)
+        if handled == 150:
+            kill(d)  # mid-round, with commits handled, held and buffered behind a basic.get
+            raise Killed
+
+    d.on_commit = on_commit  # type: ignore[method-assign]
+    d.broker.close()
+    d.broker.connect()
+    d.setup()  # consume again with the patched handler
+    with pytest.raises(Killed):
+        for _ in range(10):
+            d.run_once()
+            # The runner takes its job, so the next commit's assign() reads the backlog again.
+            for job in jobs_for(rabbit, "r1"):
+                peer.send(
+                    JobResult(job_id=job.job_id, attempt=job.attempt, runner_id="r1", status="passed", lease=job.lease)
+                )
+            peer.hello("r1")
+    assert rabbit.acked_unhandled == 0
+
+    again = start(tmp_path, clock)
+    for _ in range(400):
+        again.run_once()
+        for job in jobs_for(rabbit, "r1"):
+            peer.send(
+                JobResult(job_id=job.job_id, attempt=job.attempt, runner_id="r1", status="passed", lease=job.lease)
+            )
+        peer.hello("r1")
+        clock.advance(0.3)
+        if again.store.count_by_status() == {"passed": 200}:
+            break
+    assert rabbit.acked_unhandled == 0
+    assert again.store.count_by_state() == {"done": 200}  # none lost, and one job per commit
+    assert len(again.store.find(limit=1000)) == 200
+
+
+def test_a_store_error_is_not_a_bad_message_nothing_is_acked_and_it_is_retried(
+    rabbit: FakeRabbit, peer: Peer, tmp_path: Path, clock: Clock
+) -> None:
+    d = start(tmp_path, clock)
+    failing = _FailingDb(d.store.db, lambda sql: "INSERT OR IGNORE INTO jobs" in sql, times=2)
+    d.store.db = failing  # type: ignore[assignment]
+    for i in range(5):
+        peer.commit(i)
+    steps = 0
+
+    def step() -> bool:
+        nonlocal steps
+        steps += 1
+        d.run_once()
+        return len(d.store.find(limit=100)) == 5 or steps > 20
+
+    d.broker.close()
+    d.broker.run(d.setup, step, stopping=lambda: False, retry_on=(StoreError,))
+    assert failing.failures == 2
+    assert len(d.store.find(limit=100)) == 5
+    assert rabbit.depth(naming.dead_letter_queue(NS)) == 0  # a full disk dead-letters nothing
+    assert rabbit.depth(naming.dispatcher_commits_queue(NS)) == 0
+
+
+class _FailingDb:
+    """A sqlite3 connection whose statements matching `when` fail `times` times, as on a full disk."""
+
+    def __init__(self, db: sqlite3.Connection, when: Any, times: int = 1) -> None:
+        self._db, self._when, self._left, self.failures = db, when, times, 0
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if self._left and self._when(sql):
+            self._left -= 1
+            self.failures += 1
+            raise sqlite3.OperationalError("database or disk is full")
+        return self._db.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._db, name)
+
+
+def test_results_are_logged_as_recorded_only_after_the_commit(
+    rabbit: FakeRabbit, peer: Peer, tmp_path: Path, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    d = start(tmp_path, clock)
+    runner_queue(rabbit, "r1")
+    peer.hello("r1")
+    peer.commit(1)
+    rounds(d, clock, 2)
+    (job,) = jobs_for(rabbit, "r1")
+    peer.send(JobResult(job_id=job.job_id, attempt=1, runner_id="r1", status="passed", lease=job.lease))
+    d.store.db = _FailingDb(d.store.db, lambda sql: sql == "COMMIT", 1)  # type: ignore[assignment]
+    caplog.set_level("INFO")
+    with pytest.raises(StoreError):
+        d.run_once()
+    assert "recorded" not in caplog.text
+    assert d.store.get(job.job_id).state == "assigned"  # type: ignore[union-attr]
+    d.broker.close()
+    d.broker.connect()
+    d.setup()
+    rounds(d, clock, 2)
+    assert "recorded: passed" in caplog.text
+    assert d.store.get(job.job_id).status == "passed"  # type: ignore[union-attr]
+
+
+def test_a_deleted_store_stops_the_dispatcher(peer: Peer, tmp_path: Path, clock: Clock) -> None:
+    d = start(tmp_path, clock)
+    (tmp_path / "dispatcher.db").unlink()
+    with pytest.raises(StoreError, match="deleted or replaced"):
+        rounds(d, clock, 2)
+
+
+def test_an_empty_store_adopts_the_jobs_waiting_in_the_backlog(
+    rabbit: FakeRabbit, peer: Peer, tmp_path: Path, clock: Clock
+) -> None:
+    d = start(tmp_path / "first", clock)
+    for i in range(3):
+        peer.commit(i)
+    rounds(d, clock, 2)  # no runner: the jobs wait in the backlog queue
+    assert rabbit.depth(naming.backlog_queue(NS)) == 3
+    kill(d)
+    fresh = start(tmp_path / "second", clock)
+    runner_queue(rabbit, "r1")
+    done = 0
+    for _ in range(20):
+        peer.hello("r1")
+        rounds(fresh, clock, 1)
+        for job in jobs_for(rabbit, "r1"):
+            peer.send(JobResult(job_id=job.job_id, attempt=1, runner_id="r1", status="passed", lease=job.lease))
+            done += 1
+    assert done == 3
+    assert fresh.store.count_by_status() == {"passed": 3}
+    assert all("adopted" in [e["kind"] for e in fresh.store.events(r.job_id)] for r in fresh.store.find())
+
+
+# -- one owner ----------------------------------------------------------------
+
+
+def test_a_second_dispatcher_on_the_namespace_is_refused_before_it_takes_anything(
+    rabbit: FakeRabbit, peer: Peer, tmp_path: Path, clock: Clock
+) -> None:
+    start(tmp_path / "a", clock)
+    peer.commit(1)
+    with pytest.raises(InUse):
+        start(tmp_path / "b", clock)
+    assert rabbit.depth(naming.dispatcher_commits_queue(NS)) == 1  # still there for the first one
+
+
+# -- rules 4 and 5: leases, fencing, reconciliation ----------------------------
+
+
+def assigned(rabbit: FakeRabbit, peer: Peer, d: Dispatcher, clock: Clock, runner: str = "r1") -> Job:
+    runner_queue(rabbit, runner)
+    peer.hello(runner)
+    peer.commit(1)
+    rounds(d, clock, 2, step=0.1)
+    (job,) = jobs_for(rabbit, runner)
+    assert job.lease and job.lease_s == 3.0  # interval 1 s x 3 misses
+    return job
+
+
+def test_a_job_whose_runner_stops_echoing_its_lease_is_taken_back_with_the_reason(
+    rabbit: FakeRabbit, peer: Peer, tmp_path: Path, clock: Clock
+) -> None:
+    d = start(tmp_path, clock)
+    job = assigned(rabbit, peer, d, clock)
+    peer.send(JobStarted(job_id=job.job_id, attempt=1, runner_id="r1", session="s1", started_at=1.0, lease=job.lease))
+    rounds(d, clock, 1)
+    # The runner lives on but its job thread died: its heartbeats say no job.
+    for _ in range(12):
+        peer.hello("r1")
+        rounds(d, clock, 1)
+    row = d.store.get(job.job_id)
+    assert row is not None and row.attempt == 2
+    lost = [e for e in d.store.events(job.job_id) if e["kind"] == "lost"]
+    assert lost[0]["reason"] == "runner r1 is not running it (its heartbeats say no job)"
+
+
+def test_heartbeats_that_echo_the_lease_keep_a_long_job(
+    rabbit: FakeRabbit, peer: Peer, tmp_path: Path, clock: Clock
+) -> None:
+    d = start(tmp_path, clock)
+    job = assigned(rabbit, peer, d, clock)
+    peer.send(JobStarted(job_id=job.job_id, attempt=1, runner_id="r1", session="s1", started_at=1.0, lease=job.lease))
+    for _ in range(100):  # 30 s, ten lease windows
+        peer.hello("r1", job)
+        rounds(d, clock, 1)
+    row = d.store.get(job.job_id)
+    assert row is not None and (row.state, row.attempt) == ("running", 1)
+
+
+def test_forged_messages_without_the_lease_change_nothing(
+    rabbit: FakeRabbit, peer: Peer, tmp_path: Path, clock: Clock
+) -> None:
+    d = start(tmp_path, clock)
+    job = assigned(rabbit, peer, d, clock)
+    peer.send(JobStarted(job_id=job.job_id, attempt=1, runner_id="r1", session="s1", started_at=1.0, lease=job.lease))
+    rounds(d, clock, 1)
+    forged = "f" * 32
+    peer.send(JobResult(job_id=job.job_id, attempt=1, runner_id="r1", status="passed", lease=forged))
+    peer.send(JobRejected(job_id=job.job_id, attempt=1, runner_id="r1", reason="x", lease=forged))
+    peer.send(JobAbandoned(job_id=job.job_id, attempt=1, runner_id="r1", reason="x", lease=forged))
+    peer.send(Goodbye(runner_id="r1", session="s1", job_id=job.job_id, attempt=1, lease=forged))
+    peer.hello("r1", session="forger")  # a "restart" under its id
+    for _ in range(5):
+        peer.hello("r1", job)
+        rounds(d, clock, 1)
+    row = d.store.get(job.job_id)
+    assert row is not None and (row.state, row.attempt, row.runner, row.lease) == ("running", 1, "r1", job.lease)
+    kinds = [e["kind"] for e in d.store.events(job.job_id)]
+    assert "late_result" in kinds and "result" not in kinds
+
+
+def test_a_runner_still_running_a_taken_back_attempt_is_not_free_and_is_told_to_cancel(
+    rabbit: FakeRabbit, peer: Peer, tmp_path: Path, clock: Clock
+) -> None:
+    d = start(tmp_path, clock)
+    job = assigned(rabbit, peer, d, clock)
+    peer.send(JobStarted(job_id=job.job_id, attempt=1, runner_id="r1", session="s1", started_at=1.0, lease=job.lease))
+    rounds(d, clock, 1)
+    rounds(d, clock, 30)  # frozen: no heartbeat for longer than its lease
+    assert d.store.get(job.job_id).attempt == 2  # type: ignore[union-attr]
+    # Thawed, it still runs attempt 1 and says so: it is not free, and is told to stop.
+    runner_queue(rabbit, "r1")
+    for _ in range(5):
+        peer.hello("r1", job)
+        rounds(d, clock, 1)
+    sent = runner_queue(rabbit, "r1")
+    assert not [m for m in sent if isinstance(m, Job)]
+    cancels = [m for m in sent if isinstance(m, CancelJob)]
+    assert cancels and {(c.job_id, c.lease) for c in cancels} == {(job.job_id, job.lease)}
+    assert len(cancels) <= 2  # at most once a second, not per heartbeat
+    # Another runner takes attempt 2.
+    runner_queue(rabbit, "r2")
+    peer.hello("r2")
+    rounds(d, clock, 2)
+    (again,) = jobs_for(rabbit, "r2")
+    assert (again.job_id, again.attempt) == (job.job_id, 2) and again.lease != job.lease
+
+
+def test_a_refusal_does_not_count_as_an_attempt_and_cannot_loop(
+    rabbit: FakeRabbit, peer: Peer, tmp_path: Path, clock: Clock
+) -> None:
+    d = start(tmp_path, clock)
+    job = assigned(rabbit, peer, d, clock)
+    peer.send(JobRejected(job_id=job.job_id, attempt=1, runner_id="r1", reason="paused", lease=job.lease))
+    rounds(d, clock, 3, step=0.05)
+    assert jobs_for(rabbit, "r1") == []  # nothing more until it says how it is
+    row = d.store.get(job.job_id)
+    assert row is not None and (row.state, row.attempt, row.failures) == ("parked", 1, 0)
+    peer.hello("r1")
+    rounds(d, clock, 2)
+    (again,) = jobs_for(rabbit, "r1")
+    assert (again.attempt, again.lease != job.lease) == (1, True)
+
+
+def test_no_runner_is_declared_lost_while_the_broker_blocks_publishers(
+    rabbit: FakeRabbit, peer: Peer, tmp_path: Path, clock: Clock
+) -> None:
+    d = start(tmp_path, clock)
+    job = assigned(rabbit, peer, d, clock)
+    peer.send(JobStarted(job_id=job.job_id, attempt=1, runner_id="r1", session="s1", started_at=1.0, lease=job.lease))
+    rounds(d, clock, 1)
+    rabbit.blocked = True  # a memory alarm: the runner's heartbeats cannot get through
+    rounds(d, clock, 60)  # 18 s
+    assert d.registry.get("r1") is not None
+    assert d.store.get(job.job_id).attempt == 1  # type: ignore[union-attr]
+    rabbit.blocked = False
+    rounds(d, clock, 20)  # 6 s: within the fresh grace after the alarm
+    assert d.store.get(job.job_id).attempt == 1  # type: ignore[union-attr]
+    rounds(d, clock, 30)  # and then, with no heartbeat at all, it is lost
+    assert d.store.get(job.job_id).attempt == 2  # type: ignore[union-attr]
+
+
+def test_a_stalled_dispatcher_gives_runners_a_fresh_lease(
+    rabbit: FakeRabbit, peer: Peer, tmp_path: Path, clock: Clock
+) -> None:
+    d = start(tmp_path, clock)
+    job = assigned(rabbit, peer, d, clock)
+    peer.send(JobStarted(job_id=job.job_id, attempt=1, runner_id="r1", session="s1", started_at=1.0, lease=job.lease))
+    rounds(d, clock, 1)
+    clock.advance(30)  # the dispatcher was paused; heartbeats wait in its queue
+    peer.hello("r1", job)
+    rounds(d, clock, 3)
+    row = d.store.get(job.job_id)
+    assert row is not None and (row.state, row.attempt) == ("running", 1)
+
+
+def test_queued_jobs_whose_backlog_message_is_gone_are_published_again(
+    rabbit: FakeRabbit, peer: Peer, tmp_path: Path, clock: Clock
+) -> None:
+    d = start(tmp_path, clock)
+    for i in range(3):
+        peer.commit(i)
+    rounds(d, clock, 2)
+    assert d.store.count_by_state() == {"queued": 3}
+    rabbit.queues[naming.backlog_queue(NS)].messages.clear()  # a purge, a lost node
+    runner_queue(rabbit, "r1")
+    done = 0
+    for _ in range(20):
+        peer.hello("r1")
+        rounds(d, clock, 1)
+        for job in jobs_for(rabbit, "r1"):
+            peer.send(JobResult(job_id=job.job_id, attempt=1, runner_id="r1", status="passed", lease=job.lease))
+            done += 1
+    assert done == 3 and d.store.count_by_status() == {"passed": 3}
+
+
+def test_a_parked_job_whose_labels_no_runner_has_ends_as_error_after_the_park_timeout(
+    rabbit: FakeRabbit, peer: Peer, tmp_path: Path, clock: Clock
+) -> None:
+    d = start(tmp_path, clock, park_timeout=60.0)
+    runner_queue(rabbit, "r1")
+    peer.hello("r1")
+    peer.commit(1, labels=("gpu",))
+    rounds(d, clock, 2)
+    (row,) = d.store.find()
+    assert row.state == "parked"
+    for _ in range(30):
+        peer.hello("r1")
+        rounds(d, clock, 1, step=3.0)
+    row = d.store.get(row.job_id)  # type: ignore[assignment]
+    assert row is not None and (row.state, row.status) == ("done", "error")
+    assert "no live runner has had labels gpu" in row.reason
+
+
+def test_guarded_handlers_dead_letter_what_they_choke_on_but_not_store_errors(
+    rabbit: FakeRabbit, peer: Peer, tmp_path: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d = start(tmp_path, clock)
+
+    def boom(*args: Any, **kwargs: Any) -> None:
+        raise ValueError("a bug this message trips")
+
+    monkeypatch.setattr(d.store, "add_job", boom)
+    peer.commit(1)
+    rounds(d, clock, 1)
+    (dead,) = rabbit.take_all(naming.dead_letter_queue(NS))
+    assert "dispatcher error: ValueError" in dead.props.headers["x-volt-reason"]
+
+
+@pytest.fixture(autouse=True)
+def _no_sleep(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    # Broker.run's back-off sleeps; the rounds here run on the fake clock.
+    monkeypatch.setattr("common.broker.random.uniform", lambda a, b: 0.0)
+    yield
