@@ -102,7 +102,12 @@ class Observer:
     def run(self) -> int:
         def poll() -> bool:
             started = time.monotonic()
-            self.poll_once()
+            try:
+                self.poll_once()
+            except BrokerError:
+                raise  # the broker's loop reconnects; the cursor says where to go on
+            except Exception as exc:  # noqa: BLE001 - a poll that fails is followed by the next one
+                log.error("poll failed: %s", _unexpected(exc))
             # Keep the connection serviced while waiting for the next poll.
             while not self.stopping:
                 left = self.s.poll - (time.monotonic() - started)
