@@ -178,7 +178,7 @@ class Observer:
         head = repo.head(branch)
         if branch in watch.missing:
             watch.missing.discard(branch)
-            log.info("repo=%s branch=%s is there again at commit=%s", url, branch, head[:12])
+            log.info("repo=%s branch=%s found at commit=%s", url, branch, head[:12])
         last = self.cursor.get(url, branch)
         if last == head:
             return 0
