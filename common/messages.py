@@ -13,6 +13,7 @@ import math
 import re
 import types
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -59,6 +60,32 @@ def check_commit(sha: str) -> str:
     return sha
 
 
+# What `git check-ref-format --branch` refuses, as characters and as substrings.
+_BRANCH_CHARS = frozenset(" ~^:?*[\\\x7f")
+_BRANCH_SUBSTRINGS = ("..", "@{", "//", "/.", ".lock/")
+MAX_BRANCH_CHARS = 255
+
+
+def check_branch(name: str) -> str:
+    """Return the branch name, or raise ValueError saying why git would refuse it
+    (the rules of `git check-ref-format --branch`; control, format and line
+    separator characters refused too, so a name cannot forge a log line)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError("branch must not be empty")
+    problem = ""
+    if len(name) > MAX_BRANCH_CHARS:
+        problem = f"longer than {MAX_BRANCH_CHARS} characters"
+    elif name in ("HEAD", "@") or name.startswith(("-", ".", "/")) or name.endswith(("/", ".", ".lock")):
+        problem = "git refuses that name"
+    elif any(part in name for part in _BRANCH_SUBSTRINGS):
+        problem = "git refuses that name"
+    elif any(c in _BRANCH_CHARS or unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp") for c in name):
+        problem = "no spaces, control characters or any of ~^:?*[\\"
+    if problem:
+        raise ValueError(f"not a branch name ({problem}): {name!r:.80}")
+    return name
+
+
 @dataclass(frozen=True)
 class Message:
     TYPE: ClassVar[str] = ""
@@ -97,6 +124,7 @@ class CommitSeen(Message):
         check_commit(self.commit)
         check_labels(self.labels)
         _check_nonempty(repo=self.repo, branch=self.branch)
+        check_branch(self.branch)
 
 
 @dataclass(frozen=True)
@@ -121,6 +149,7 @@ class Job(Message):
         check_commit(self.commit)
         check_labels(self.labels)
         _check_nonempty(job_id=self.job_id, repo=self.repo, branch=self.branch)
+        check_branch(self.branch)
         if self.attempt < 1:
             raise ValueError(f"attempt must be at least 1, got {self.attempt}")
 

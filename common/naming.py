@@ -7,6 +7,7 @@ parallel tests) share one broker without touching each other.
 from __future__ import annotations
 
 import re
+import urllib.parse
 from pathlib import Path
 
 _RUNNER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -106,12 +107,86 @@ def exchanges(ns: str) -> list[str]:
     ]
 
 
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_DEFAULT_PORTS = {"http": "80", "https": "443", "ssh": "22", "git": "9418"}
+# Over http(s) a user name is half of a credential; over ssh it says which
+# account the key logs in to, so it is part of where the repository is.
+_USER_IS_CREDENTIAL = ("http", "https")
+
+
 def normalize_repo(repo: str) -> str:
-    """A repository's identity: a local path made absolute (runners clone from
-    it), any URL as given."""
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", repo) or re.match(r"^[^/]+@[^/]+:", repo):
-        return repo
+    """A repository's identity: the one name it is stored, logged and published
+    under, never with credentials.
+
+    A local path or file:// URL becomes its absolute, resolved path (runners
+    clone from it); any other URL loses its password (and, over http(s), its
+    user name), its default port and trailing slashes, and has its scheme and
+    host lower-cased. ValueError for a URL git could not use either.
+    """
+    if not repo or "\n" in repo or "\0" in repo:
+        raise ValueError("a repository must be one non-empty line")
+    match = _URL.match(repo)
+    if match:
+        scheme = match.group(1).lower()
+        if scheme == "file":
+            return _file_identity(repo)
+        return _url_identity(repo, scheme)
+    scp = _scp_identity(repo)
+    if scp is not None:
+        return scp
     return str(Path(repo).expanduser().resolve())
+
+
+def split_netloc(netloc: str) -> tuple[str, str | None, str]:
+    """A URL's `user:password@host:port` as (user, password or None, host:port),
+    still percent-encoded."""
+    userinfo, at, hostport = netloc.rpartition("@")
+    if not at:
+        return "", None, netloc
+    user, colon, password = userinfo.partition(":")
+    return user, (password if colon else None), hostport
+
+
+def _url_identity(repo: str, scheme: str) -> str:
+    parsed = urllib.parse.urlsplit(repo)
+    user, _, hostport = split_netloc(parsed.netloc)
+    host, port = _host_and_port(hostport)
+    if port == _DEFAULT_PORTS.get(scheme):
+        port = ""
+    netloc = host + (f":{port}" if port else "")
+    if user and scheme not in _USER_IS_CREDENTIAL:
+        netloc = f"{user}@{netloc}"
+    path = parsed.path.rstrip("/")
+    return urllib.parse.urlunsplit((scheme, netloc, path, parsed.query, parsed.fragment))
+
+
+def _host_and_port(hostport: str) -> tuple[str, str]:
+    if hostport.startswith("["):  # an IPv6 address
+        host, _, rest = hostport.partition("]")
+        host, port = host + "]", rest.removeprefix(":")
+    else:
+        host, _, port = hostport.partition(":")
+    if not host or not (port == "" or port.isdigit()):
+        raise ValueError(f"not a repository URL (bad host or port): {hostport!r:.80}")
+    return host.lower(), port
+
+
+def _file_identity(repo: str) -> str:
+    parsed = urllib.parse.urlsplit(repo)
+    if parsed.netloc not in ("", "localhost"):
+        # Another machine's file: only a name, nothing to resolve here.
+        return urllib.parse.urlunsplit(("file", parsed.netloc.lower(), parsed.path.rstrip("/"), "", ""))
+    return str(Path(urllib.parse.unquote(parsed.path) or "/").resolve())
+
+
+def _scp_identity(repo: str) -> str | None:
+    """git's scp-like `[user@]host:path`: a colon with no slash before it."""
+    head, colon, path = repo.partition(":")
+    if not colon or "/" in head or not head:
+        return None
+    user, at, host = head.rpartition("@")
+    trimmed = path.rstrip("/") or path
+    return f"{user}{at}{host.lower()}:{trimmed}"
 
 
 def is_local(repo: str) -> bool:

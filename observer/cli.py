@@ -17,6 +17,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     )
     p.add_argument("--poll", type=float, default=env_float("POLL", 5.0), help="seconds between polls (default 5)")
     p.add_argument("--state-dir", default=env("STATE_DIR", ".volt/observer"), help="where the cursor and mirrors live")
+    p.add_argument(
+        "--git-timeout",
+        type=float,
+        default=env_float("GIT_TIMEOUT", 300.0),
+        help="seconds a clone or fetch may take (env VOLT_GIT_TIMEOUT; default 300)",
+    )
     p.set_defaults(func=observer_main)
 
     p = sub.add_parser("notify", help="publish a commit now (for a git post-commit / post-receive hook)")
@@ -32,23 +38,36 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.set_defaults(func=notify_main)
 
 
+def _branches(names: list[str]) -> tuple[str, ...]:
+    from common.messages import check_branch
+
+    try:
+        return tuple(check_branch(name) for name in names)
+    except ValueError as exc:
+        raise SettingsError(f"--branch: {exc}") from None
+
+
 def observer_main(args: argparse.Namespace) -> int:
+    from observer.cursor import CursorBusy
     from observer.repos import RepoError
     from observer.service import Observer, ObserverSettings
 
     if args.poll <= 0:
         raise SettingsError("--poll must be a positive number of seconds")
+    if args.git_timeout <= 0:
+        raise SettingsError("--git-timeout must be a positive number of seconds")
     settings = ObserverSettings(
         broker=BrokerSettings.from_args(args),
         repos=tuple(args.repo),
-        branches=tuple(args.branch),
+        branches=_branches(args.branch),
         poll=args.poll,
         state_dir=Path(args.state_dir).resolve(),
+        git_timeout=args.git_timeout,
     )
     try:
         observer = Observer(settings)
         observer.open_repos()
-    except (RepoError, ValueError) as exc:
+    except (RepoError, CursorBusy, ValueError, OSError) as exc:
         raise SettingsError(str(exc)) from None
     observer.install_signal_handlers()
     return observer.run()
@@ -60,7 +79,11 @@ def notify_main(args: argparse.Namespace) -> int:
     from common.naming import is_local, normalize_repo
     from observer.publish import LabelsRead, publish_commit
 
-    repo = normalize_repo(args.repo)
+    try:
+        repo = normalize_repo(args.repo)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+    (branch,) = _branches([args.branch])
     if args.commit:
         try:
             commit = check_commit(args.commit.strip())
@@ -74,7 +97,7 @@ def notify_main(args: argparse.Namespace) -> int:
             if not watched.local:
                 raise RepoError("--commit is required for a remote repository")
             watched.open()
-            commit = watched.head(args.branch)
+            commit = watched.head(branch)
         except RepoError as exc:
             raise SettingsError(str(exc)) from None
     try:
@@ -88,15 +111,15 @@ def notify_main(args: argparse.Namespace) -> int:
         labels.update(reading.result())
     try:
         try:
-            publish_commit(broker, repo, args.branch, commit, source="notify", labels=labels)
+            publish_commit(broker, repo, branch, commit, source="notify", labels=labels)
         except (BrokerUnavailable, Unroutable):
             # Declaring costs round trips a hook should not pay every time:
             # only when the topology is not there yet.
             broker.close()
             broker.connect(give_up_after=10)
             broker.declare_commit_path()
-            publish_commit(broker, repo, args.branch, commit, source="notify", labels=labels)
+            publish_commit(broker, repo, branch, commit, source="notify", labels=labels)
     finally:
         broker.close()
-    print(f"published {commit[:12]} on {args.branch} of {repo}")
+    print(f"published {commit[:12]} on {branch} of {repo}")
     return exits.OK

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from common import naming
 from common.broker import Broker
 from common.messages import CommitSeen
-from common.voltfile import CONFIG_FILE, required_labels
+from common.voltfile import CONFIG_FILE, MAX_CONFIG_BYTES, required_labels
 
 
 def publish_commit(
@@ -28,12 +28,13 @@ def publish_commit(
 
 class LabelsRead:
     """The runner labels the .volt.toml at a commit of a local repository asks
-    for, read by a `git show` that runs while the caller does other work."""
+    for, read by a `git cat-file` that runs while the caller does other work.
+    None when the file is missing or broken: the runner reports a broken one."""
 
     def __init__(self, repo_path: str, commit: str) -> None:
         try:
             self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
-                ["git", "-C", repo_path, "show", f"{commit}:{CONFIG_FILE}"],
+                ["git", "-C", repo_path, "cat-file", "blob", f"{commit}:{CONFIG_FILE}"],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
@@ -42,14 +43,19 @@ class LabelsRead:
             self.proc = None
 
     def result(self) -> list[str]:
-        if self.proc is None:
+        if self.proc is None or self.proc.stdout is None:
             return []
+        # Read no more than a .volt.toml may hold, whatever the commit put there.
+        out = self.proc.stdout.read(MAX_CONFIG_BYTES + 1)
+        self.proc.stdout.close()
+        if len(out) > MAX_CONFIG_BYTES:
+            self.proc.kill()
         try:
-            out, _ = self.proc.communicate(timeout=30)
+            code = self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            self.proc.communicate()
+            self.proc.wait()
             return []
-        if self.proc.returncode != 0:
+        if code != 0:
             return []  # no .volt.toml there (or no such commit: the runner will say so)
         return required_labels(out.decode("utf-8", "replace"))

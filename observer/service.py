@@ -1,8 +1,15 @@
 """The observer loop: poll each watched branch, publish every new commit in order.
 
-A commit's CommitSeen is confirmed by the broker before the cursor moves past
+A commit's CommitSeen is confirmed by the broker before the cursor records
 it, so a crash can repeat a commit (the dispatcher folds repeats into one
-job) but never skip one.
+job) but never skip one. What is new on a branch is every commit reachable
+from its head that the observer never published there, down to the commits
+it knows: after a merge that is the merged side too, after a force push the
+rewritten commits.
+
+Nothing a repository holds stops the loop: each repository and each branch
+is polled on its own, and whatever goes wrong with one is one line in the
+log (and in the health file) while the others go on.
 """
 
 from __future__ import annotations
@@ -10,17 +17,23 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.broker import Broker
+from common.broker import Broker, BrokerError
+from common.gitutil import one_line
 from common.health import write_health
 from common.settings import BrokerSettings
 from observer.cursor import Cursor
 from observer.publish import publish_commit
-from observer.repos import RepoError, WatchedRepo
+from observer.repos import DEFAULT_GIT_TIMEOUT, BranchMissing, RepoError, WatchedRepo
 
 log = logging.getLogger(__name__)
+
+# Commits published between two syncs of the cursor: a long push costs one
+# fsync per page, and a crash repeats at most what the kernel had not written.
+PAGE = 256
 
 
 @dataclass(frozen=True)
@@ -30,6 +43,18 @@ class ObserverSettings:
     branches: tuple[str, ...] = ()
     poll: float = 5.0
     state_dir: Path = Path(".volt/observer")
+    git_timeout: float = DEFAULT_GIT_TIMEOUT
+
+
+class Watch:
+    """One repository and what the loop knows about it between polls."""
+
+    def __init__(self, repo: WatchedRepo, branches: tuple[str, ...]) -> None:
+        self.repo = repo
+        # Empty until the repository can be read: then its HEAD's branch.
+        self.branches = list(branches)
+        self.problem: str | None = None  # why the last poll could not read it
+        self.missing: set[str] = set()  # branches already reported missing
 
 
 class Observer:
@@ -37,7 +62,10 @@ class Observer:
         self.s = settings
         self.broker = broker or Broker(settings.broker, "volt-observer")
         self.cursor = Cursor(settings.state_dir / "cursor.json")
-        self.watched: list[tuple[WatchedRepo, list[str]]] = []
+        self.watches = [
+            Watch(WatchedRepo(url, settings.state_dir, settings.git_timeout), settings.branches)
+            for url in settings.repos
+        ]
         self.stopping = False
 
     def request_stop(self, *_: object) -> None:
@@ -48,20 +76,38 @@ class Observer:
         signal.signal(signal.SIGINT, self.request_stop)
 
     def open_repos(self) -> None:
-        """Open every repository and check its branches; RepoError names the first problem."""
-        for url in self.s.repos:
-            watched = WatchedRepo(url, self.s.state_dir)
-            watched.open()
-            branches = list(self.s.branches) or [watched.default_branch()]
-            for branch in branches:
-                watched.head(branch)
-            self.watched.append((watched, branches))
-            log.info("watching repo=%s branches=%s", watched.url, ",".join(branches))
+        """Open every repository once before the first poll.
+
+        A local path that is not a git repository is a typo: RepoError, and the
+        command says so in one line. A server that does not answer, or a branch
+        that is not there (yet), is a warning, and is tried again every poll.
+        """
+        for watch in self.watches:
+            try:
+                watch.repo.open()
+            except RepoError as exc:
+                if watch.repo.local:
+                    raise
+                self._repo_failed(watch, str(exc))
+                continue
+            if not watch.branches:
+                watch.branches = [watch.repo.default_branch()]
+            for branch in watch.branches:
+                try:
+                    watch.repo.head(branch)
+                except BranchMissing:
+                    self._branch_missing(watch, branch)
+            log.info("watching repo=%s branches=%s", watch.repo.url, ",".join(watch.branches))
 
     def run(self) -> int:
         def poll() -> bool:
             started = time.monotonic()
-            self.poll_once()
+            try:
+                self.poll_once()
+            except BrokerError:
+                raise  # the broker's loop reconnects; the cursor says where to go on
+            except Exception as exc:  # noqa: BLE001 - a poll that fails is followed by the next one
+                log.error("poll failed: %s", _unexpected(exc))
             # Keep the connection serviced while waiting for the next poll.
             while not self.stopping:
                 left = self.s.poll - (time.monotonic() - started)
@@ -70,38 +116,123 @@ class Observer:
                 self.broker.process(min(left, 0.5))
             return True
 
-        self.broker.run(self.broker.declare_commit_path, poll, stopping=lambda: self.stopping)
-        self.broker.close()
+        try:
+            self.broker.run(self.broker.declare_commit_path, poll, stopping=lambda: self.stopping)
+        finally:
+            self.cursor.close()
+            for watch in self.watches:
+                watch.repo.close()
+            self.broker.close()
         return 0
 
     def poll_once(self) -> int:
-        """Fetch each repository once and publish what is new; returns how many were published."""
+        """Fetch each repository once and publish what is new; returns how many were published.
+
+        Broker errors leave (the caller reconnects and polls again, and the
+        cursor says where to go on); anything else is this repository's or
+        this branch's problem, logged, and the loop goes on with the next.
+        """
         published = 0
         failing: dict[str, str] = {}
-        for watched, branches in self.watched:
-            try:
-                watched.fetch()
-                for branch in branches:
-                    published += self._publish_new(watched, branch)
-            except RepoError as exc:
-                log.warning("repo=%s skipped this poll: %s", watched.url, exc)
-                failing[f"repo {watched.url}"] = str(exc)
+        try:
+            for watch in self.watches:
+                if self.stopping:
+                    break
+                url = watch.repo.url
+                try:
+                    watch.repo.fetch()
+                    if not watch.branches:
+                        watch.branches = [watch.repo.default_branch()]
+                except RepoError as exc:
+                    failing[f"repo {url}"] = self._repo_failed(watch, str(exc))
+                    continue
+                except Exception as exc:  # noqa: BLE001 - one repository must not stop the others
+                    failing[f"repo {url}"] = self._repo_failed(watch, _unexpected(exc))
+                    continue
+                if watch.problem is not None:
+                    log.info("repo=%s readable again", url)
+                    watch.problem = None
+                for branch in watch.branches:
+                    if self.stopping:
+                        break
+                    try:
+                        published += self._poll_branch(watch, branch)
+                    except BrokerError:
+                        raise
+                    except BranchMissing:
+                        self._branch_missing(watch, branch)
+                    except Exception as exc:  # noqa: BLE001 - nor one branch the others
+                        reason = str(exc) if isinstance(exc, RepoError) else _unexpected(exc)
+                        log.error("repo=%s branch=%s skipped this poll: %s", url, branch, reason)
+                        failing[f"branch {branch} of {url}"] = reason
+        finally:
+            self._sync_cursor()
         try:
             write_health(self.s.state_dir, self.s.poll, failing)
         except OSError as exc:
             log.warning("cannot write the health file in %s: %s", self.s.state_dir, exc)
         return published
 
-    def _publish_new(self, watched: WatchedRepo, branch: str) -> int:
-        head = watched.head(branch)
-        last = self.cursor.get(watched.url, branch)
+    def _poll_branch(self, watch: Watch, branch: str) -> int:
+        repo, url = watch.repo, watch.repo.url
+        head = repo.head(branch)
+        if branch in watch.missing:
+            watch.missing.discard(branch)
+            log.info("repo=%s branch=%s found at commit=%s", url, branch, head[:12])
+        last = self.cursor.get(url, branch)
         if last == head:
             return 0
-        # First sight of a branch: its head only, not its whole history.
-        commits = [head] if last is None else watched.new_commits(head, last)
+        if last is None:
+            # First sight of a branch: its head only, not its whole history.
+            return self._publish(watch, branch, head, iter([head]))
+        known = repo.existing(self.cursor.published(url, branch))
+        if not known:
+            log.warning(
+                "repo=%s branch=%s none of the commits published before is in the repository any more "
+                "(history rewritten and pruned); publishing the head only: commit=%s",
+                url,
+                branch,
+                head[:12],
+            )
+            return self._publish(watch, branch, head, iter([head]))
+        with repo.walk(head, known) as commits:
+            return self._publish(watch, branch, head, commits)
+
+    def _publish(self, watch: Watch, branch: str, head: str, commits: Iterator[str]) -> int:
+        url, count = watch.repo.url, 0
         for commit in commits:
-            labels = watched.labels_at(commit)
-            publish_commit(self.broker, watched.url, branch, commit, source="poll", labels=labels)
-            self.cursor.set(watched.url, branch, commit)
-            log.info("repo=%s branch=%s commit=%s published", watched.url, branch, commit[:12])
-        return len(commits)
+            if self.stopping:
+                return count  # the cursor has what was published; the rest waits for the next start
+            labels = watch.repo.labels_at(commit)
+            publish_commit(self.broker, url, branch, commit, source="poll", labels=labels)
+            self.cursor.record(url, branch, commit)
+            count += 1
+            log.info("repo=%s branch=%s commit=%s published", url, branch, commit[:12])
+            if count % PAGE == 0:
+                self.cursor.sync()
+        self.cursor.set(url, branch, head)  # all of it is published: nothing to walk next time
+        if count > PAGE:
+            log.info("repo=%s branch=%s published %d commits up to commit=%s", url, branch, count, head[:12])
+        return count
+
+    def _sync_cursor(self) -> None:
+        try:
+            self.cursor.sync()
+        except OSError as exc:
+            # What was published is published; at worst it is published again.
+            log.error("cannot write the observer's cursor in %s: %s", self.s.state_dir, exc)
+
+    def _repo_failed(self, watch: Watch, reason: str) -> str:
+        if reason != watch.problem:  # once per cause, not once per poll
+            log.warning("repo=%s cannot be read (tried again every poll): %s", watch.repo.url, reason)
+            watch.problem = reason
+        return reason
+
+    def _branch_missing(self, watch: Watch, branch: str) -> None:
+        if branch not in watch.missing:
+            log.warning("repo=%s branch=%s not found; watching for it to appear", watch.repo.url, branch)
+            watch.missing.add(branch)
+
+
+def _unexpected(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {one_line(exc)}"

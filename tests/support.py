@@ -328,3 +328,122 @@ def rabbit_node(config: str = "", advanced: str = "") -> Iterator[Node]:
     finally:
         node.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+class GitHttpServer:
+    """Bare repositories under `root` served over smart HTTP by git's own
+    `git http-backend` on 127.0.0.1, behind Basic auth when a user is given.
+    Every request's path and whether its login was right are kept in `requests`."""
+
+    def __init__(self, root: Path, user: str = "", password: str = "") -> None:
+        import base64
+        import http.server
+        import threading
+
+        self.root = root
+        self.requests: list[tuple[str, bool]] = []
+        expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode() if user else None
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+                pass
+
+            def do_GET(self) -> None:
+                self._serve()
+
+            def do_POST(self) -> None:
+                self._serve()
+
+            def _serve(self) -> None:
+                authorized = expected is None or self.headers.get("Authorization") == expected
+                server.requests.append((self.path, authorized))
+                if not authorized:
+                    self.send_response(401)
+                    self.send_header("WWW-Authenticate", 'Basic realm="volt-test"')
+                    self.end_headers()
+                    return
+                body = self._body()
+                path, _, query = self.path.partition("?")
+                env = {
+                    "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                    "GIT_PROJECT_ROOT": str(server.root),
+                    "GIT_HTTP_EXPORT_ALL": "1",
+                    "GATEWAY_INTERFACE": "CGI/1.1",
+                    "SERVER_PROTOCOL": "HTTP/1.0",
+                    "REQUEST_METHOD": self.command,
+                    "PATH_INFO": path,
+                    "QUERY_STRING": query,
+                    "CONTENT_TYPE": self.headers.get("Content-Type", ""),
+                    "CONTENT_LENGTH": str(len(body)),
+                    "REMOTE_ADDR": "127.0.0.1",
+                    "REMOTE_USER": user,
+                }
+                for header in ("Content-Encoding", "Git-Protocol"):
+                    if self.headers.get(header):
+                        env["HTTP_" + header.upper().replace("-", "_")] = self.headers[header]
+                out = subprocess.run(
+                    ["git", "http-backend"], input=body, env=env, capture_output=True, timeout=120, check=False
+                ).stdout
+                head, _, payload = out.partition(b"\r\n\r\n")
+                if not _:
+                    head, _, payload = out.partition(b"\n\n")
+                status, headers = 200, []
+                for line in head.decode("latin-1").splitlines():
+                    name, _, value = line.partition(":")
+                    if name.lower() == "status":
+                        status = int(value.split()[0])
+                    elif name:
+                        headers.append((name, value.strip()))
+                self.send_response(status)
+                for name, value in headers:
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    chunks = []
+                    while size := int(self.rfile.readline().split(b";")[0], 16):
+                        chunks.append(self.rfile.read(size))
+                        self.rfile.readline()
+                    self.rfile.readline()
+                    return b"".join(chunks)
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def url(self, name: str, user: str = "", password: str = "") -> str:
+        """The URL of the repository `root/name`, with a login in it when given one."""
+        login = f"{user}:{password}@" if user else ""
+        return f"http://{login}127.0.0.1:{self.port}/{name}"
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+def many_commits(repo: GitRepo, count: int, branch: str = "main") -> list[str]:
+    """`count` empty commits on `branch` in one `git fast-import` (thousands a
+    second, where `git commit` makes tens); returns them oldest first."""
+    try:
+        parent = repo.git("rev-parse", "--verify", "-q", f"refs/heads/{branch}")
+    except subprocess.CalledProcessError:
+        parent = ""
+    start = int(time.time())
+    lines = []
+    for i in range(count):
+        message = f"commit {i + 1} of {count}\n".encode()
+        lines.append(
+            f"commit refs/heads/{branch}\ncommitter Volt Test <test@volt.invalid> {start + i} +0000\n".encode()
+        )
+        lines.append(b"data %d\n%s" % (len(message), message))
+        if i == 0 and parent:
+            lines.append(f"from {parent}\n".encode())
+        lines.append(b"\n")
+    subprocess.run(["git", "fast-import", "--quiet"], input=b"".join(lines), cwd=repo.path, check=True)
+    since = [f"^{parent}"] if parent else []
+    return repo.git("rev-list", "--reverse", f"refs/heads/{branch}", *since).split()

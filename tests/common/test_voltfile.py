@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from common.voltfile import ConfigError, labels_of, parse, required_labels
+from common.voltfile import MAX_CONFIG_BYTES, ConfigError, labels_of, parse, required_labels
+
+DEEP_ARRAY = "[test]\nlabels = " + "[" * 3000 + "]" * 3000 + "\n"
+DEEP_TABLE = "x = " + "{a = " * 3000 + "1" + "}" * 3000 + "\n"
 
 
 @pytest.mark.parametrize(
@@ -14,12 +17,14 @@ from common.voltfile import ConfigError, labels_of, parse, required_labels
         ("", []),
         ('[test]\ncommand = "make test"\n', []),
         ('[test]\nlabels = ["linux", "gpu", "linux"]\n', ["gpu", "linux"]),
-        ('[test]\nlabels = "python3.12"\n', ["python3.12"]),
         # Broken files need no labels here; the runner reports them as the job's error.
+        ('[test]\nlabels = "python3.12"\n', []),
         ("[test\nlabels = [", []),
         ("test = 3\n", []),
         ("[test]\nlabels = [1, 2]\n", []),
         ('[test]\nlabels = ["has space"]\n', []),
+        (DEEP_ARRAY, []),
+        (DEEP_TABLE, []),
     ],
 )
 def test_required_labels(text: str | None, labels: list[str]) -> None:
@@ -33,3 +38,32 @@ def test_broken_labels_say_what_is_wrong() -> None:
         labels_of(parse('[test]\nlabels = ["$(touch /tmp/x)"]\n'))
     with pytest.raises(ConfigError, match="not valid TOML"):
         parse("[test")
+
+
+def test_a_lone_string_is_not_a_list_of_labels() -> None:
+    # Read as one label, it would wait forever for a runner with a label nobody meant.
+    with pytest.raises(ConfigError, match="test.labels must be a list of strings"):
+        labels_of(parse('[test]\nlabels = "linux"\n'))
+
+
+@pytest.mark.parametrize("text", [DEEP_ARRAY, DEEP_TABLE])
+def test_deep_nesting_is_a_config_error_not_a_crash(text: str) -> None:
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        parse(text)
+
+
+def test_any_other_failure_of_the_parser_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import common.voltfile as voltfile
+
+    def explode(text: str) -> None:
+        raise MemoryError("no more")
+
+    monkeypatch.setattr(voltfile.tomllib, "loads", explode)
+    with pytest.raises(ConfigError, match="cannot be read: MemoryError: no more"):
+        parse("[test]\n")
+
+
+def test_a_huge_file_is_not_parsed() -> None:
+    with pytest.raises(ConfigError, match="larger than 64 KiB"):
+        parse("#" * (MAX_CONFIG_BYTES + 1))
+    assert parse("#" * (MAX_CONFIG_BYTES - 1)) == {}

@@ -75,8 +75,9 @@ def test_bad_commit_repo_and_branch_are_one_clear_line(volt, repo, tmp_path):
     assert "not a commit id" in line
     line = _one_clear_line(volt.run("observer", "--repo", str(tmp_path / "nowhere")))
     assert "repository not found" in line
-    line = _one_clear_line(volt.run("observer", "--repo", str(repo.path), "--branch", "no-such-branch"))
-    assert "branch 'no-such-branch' not found" in line
+    # A missing branch does not stop an observer (tests/integration/test_observer.py); a bad name does.
+    line = _one_clear_line(volt.run("observer", "--repo", str(repo.path), "--branch", "main~3"))
+    assert "not a branch name" in line
     line = _one_clear_line(volt.run("notify", "--repo", str(repo.path), "--branch", "no-such-branch"))
     assert "branch 'no-such-branch' not found" in line
     line = _one_clear_line(volt.run("up", "--repo", str(tmp_path / "nowhere")))
