@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -49,21 +50,30 @@ def no_dispatcher(ns: str) -> str:
 
 
 def ask(
-    settings: BrokerSettings, method: str, params: dict[str, Any] | None = None, timeout: float = DEFAULT_TIMEOUT
+    settings: BrokerSettings,
+    method: str,
+    params: dict[str, Any] | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    wait_for_dispatcher: bool = True,
 ) -> Any:
-    """Ask the dispatcher and return its answer's data; QueryFailed with one line otherwise."""
+    """Ask the dispatcher and return its answer's data; QueryFailed with one line otherwise.
+
+    With wait_for_dispatcher (a script that has just started one), a namespace
+    without a dispatcher is waited on up to `timeout`; without (a user's
+    command), it is said at once.
+    """
     broker = Broker(settings, f"volt-{method}")
     ns = settings.namespace
+    until = time.monotonic() + timeout
     try:
         connect_once(broker, timeout)
-        # Said before asking: a request to a namespace nobody serves would
+        # Looked at before asking: a request to a namespace nobody serves would
         # wait out the timeout, or fail with the broker's NOT_FOUND.
-        if not exchange_exists(broker, naming.rpc_exchange(ns)):
-            raise QueryFailed(no_dispatcher(ns))
-        depth = broker.queue_depth(naming.dispatcher_rpc_queue(ns))
-        if depth is None or depth[1] == 0:
-            raise QueryFailed(no_dispatcher(ns))
-        body = broker.request(Request(method=method, params=params or {}), timeout)
+        while not _dispatcher_listens(broker, ns):
+            if not wait_for_dispatcher or time.monotonic() >= until:
+                raise QueryFailed(no_dispatcher(ns))
+            time.sleep(0.1)
+        body = broker.request(Request(method=method, params=params or {}), max(0.1, until - time.monotonic()))
     except RpcTimeout:
         raise QueryFailed(f"the dispatcher of namespace {ns!r} did not answer within {timeout:g}s") from None
     except Unroutable:
@@ -81,6 +91,14 @@ def ask(
     if not isinstance(reply, Reply) or not reply.ok:
         raise QueryFailed(getattr(reply, "error", "") or "the dispatcher refused the request")
     return reply.data
+
+
+def _dispatcher_listens(broker: Broker, ns: str) -> bool:
+    """Whether the namespace's request exchange exists and its queue has a consumer."""
+    if not exchange_exists(broker, naming.rpc_exchange(ns)):
+        return False
+    depth = broker.queue_depth(naming.dispatcher_rpc_queue(ns))
+    return depth is not None and depth[1] > 0
 
 
 @contextmanager
@@ -111,7 +129,7 @@ def _ask(args: argparse.Namespace, method: str, params: dict[str, Any] | None = 
     settings = BrokerSettings.from_args(args)
     line = f"volt {args.command}: no answer within {args.timeout:g}s; {BLOCKED}, or the network is down"
     with deadline(args.timeout + DEADLINE_SLACK, _give_up(sys.stderr, line, exits.BROKER_UNAVAILABLE)):
-        return ask(settings, method, params, timeout=args.timeout)
+        return ask(settings, method, params, timeout=args.timeout, wait_for_dispatcher=False)
 
 
 def _positive(text: str) -> float:
@@ -301,7 +319,6 @@ def check_main(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> tuple[str | None, str]:
     if args.observer or args.runner_workdir:
-        import time
         from pathlib import Path
 
         from common.health import read_health
@@ -313,14 +330,14 @@ def _check(args: argparse.Namespace) -> tuple[str | None, str]:
         return problem, f"runner heartbeats reach the broker ({args.runner_workdir})"
     try:
         if args.runner:
-            status = ask(BrokerSettings.from_args(args), "status", timeout=args.timeout)
+            status = ask(BrokerSettings.from_args(args), "status", timeout=args.timeout, wait_for_dispatcher=False)
             runner = next((r for r in status["runners"] if r["runner_id"] == args.runner), None)
             if runner is None:
                 return f"runner {args.runner} is not live (the dispatcher has no heartbeat from it)", ""
             return None, (
                 f"runner {args.runner} {runner['state']}, last heartbeat {runner['seconds_since_heartbeat']:.1f}s ago"
             )
-        data = ask(BrokerSettings.from_args(args), "ping", timeout=args.timeout)
+        data = ask(BrokerSettings.from_args(args), "ping", timeout=args.timeout, wait_for_dispatcher=False)
     except QueryFailed as exc:
         return str(exc), ""
     if data["runners"] < args.min_runners:

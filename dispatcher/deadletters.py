@@ -99,7 +99,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     )
     p.add_argument(
         "--limit",
-        type=int,
+        type=_at_least_one,
         metavar="N",
         help=f"list or replay at most N, oldest first (default: {DEFAULT_LIST} for list, all for replay)",
     )
@@ -108,10 +108,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.set_defaults(func=main)
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
 def main(args: argparse.Namespace) -> int:
     settings = BrokerSettings.from_args(args)
-    if args.limit is not None and args.limit < 1:
-        raise QueryFailed("--limit must be 1 or more")
     line = f"volt dead-letters: no answer within {args.timeout:g}s; {BLOCKED}, or the network is down"
     with deadline(args.timeout + DEADLINE_SLACK, _give_up(sys.stderr, line, exits.BROKER_UNAVAILABLE)):
         broker = Broker(settings, "volt-dead-letters")

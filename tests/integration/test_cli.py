@@ -126,6 +126,12 @@ def test_a_refused_login_a_refused_connection_and_no_dispatcher_fail_at_once(vol
     assert check.stdout.startswith("unhealthy: no dispatcher is running") and check.stderr == ""
 
 
+def test_a_script_can_ask_a_dispatcher_it_has_just_started(volt: Volt) -> None:
+    volt.dispatcher()
+    # No wait_for around it: ask() waits (up to its timeout) for the dispatcher to listen.
+    assert volt.ask("ping", timeout=30)["runners"] == 0
+
+
 def test_a_closed_pipe_ends_results_quietly(volt: Volt) -> None:
     finished_jobs(volt.tmp / "dispatcher.db", 5)
     volt.dispatcher()
