@@ -589,7 +589,7 @@ def connect_once(broker: Broker, timeout: float) -> None:
 def _refused(exc: BaseException) -> bool:
     """Whether a connection failure is an answer (no such host, port closed,
     login refused) rather than something that may pass."""
-    import socket  # here, not at the top: only one-shot commands ask
+    import socket  # kept with the one-shot helpers it serves
 
     if isinstance(
         exc,
