@@ -387,7 +387,7 @@ class Broker:
             self._channel().queue_declare(naming.dispatcher_rpc_queue(ns), durable=True)
             self._channel().queue_bind(naming.dispatcher_rpc_queue(ns), naming.rpc_exchange(ns))
             dead = naming.dead_letter_queue(ns)
-            self._channel().queue_declare(dead, durable=True)
+            _declare_dead_letter_queue(self, dead)
             self._channel().queue_bind(dead, naming.dead_letter_exchange(ns), routing_key=dead)
 
     def declare_commit_path(self) -> None:
@@ -673,3 +673,134 @@ def _describe(exc: BaseException) -> str:
         return inner.strerror
     text = repr(inner) if isinstance(inner, BaseException) else str(inner)
     return " ".join(text.split())[:300]
+
+
+# -- one-shot commands and the dead-letter queue ------------------------------
+
+# The dead-letter queue keeps at most this many messages; past it, the oldest go.
+DEAD_LETTER_MAX_LENGTH = 10_000
+_warned_dead_letter_args: set[str] = set()
+
+
+def connect_once(broker: Broker, timeout: float) -> None:
+    """Connect `broker` for a one-shot command (`volt status`, `check`, ...).
+
+    A refused connection or login fails at once; other failures are retried
+    until `timeout`. A publish the broker blocks (memory or disk alarm) fails
+    after `timeout` instead of pika's minute: see was_blocked().
+    """
+    params = pika.URLParameters(broker.settings.amqp_url)
+    params.client_properties = {"connection_name": broker.client_name}
+    params.connection_attempts = 1
+    params.socket_timeout = max(0.1, min(5.0, timeout))
+    params.stack_timeout = max(0.1, timeout)
+    params.blocked_connection_timeout = max(0.1, timeout)
+    params.heartbeat = 30
+    deadline = time.monotonic() + timeout
+    while True:
+        conn: pika.BlockingConnection | None = None
+        try:
+            conn = pika.BlockingConnection(params)
+            ch = conn.channel()
+            ch.confirm_delivery()
+            broker._conn, broker._ch = conn, ch
+            log.info("connected to %s as %s", redact_url(broker.settings.amqp_url), broker.client_name)
+            return
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            if conn is not None and conn.is_open:
+                try:
+                    conn.close()
+                except (pika.exceptions.AMQPError, OSError):
+                    pass
+            if _refused(exc) or time.monotonic() >= deadline:
+                raise BrokerUnavailable(
+                    f"cannot reach RabbitMQ at {redact_url(broker.settings.amqp_url)}: {_describe(exc)}"
+                ) from None
+            time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether a connection failure is an answer (no such host, port closed,
+    login refused) rather than something that may pass."""
+    import socket  # kept with the one-shot helpers it serves
+
+    if isinstance(
+        exc,
+        (
+            pika.exceptions.ProbableAuthenticationError,
+            pika.exceptions.ProbableAccessDeniedError,
+            pika.exceptions.AuthenticationError,
+        ),
+    ):
+        return True
+    inner: object = exc
+    for _ in range(5):  # pika nests the socket's error a few levels down
+        if isinstance(inner, (ConnectionRefusedError, socket.gaierror)):
+            return True
+        if isinstance(inner, pika.exceptions.ConnectionClosedByBroker):
+            return inner.reply_code in (403, 530)  # access refused, not allowed (vhost)
+        if isinstance(inner, pika.exceptions.AMQPConnectionError) and inner.args:
+            inner = inner.args[0]
+        elif isinstance(getattr(inner, "exception", None), BaseException):
+            inner = inner.exception  # type: ignore[attr-defined]
+        else:
+            break
+    return False
+
+
+def was_blocked(exc: BaseException) -> bool:
+    """Whether a BrokerUnavailable came from a publish RabbitMQ kept blocked past
+    connect_once's timeout (a memory or disk alarm)."""
+    # _translated() raises ours from None: pika's stays the context.
+    return isinstance(exc.__context__, pika.exceptions.ConnectionBlockedTimeout)
+
+
+def exchange_exists(broker: Broker, exchange: str) -> bool:
+    """Whether an exchange exists (a passive declare, on a throwaway channel)."""
+    with _translated():
+        ch = broker._connection().channel()
+    try:
+        ch.exchange_declare(exchange, passive=True)
+        return True
+    except pika.exceptions.ChannelClosedByBroker:
+        return False
+    except (pika.exceptions.AMQPError, OSError) as exc:
+        raise BrokerUnavailable(_describe(exc)) from None
+    finally:
+        if ch.is_open:
+            with _translated():
+                ch.close()
+
+
+def purge_counted(broker: Broker, queue: str) -> int:
+    """Empty a queue; how many messages it dropped."""
+    with _translated():
+        ok = broker._channel().queue_purge(queue)
+    return int(ok.method.message_count)
+
+
+def _declare_dead_letter_queue(broker: Broker, queue: str) -> None:
+    """Declare the dead-letter queue with its max length. One declared by an older
+    Volt CI without it stays as it is (RabbitMQ refuses to change a queue's
+    arguments), with one warning; on a throwaway channel, as the refusal closes it."""
+    with _translated():
+        ch = broker._connection().channel()
+    try:
+        ch.queue_declare(queue, durable=True, arguments={"x-max-length": DEAD_LETTER_MAX_LENGTH})
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code != 406:  # PRECONDITION_FAILED: other arguments
+            raise BrokerUnavailable(f"cannot declare {queue}: {exc.reply_text}") from None
+        if queue not in _warned_dead_letter_args:
+            _warned_dead_letter_args.add(queue)
+            log.warning(
+                "%s exists without this version's max length (x-max-length=%d) and stays as it is: "
+                "delete it while it is empty to get the limit",
+                queue,
+                DEAD_LETTER_MAX_LENGTH,
+            )
+    except (pika.exceptions.AMQPError, OSError) as exc:
+        raise BrokerUnavailable(_describe(exc)) from None
+    finally:
+        if ch.is_open:
+            with _translated():
+                ch.close()

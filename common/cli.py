@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from common import exits, logs
-from common.settings import SettingsError, add_common_flags
+from common.settings import SettingsError, add_common_flags, env
 
 # The module that adds each sub-command, in help order. A command imports only
 # its own module: `volt notify`, run by git hooks, must start quickly.
@@ -26,8 +27,12 @@ COMMANDS = {
     "log": "dispatcher.client",
     "runner-ctl": "dispatcher.client",
     "check": "dispatcher.client",
+    "dead-letters": "dispatcher.deadletters",
     "demo": "common.demo",
 }
+# Commands that answer and end: their output is the answer, so they log only
+# warnings unless --log-level (or VOLT_LOG_LEVEL) asks for more.
+ONE_SHOT = {"status", "results", "log", "runner-ctl", "check", "dead-letters"}
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -37,8 +42,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in modules:
         importlib.import_module(name).add_parsers(sub)
-    for p in sub.choices.values():
+    for name, p in sub.choices.items():
         add_common_flags(p)
+        if name in ONE_SHOT:
+            p.set_defaults(log_level=env("LOG_LEVEL", "WARNING").upper())
     return parser
 
 
@@ -62,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code
     except KeyboardInterrupt:
         return exits.INTERRUPTED
+    except BrokenPipeError:
+        # `volt results | head`: the reader has all it wanted. Point stdout at
+        # /dev/null so the interpreter's last flush does not complain either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return exits.BROKEN_PIPE
 
 
 if __name__ == "__main__":

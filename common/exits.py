@@ -5,6 +5,7 @@ UNHEALTHY = 1  # `volt check` found something wrong
 USAGE = 2  # a user mistake: bad flag, bad URL, missing repository
 BROKER_UNAVAILABLE = 3  # gave up reaching RabbitMQ
 INTERRUPTED = 130  # stopped by a second signal
+BROKEN_PIPE = 141  # the reader of our output went away (128 + SIGPIPE, as the shell says)
 
 
 class CommandFailed(Exception):

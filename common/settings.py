@@ -74,22 +74,24 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--amqp-url",
         default=env("AMQP_URL", DEFAULT_AMQP_URL),
-        help="RabbitMQ URL (env VOLT_AMQP_URL)",
+        # %% for argparse; the default's password is the well-known guest one.
+        help=f"RabbitMQ URL (env VOLT_AMQP_URL; default {DEFAULT_AMQP_URL.replace('%', '%%')})",
     )
     parser.add_argument(
         "--namespace",
         default=env("NAMESPACE", DEFAULT_NAMESPACE),
-        help="prefix of every exchange and queue name (env VOLT_NAMESPACE)",
+        help=f"prefix of every exchange and queue name (env VOLT_NAMESPACE; default {DEFAULT_NAMESPACE})",
     )
     parser.add_argument(
         "--log-level",
         default=env("LOG_LEVEL", "INFO"),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         type=str.upper,
+        help="how much to log (env VOLT_LOG_LEVEL; default INFO, WARNING for commands that answer and end)",
     )
     parser.add_argument(
         "--log-format",
         default=env("LOG_FORMAT", "plain"),
         choices=["plain", "json"],
-        help="plain for people, json for log shippers (env VOLT_LOG_FORMAT)",
+        help="plain for people, json for log shippers (env VOLT_LOG_FORMAT; default plain)",
     )

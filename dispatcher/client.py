@@ -1,34 +1,87 @@
-"""`volt status`, `volt results`, `volt log`, `volt check`: questions to the dispatcher."""
+"""`volt status`, `results`, `log`, `runner-ctl`, `check`: questions to the dispatcher.
+
+One-shot commands: they print their answer and nothing else (no INFO lines
+unless --log-level asks), fail with one line, and keep to their --timeout:
+a refused connection or login fails at once, a namespace without a
+dispatcher is said at once, and a broker that blocks publishers (a memory
+or disk alarm) costs the timeout, not pika's minute.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from common import exits
-from common.broker import Broker, BrokerUnavailable, RpcTimeout, Unroutable
+from common import exits, naming
+from common.broker import (
+    Broker,
+    BrokerUnavailable,
+    RpcTimeout,
+    Unroutable,
+    connect_once,
+    exchange_exists,
+    was_blocked,
+)
 from common.messages import DecodeError, Reply, Request, RunnerCommand
 from common.settings import BrokerSettings
 from dispatcher.queries import log_text
+
+DEFAULT_TIMEOUT = 10.0
+RESULTS_LIMIT = 50
+RESULTS_MAX = 10000  # what the dispatcher answers at most (queries.results)
+# Past the command's own timeout, the backstop that ends it whatever pika is doing.
+DEADLINE_SLACK = 1.5
+BLOCKED = "RabbitMQ is blocking publishers (a memory or disk alarm? see `rabbitmqctl status`)"
 
 
 class QueryFailed(exits.CommandFailed):
     """The dispatcher answered with an error, or not at all; one line for the user."""
 
 
-def ask(settings: BrokerSettings, method: str, params: dict[str, Any] | None = None, timeout: float = 10.0) -> Any:
+def no_dispatcher(ns: str) -> str:
+    return f"no dispatcher is running in namespace {ns!r} (start `volt dispatcher --namespace {ns}`)"
+
+
+def ask(
+    settings: BrokerSettings,
+    method: str,
+    params: dict[str, Any] | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    wait_for_dispatcher: bool = True,
+) -> Any:
+    """Ask the dispatcher and return its answer's data; QueryFailed with one line otherwise.
+
+    With wait_for_dispatcher (a script that has just started one), a namespace
+    without a dispatcher is waited on up to `timeout`; without (a user's
+    command), it is said at once.
+    """
     broker = Broker(settings, f"volt-{method}")
+    ns = settings.namespace
+    until = time.monotonic() + timeout
     try:
-        broker.connect(give_up_after=timeout)
-        body = broker.request(Request(method=method, params=params or {}), timeout)
-    except (BrokerUnavailable, RpcTimeout) as exc:
-        raise QueryFailed(str(exc)) from None
+        connect_once(broker, timeout)
+        # Looked at before asking: a request to a namespace nobody serves would
+        # wait out the timeout, or fail with the broker's NOT_FOUND.
+        while not _dispatcher_listens(broker, ns):
+            if not wait_for_dispatcher or time.monotonic() >= until:
+                raise QueryFailed(no_dispatcher(ns))
+            time.sleep(0.1)
+        body = broker.request(Request(method=method, params=params or {}), max(0.1, until - time.monotonic()))
+    except RpcTimeout:
+        raise QueryFailed(f"the dispatcher of namespace {ns!r} did not answer within {timeout:g}s") from None
     except Unroutable:
-        raise QueryFailed(
-            f"no dispatcher queue in namespace {settings.namespace!r}: has `volt dispatcher` run there?"
-        ) from None
+        raise QueryFailed(no_dispatcher(ns)) from None
+    except BrokerUnavailable as exc:
+        if was_blocked(exc):
+            raise QueryFailed(f"no answer within {timeout:g}s: {BLOCKED}") from None
+        raise QueryFailed(str(exc)) from None
     finally:
         broker.close()
     try:
@@ -40,48 +93,139 @@ def ask(settings: BrokerSettings, method: str, params: dict[str, Any] | None = N
     return reply.data
 
 
+def _dispatcher_listens(broker: Broker, ns: str) -> bool:
+    """Whether the namespace's request exchange exists and its queue has a consumer."""
+    if not exchange_exists(broker, naming.rpc_exchange(ns)):
+        return False
+    depth = broker.queue_depth(naming.dispatcher_rpc_queue(ns))
+    return depth is not None and depth[1] > 0
+
+
+@contextmanager
+def deadline(seconds: float, expire: Callable[[], None]) -> Iterator[None]:
+    """Call expire() (which ends the process) if the block is still running after
+    `seconds`: a backstop for a broker that stops answering inside a pika call,
+    where no timeout of ours can reach."""
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def _give_up(out: Any, line: str, code: int) -> Callable[[], None]:
+    def expire() -> None:
+        out.write(line + "\n")
+        out.flush()
+        os._exit(code)  # the main thread is stuck in a broker call; nothing else to clean
+
+    return expire
+
+
+def _ask(args: argparse.Namespace, method: str, params: dict[str, Any] | None = None) -> Any:
+    """ask(), for a command: its flags, its timeout, and the backstop around both."""
+    settings = BrokerSettings.from_args(args)
+    line = f"volt {args.command}: no answer within {args.timeout:g}s; {BLOCKED}, or the network is down"
+    with deadline(args.timeout + DEADLINE_SLACK, _give_up(sys.stderr, line, exits.BROKER_UNAVAILABLE)):
+        return ask(settings, method, params, timeout=args.timeout, wait_for_dispatcher=False)
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < 3600:
+        raise argparse.ArgumentTypeError("must be more than 0 and less than 3600 seconds")
+    return value
+
+
+def _limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= RESULTS_MAX:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {RESULTS_MAX}")
+    return value
+
+
+def add_timeout(p: argparse.ArgumentParser, default: float = DEFAULT_TIMEOUT) -> None:
+    p.add_argument(
+        "--timeout",
+        type=_positive,
+        default=default,
+        metavar="S",
+        help=f"give up after this many seconds, also while RabbitMQ blocks publishers (default {default:g})",
+    )
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("status", help="live runners, queue depths, jobs waiting and running")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the dispatcher's answer as JSON (default: tables)")
+    add_timeout(p)
     p.set_defaults(func=status_main)
 
     p = sub.add_parser("results", help="recorded results, newest first")
-    p.add_argument("--repo")
-    p.add_argument("--branch")
-    p.add_argument("--commit")
-    p.add_argument("--limit", type=int, default=50)
-    p.add_argument("--all", action="store_true", help="also jobs not finished yet")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--repo", help="only this repository (default: all)")
+    p.add_argument("--branch", help="only this branch (default: all)")
+    p.add_argument("--commit", metavar="SHA", help="only this commit, or commits with this prefix (default: all)")
+    p.add_argument(
+        "--limit",
+        type=_limit,
+        default=RESULTS_LIMIT,
+        metavar="N",
+        help=f"show at most N, newest first; says when there are more (default {RESULTS_LIMIT}, at most {RESULTS_MAX})",
+    )
+    p.add_argument(
+        "--all",
+        action="store_true",
+        help="all states: also jobs not finished yet, waiting or running (default: finished jobs only)",
+    )
+    p.add_argument("--json", action="store_true", help="print the results as a JSON list (default: one line each)")
+    add_timeout(p)
     p.set_defaults(func=results_main)
 
     p = sub.add_parser("log", help="a job's test log")
-    p.add_argument("id", metavar="JOB_ID_OR_COMMIT")
+    p.add_argument("id", metavar="JOB_ID_OR_COMMIT", help="a job id, or a commit id or prefix")
+    add_timeout(p)
     p.set_defaults(func=log_main)
 
     p = sub.add_parser("runner-ctl", help="pause, resume or drain a runner")
-    p.add_argument("action", choices=RunnerCommand.ACTIONS)
-    p.add_argument("runner_id", metavar="RUNNER_ID")
-    p.add_argument("--reason", default="", help="said in the runner's log")
+    p.add_argument("action", choices=RunnerCommand.ACTIONS, help="what the runner is told")
+    p.add_argument("runner_id", metavar="RUNNER_ID", help="the runner's --id")
+    p.add_argument("--reason", default="", help="said in the runner's log (default: none)")
+    add_timeout(p)
     p.set_defaults(func=runner_ctl_main)
 
     p = sub.add_parser("check", help="exit 0 if the worker (or the system) is healthy, else 1 with the reason")
-    p.add_argument("--min-runners", type=int, default=0, help="also require this many live runners")
+    p.add_argument(
+        "--min-runners", type=int, default=0, metavar="N", help="also require this many live runners (default 0)"
+    )
     target = p.add_mutually_exclusive_group()
-    target.add_argument("--runner", metavar="ID", help="check this runner: the dispatcher hears its heartbeats")
+    target.add_argument(
+        "--runner",
+        metavar="ID",
+        help="check this runner: the dispatcher hears its heartbeats (default: check the dispatcher)",
+    )
     target.add_argument(
         "--runner-workdir",
         metavar="DIR",
-        help="check the runner with this --workdir on this machine: its heartbeats reach the broker",
+        help="check the runner with this --workdir on this machine: its heartbeats reach the broker (default: none)",
     )
     target.add_argument(
-        "--observer", metavar="STATE_DIR", help="check the observer with this --state-dir: it polls, repos answer"
+        "--observer",
+        metavar="STATE_DIR",
+        help="check the observer with this --state-dir: it polls, repos answer (default: none)",
     )
-    p.add_argument("--timeout", type=float, default=5.0)
+    add_timeout(p, default=5.0)
     p.set_defaults(func=check_main)
 
 
 def status_main(args: argparse.Namespace) -> int:
-    data = ask(BrokerSettings.from_args(args), "status")
+    data = _ask(args, "status")
     if args.json:
         print(json.dumps(data, indent=2))
         return exits.OK
@@ -115,13 +259,19 @@ def results_main(args: argparse.Namespace) -> int:
         "commit": args.commit,
         "limit": args.limit,
         "done_only": not args.all,
+        "with_total": True,
     }
-    rows = ask(BrokerSettings.from_args(args), "results", {k: v for k, v in params.items() if v is not None})
+    data = _ask(args, "results", {k: v for k, v in params.items() if v is not None})
+    # An older dispatcher answers a plain list, without the total.
+    rows, total = (data["results"], data["total"]) if isinstance(data, dict) else (data, len(data))
+    more = f"showing {len(rows)} of {total}; --limit N shows more" if total > len(rows) else ""
     if args.json:
         print(json.dumps(rows, indent=2))
+        if more:
+            print(f"volt results: {more}", file=sys.stderr)
         return exits.OK
     if not rows:
-        print("no results yet")
+        print("no results yet" if not args.all else "no jobs yet")
     for r in rows:
         status = r["status"] or r["state"]
         counts = f"{r['passed']} passed, {r['failed']} failed, {r['errors']} errors, {r['skipped']} skipped"
@@ -131,37 +281,44 @@ def results_main(args: argparse.Namespace) -> int:
         )
         if r["reason"] and status != "passed":
             print(f"              {r['reason']}")
+    if more:
+        print(more)
     return exits.OK
 
 
 def log_main(args: argparse.Namespace) -> int:
-    data = ask(BrokerSettings.from_args(args), "log", {"id": args.id})
+    data = _ask(args, "log", {"id": args.id})
     job = data["job"]
     print(
         f"# job {job['job_id']} commit {job['commit']} {job['status'] or job['state']}: {job['reason']}",
         file=sys.stderr,
     )
-    sys.stdout.write(log_text(data["head"], data["tail"], data["bytes"], data["full"]))
+    cut = data.get("cut", "")
+    if cut:
+        print(f"# {cut}", file=sys.stderr)
+    dropped = "not in this reply" if cut else "not kept"
+    sys.stdout.write(log_text(data["head"], data["tail"], data["bytes"], data["full"], dropped))
     return exits.OK
 
 
 def runner_ctl_main(args: argparse.Namespace) -> int:
     params = {"runner": args.runner_id, "action": args.action, "reason": args.reason}
-    data = ask(BrokerSettings.from_args(args), "runner_ctl", params)
+    data = _ask(args, "runner_ctl", params)
     print(f"runner {data['runner']}: {data['action']} sent; now {data['state']}")
     return exits.OK
 
 
 def check_main(args: argparse.Namespace) -> int:
     """One line, healthy or unhealthy and why; exit 0 or 1."""
-    problem, fine = _check(args)
+    line = f"unhealthy: no answer within {args.timeout:g}s; {BLOCKED}, or the network is down"
+    with deadline(args.timeout + DEADLINE_SLACK, _give_up(sys.stdout, line, exits.UNHEALTHY)):
+        problem, fine = _check(args)
     print(f"unhealthy: {problem}" if problem else f"healthy: {fine}")
     return exits.UNHEALTHY if problem else exits.OK
 
 
 def _check(args: argparse.Namespace) -> tuple[str | None, str]:
     if args.observer or args.runner_workdir:
-        import time
         from pathlib import Path
 
         from common.health import read_health
@@ -173,14 +330,14 @@ def _check(args: argparse.Namespace) -> tuple[str | None, str]:
         return problem, f"runner heartbeats reach the broker ({args.runner_workdir})"
     try:
         if args.runner:
-            status = ask(BrokerSettings.from_args(args), "status", timeout=args.timeout)
+            status = ask(BrokerSettings.from_args(args), "status", timeout=args.timeout, wait_for_dispatcher=False)
             runner = next((r for r in status["runners"] if r["runner_id"] == args.runner), None)
             if runner is None:
                 return f"runner {args.runner} is not live (the dispatcher has no heartbeat from it)", ""
             return None, (
                 f"runner {args.runner} {runner['state']}, last heartbeat {runner['seconds_since_heartbeat']:.1f}s ago"
             )
-        data = ask(BrokerSettings.from_args(args), "ping", timeout=args.timeout)
+        data = ask(BrokerSettings.from_args(args), "ping", timeout=args.timeout, wait_for_dispatcher=False)
     except QueryFailed as exc:
         return str(exc), ""
     if data["runners"] < args.min_runners:

@@ -1,7 +1,12 @@
-"""Answers to `volt status`, `volt results` and `volt log`, asked over request/reply."""
+"""Answers to `volt status`, `volt results` and `volt log`, asked over request/reply.
+
+Runners and queue depths come from the dispatcher's snapshot (dispatcher/snapshot.py),
+never from the broker: a question costs the dispatcher's loop no round trip.
+"""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -9,7 +14,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from common import naming
-from common.messages import Request, RunnerCommand
+from common.messages import MAX_MESSAGE_BYTES, Request, RunnerCommand
 from dispatcher.registry import TAKES_JOBS, RunnerInfo, has_labels
 from dispatcher.store import JobRow, Store
 
@@ -17,10 +22,14 @@ if TYPE_CHECKING:
     from dispatcher.service import Dispatcher
 
 # (ready messages, consumers) of a queue by name; None when it does not exist
-# (or, for the web page's snapshot, was not looked at).
+# (or, in the dispatcher's snapshot, was not looked at yet).
 QueueDepth = Callable[[str], tuple[int, int] | None]
 
-MAX_LOG_CHARS = 8 * 1024 * 1024
+# A `log` reply is one message, so its encoded size counts, in bytes: our own
+# decode refuses more than MAX_MESSAGE_BYTES (16 MiB), and RabbitMQ refuses
+# more than its max_message_size (128 MiB by default on 3.10 to 3.13, 16 MiB
+# from 4.0). Half of ours leaves room for the rest of the reply.
+MAX_LOG_REPLY_BYTES = MAX_MESSAGE_BYTES // 2
 
 
 class QueryError(Exception):
@@ -83,14 +92,13 @@ def runner_state(info: RunnerInfo, has_job: bool) -> str:
 
 
 def status(store: Store, ns: str, runners: Iterable[RunnerInfo], now: float, depth: QueueDepth) -> dict[str, Any]:
-    """Live runners, queue depths, waiting and running jobs. `now` is on the clock of
-    the runners' last_seen; `depth` answers queue depths (the broker, or a snapshot)."""
+    """Live runners, shared queue depths, waiting and running jobs. `now` is on the clock
+    of the runners' last_seen; `depth` answers queue depths (the snapshot's)."""
     busy = {row.runner: row for row in store.in_state("assigned", "running")}
     runner_list = []
     live = sorted(runners, key=lambda r: r.runner_id)
     for info in live:
         row = busy.get(info.runner_id)
-        queue = depth(naming.runner_queue(ns, info.runner_id))
         runner_list.append(
             {
                 "runner_id": info.runner_id,
@@ -101,7 +109,9 @@ def status(store: Store, ns: str, runners: Iterable[RunnerInfo], now: float, dep
                 "labels": info.labels,
                 "heartbeat_interval_s": info.interval,
                 "seconds_since_heartbeat": round(now - info.last_seen, 2),
-                "queue": {"name": naming.runner_queue(ns, info.runner_id), "ready": queue[0] if queue else None},
+                # Its depth is not looked at: one broker call per runner per question is
+                # what the snapshot exists to avoid, and it holds at most the job it was given.
+                "queue": {"name": naming.runner_queue(ns, info.runner_id)},
             }
         )
     queues = {}
@@ -138,28 +148,39 @@ def why_waiting(row: JobRow, runners: list[RunnerInfo], busy: dict[str | None, J
 
 def results(store: Store, params: dict[str, Any]) -> list[dict[str, Any]]:
     """Jobs (by default only finished ones) with their history, newest first."""
+    return _results_and_total(store, params, total=False)[0]
+
+
+def results_with_total(store: Store, params: dict[str, Any]) -> dict[str, Any]:
+    """results() as {"results": [...], "total": N}: N is how many match without the limit."""
+    rows, total = _results_and_total(store, params, total=True)
+    return {"results": rows, "total": total}
+
+
+def _results_and_total(store: Store, params: dict[str, Any], total: bool) -> tuple[list[dict[str, Any]], int]:
     limit = params.get("limit", 50)
-    if not isinstance(limit, int) or not 1 <= limit <= 10000:
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 10000:
         raise QueryError("limit must be a whole number from 1 to 10000")
     for key in ("repo", "branch"):
         if params.get(key) is not None and not isinstance(params[key], str):
             raise QueryError(f"{key} must be a string")
     commit = params.get("commit")
-    if commit is not None and not re.fullmatch(r"[0-9a-fA-F]{4,64}", str(commit)):
-        raise QueryError(f"not a commit id or prefix: {commit!r:.80}")
-    rows = store.find(
-        repo=params.get("repo"),
-        branch=params.get("branch"),
-        commit=commit,
-        limit=limit,
-        done_only=bool(params.get("done_only", True)),
-    )
-    return [job_dict(r, store.events(r.job_id)) for r in rows]
+    if commit is not None:
+        if not isinstance(commit, str) or not re.fullmatch(r"[0-9a-fA-F]{4,64}", commit):
+            raise QueryError(f"not a commit id or prefix: {commit!r:.80}")
+    repo, branch, done_only = params.get("repo"), params.get("branch"), bool(params.get("done_only", True))
+    rows = store.find(repo=repo, branch=branch, commit=commit, limit=limit, done_only=done_only)
+    found = [job_dict(r, store.events(r.job_id)) for r in rows]
+    if not total or len(found) < limit:
+        return found, len(found)
+    return found, store.count(repo=repo, branch=branch, commit=commit, done_only=done_only)
 
 
-def job_log(store: Store, key: str) -> dict[str, Any]:
+def job_log(store: Store, key: str, max_bytes: int | None = None) -> dict[str, Any]:
     """A job (by id, or by commit or commit prefix) and its log: head, tail, size and,
-    when it was kept and is not too big, the whole of it."""
+    when it was kept and the reply stays within max_bytes (MAX_LOG_REPLY_BYTES) encoded,
+    the whole of it; `cut` says why the whole log is not in the reply when it was kept."""
+    limit = MAX_LOG_REPLY_BYTES if max_bytes is None else max_bytes
     key = key.strip()
     if not re.fullmatch(r"[0-9a-fA-F]{4,64}", key):
         raise QueryError(f"not a job id or commit: {key!r:.80}")
@@ -171,35 +192,51 @@ def job_log(store: Store, key: str) -> dict[str, Any]:
         if len(matches) > 1 and not all(m.commit_sha == matches[0].commit_sha for m in matches):
             raise QueryError(f"{key} matches more than one commit; give more of it or the job id")
         row = matches[0]
-    log = store.log(row.job_id) or {}
+    reply: dict[str, Any] = {"job": job_dict(row), "head": "", "tail": "", "bytes": 0, "full": None, "cut": ""}
+    # What the rest of the reply leaves for the whole log. Inflating no further
+    # than that also keeps a hostile log's memory off the dispatcher.
+    budget = limit - encoded_size(reply)
+    log = store.log(row.job_id, max_full_bytes=max(0, budget)) or {}
+    reply.update(head=log.get("head", ""), tail=log.get("tail", ""), bytes=log.get("bytes", 0))
+    budget = limit - encoded_size(reply)
     full = log.get("full")
-    if full is not None and len(full) > MAX_LOG_CHARS:
-        full = None
-    return {
-        "job": job_dict(row),
-        "head": log.get("head", ""),
-        "tail": log.get("tail", ""),
-        "bytes": log.get("bytes", 0),
-        "full": full,
-    }
+    if full is not None and encoded_size(full) <= budget:
+        reply["full"] = full
+    elif full is not None or store.log_compressed(row.job_id) is not None:
+        reply["cut"] = (
+            f"the whole log ({reply['bytes']} bytes) is more than one reply holds ({limit} bytes): "
+            f"here are its head and tail; the results page's /jobs/{row.job_id}/log.txt has all of it"
+        )
+    return reply
 
 
-def log_text(head: str, tail: str, size: int, full: str | None) -> str:
+def encoded_size(value: Any) -> int:
+    """Bytes of `value` in a message (Message.to_json's encoding): a character may
+    take up to 4 bytes, and a control character 6 as a JSON escape."""
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def log_text(head: str, tail: str, size: int, full: str | None, dropped: str = "not kept") -> str:
     """The whole log when it was kept, else its head, a marker for what was dropped, and its tail."""
     if full is not None:
         return full
     if not tail:
         return head
     skipped = size - len(head.encode()) - len(tail.encode())
-    marker = f"\n[... {skipped} bytes not kept ...]\n" if skipped > 0 else ""
+    marker = f"\n[... {skipped} bytes {dropped} ...]\n" if skipped > 0 else ""
     return head + marker + tail
 
 
 def _status(d: Dispatcher, params: dict[str, Any]) -> dict[str, Any]:
-    return status(d.store, d.ns, d.registry.runners.values(), d.clock(), d.broker.queue_depth)
+    # From the snapshot: no broker call on the dispatcher's loop for a question.
+    snap = d.snapshot
+    return status(d.store, d.ns, snap.runners, snap.now(d.wall()), snap.depth)
 
 
-def _results(d: Dispatcher, params: dict[str, Any]) -> list[dict[str, Any]]:
+def _results(d: Dispatcher, params: dict[str, Any]) -> list[dict[str, Any]] | dict[str, Any]:
+    # A plain list unless the asker wants the total: older clients read a list.
+    if params.get("with_total") is True:
+        return results_with_total(d.store, params)
     return results(d.store, params)
 
 
@@ -215,7 +252,7 @@ def _runner_ctl(d: Dispatcher, params: dict[str, Any], asker: str | None) -> dic
 
 
 def _ping(d: Dispatcher, params: dict[str, Any]) -> dict[str, Any]:
-    return {"runners": len(d.registry.runners), "time": iso(time.time())}
+    return {"runners": len(d.snapshot.runners), "time": iso(time.time())}
 
 
 _HANDLERS = {

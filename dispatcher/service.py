@@ -242,7 +242,8 @@ class Dispatcher:
             raise
         self._after_durable()
         self._last_round = self.clock()
-        if self.s.http_port and self.clock() >= self._next_snapshot:
+        # The page and the RPC answers read the snapshot, never the broker.
+        if self.clock() >= self._next_snapshot:
             self.snapshot = take_snapshot(self, self.snapshot)
             self._next_snapshot = self.clock() + 0.25
 
@@ -667,6 +668,8 @@ class Dispatcher:
         msg = self._decode(d, Request)
         if msg is None:
             return
+        # Runners as they are now; queue depths as last looked at (no broker call).
+        self.snapshot = take_snapshot(self, self.snapshot, look_at_queues=False)
         try:
             reply = Reply(ok=True, data=queries.answer(self, msg, asker=d.user_id))
         except queries.QueryError as exc:

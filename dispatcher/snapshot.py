@@ -1,9 +1,10 @@
-"""What the dispatcher's main thread lets other threads see.
+"""What the dispatcher's main thread lets other threads, and answers, see.
 
 The main thread owns the registry and the broker connection; the web server's
 threads must touch neither. So the main thread copies what the page shows
 into an immutable Snapshot and swaps it in whole; readers only ever see one
-complete snapshot, never a half-changed registry.
+complete snapshot, never a half-changed registry. The RPC answers read it too,
+so a question never costs the loop a broker call.
 """
 
 from __future__ import annotations
@@ -42,12 +43,14 @@ class Snapshot:
         return self.queues.get(queue)
 
 
-def take_snapshot(d: Dispatcher, previous: Snapshot) -> Snapshot:
-    """A new snapshot of `d`, on its main thread; the queue depths are looked at
-    again only every QUEUE_LOOK_EVERY seconds, else kept from `previous`."""
+def take_snapshot(d: Dispatcher, previous: Snapshot, look_at_queues: bool = True) -> Snapshot:
+    """A new snapshot of `d`, on its main thread; the shared queues' depths are looked
+    at again only every QUEUE_LOOK_EVERY seconds (and never without look_at_queues),
+    else kept from `previous`. Runner queues are never looked at: one broker call
+    per runner would grow with the fleet."""
     now = d.clock()
     queues, queues_at = previous.queues, previous.queues_at
-    if queues_at is None or now - queues_at >= QUEUE_LOOK_EVERY:
+    if look_at_queues and (queues_at is None or now - queues_at >= QUEUE_LOOK_EVERY):
         queues = MappingProxyType({name: d.broker.queue_depth(name) for name in naming.shared_queues(d.ns)})
         queues_at = now
     runners = tuple(replace(r, labels=list(r.labels)) for r in d.registry.runners.values())

@@ -346,19 +346,7 @@ class Store:
         limit: int = 50,
         done_only: bool = False,
     ) -> list[JobRow]:
-        where, args = [], []
-        if repo:
-            where.append("repo = ?")
-            args.append(repo)
-        if branch:
-            where.append("branch = ?")
-            args.append(branch)
-        if commit:
-            where.append("commit_sha LIKE ?")
-            args.append(commit.lower() + "%")
-        if done_only:
-            where.append("state = 'done'")
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        clause, args = _filters(repo, branch, commit, done_only)
         rows = self.db.execute(
             f"SELECT {_ROW_COLUMNS} FROM jobs {clause} ORDER BY seen_at DESC, rowid DESC LIMIT ?",
             (*args, limit),
@@ -366,14 +354,30 @@ class Store:
         return [JobRow(*r) for r in rows]
 
     @_store_op
-    def log(self, job_id: str) -> dict[str, Any] | None:
+    def count(
+        self, repo: str | None = None, branch: str | None = None, commit: str | None = None, done_only: bool = False
+    ) -> int:
+        """How many jobs find() would return without a limit."""
+        clause, args = _filters(repo, branch, commit, done_only)
+        return int(self.db.execute(f"SELECT COUNT(*) FROM jobs {clause}", args).fetchone()[0])
+
+    @_store_op
+    def log(self, job_id: str, max_full_bytes: int | None = None) -> dict[str, Any] | None:
+        """head, tail, bytes, and full: the whole log when it was kept and inflates to at
+        most max_full_bytes (default LOG_FULL_MAX_BYTES), else None."""
         row = self.db.execute(
             "SELECT log_head, log_tail, log_bytes, log_full FROM jobs WHERE job_id = ?", (job_id,)
         ).fetchone()
         if row is None:
             return None
         head, tail, size, full = row
-        return {"head": head, "tail": tail, "bytes": size, "full": _inflate(full) if full else None}
+        return {"head": head, "tail": tail, "bytes": size, "full": _inflate(full, max_full_bytes) if full else None}
+
+    @_store_op
+    def log_compressed(self, job_id: str) -> bytes | None:
+        """The whole log as stored (zlib), for a reader that inflates it a piece at a time."""
+        row = self.db.execute("SELECT log_full FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        return bytes(row[0]) if row and row[0] else None
 
     # -- changes ----------------------------------------------------------
 
@@ -619,17 +623,34 @@ def _file_identity(path: str) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def _inflate(blob: bytes) -> str | None:
-    """The stored full log as text; None when it is corrupt or inflates past LOG_FULL_MAX_BYTES
-    (a few MB of compressed zeros can hold gigabytes)."""
+def _inflate(blob: bytes, limit: int | None = None) -> str | None:
+    """The stored full log as text; None when it is corrupt or inflates past `limit`
+    bytes (LOG_FULL_MAX_BYTES by default; a few MB of compressed zeros can hold gigabytes)."""
     z = zlib.decompressobj()
     try:
-        data = z.decompress(blob, LOG_FULL_MAX_BYTES)
+        data = z.decompress(blob, max(1, LOG_FULL_MAX_BYTES if limit is None else limit))
     except zlib.error:
         return None
     if not z.eof:  # cut short, or more than the limit
         return None
     return data.decode("utf-8", errors="replace")
+
+
+def _filters(repo: str | None, branch: str | None, commit: str | None, done_only: bool) -> tuple[str, list[str]]:
+    """The WHERE clause of find() and count()."""
+    where, args = [], []
+    if repo:
+        where.append("repo = ?")
+        args.append(repo)
+    if branch:
+        where.append("branch = ?")
+        args.append(branch)
+    if commit:
+        where.append("commit_sha LIKE ?")
+        args.append(commit.lower() + "%")
+    if done_only:
+        where.append("state = 'done'")
+    return (f"WHERE {' AND '.join(where)}" if where else ""), args
 
 
 def _join_reason(prior: str, reason: str) -> str:

@@ -9,7 +9,7 @@ come from the snapshot the main thread swaps in (dispatcher/snapshot.py).
 
     /                      recent jobs per repository and branch, live runners, queues
     /jobs/<job_id>         a job: status, counts, reason, history, head and tail of its log
-    /jobs/<job_id>/log.txt the whole log (or head, a marker and tail when it was not kept)
+    /jobs/<job_id>/log.txt the whole log, streamed (or head, a marker and tail when it was not kept)
     /api/status            the `volt status` answer
     /api/results           the `volt results` answer (?repo= &branch= &commit= &limit= &done_only=0)
     /api/jobs/<job_id>     a job with its history and its log's head and tail
@@ -29,6 +29,7 @@ import sqlite3
 import threading
 import time
 import urllib.parse
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,13 +43,18 @@ from dispatcher import queries
 from dispatcher.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from dispatcher.metrics import Live, Metrics
 from dispatcher.snapshot import Snapshot
-from dispatcher.store import Store
+from dispatcher.store import LOG_FULL_MAX_BYTES, Store
 
 if TYPE_CHECKING:
     from dispatcher.service import Dispatcher
 
 log = logging.getLogger(__name__)
 
+# Requests served at once; one more is answered 503 at once. Each holds a
+# thread and a store connection, and a client that sends nothing holds its
+# slot for up to _Handler.timeout.
+MAX_REQUESTS = 16
+LOG_CHUNK = 256 * 1024  # bytes of a log inflated and sent at a time
 RECENT_JOBS = 200  # jobs the results page reads, newest first
 PER_BRANCH = 20  # of those, shown per repository and branch
 REFRESH_MS = 2000
@@ -143,6 +149,12 @@ class Response:
     content_type: str
     body: bytes
     headers: dict[str, str] = field(default_factory=dict)
+    # When set, the body is these chunks instead, sent as they come (no Content-Length).
+    stream: Iterator[bytes] | None = None
+
+    def content(self) -> bytes:
+        """The whole body, streamed or not (for tests and small bodies)."""
+        return b"".join(self.stream) if self.stream is not None else self.body
 
 
 def _text(status: int, message: str) -> Response:
@@ -260,16 +272,21 @@ class Web:
         )
 
     def log_txt(self, job_id: str) -> Response:
+        """The whole log, inflated and sent a chunk at a time, so a big log costs
+        the server its compressed size, not its size; head, marker and tail when
+        only those were kept."""
         with self.reader() as store:
             row = store.get(job_id)
-            stored = store.log(job_id)
+            # Head, tail and size only (max_full_bytes=0): the whole log comes from its blob.
+            stored = store.log(job_id, max_full_bytes=0)
+            blob = store.log_compressed(job_id)
         if row is None or stored is None:
             return _text(404, f"no job {job_id}")
-        text = queries.log_text(stored["head"], stored["tail"], stored["bytes"], stored["full"])
-        name = f"volt-{row.commit_sha[:12]}-{job_id}.log"
-        return Response(
-            200, "text/plain; charset=utf-8", text.encode(), {"Content-Disposition": f'attachment; filename="{name}"'}
-        )
+        headers = {"Content-Disposition": f'attachment; filename="volt-{row.commit_sha[:12]}-{job_id}.log"'}
+        if blob is None:
+            text = queries.log_text(stored["head"], stored["tail"], stored["bytes"], None)
+            return Response(200, "text/plain; charset=utf-8", text.encode(), headers)
+        return Response(200, "text/plain; charset=utf-8", b"", headers, stream=_inflated(blob, stored["tail"]))
 
     # -- metrics ------------------------------------------------------------
 
@@ -489,6 +506,30 @@ def _log(job_id: str, stored: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _inflated(blob: bytes, tail: str, limit: int | None = None) -> Iterator[bytes]:
+    """A stored (zlib) log, a chunk at a time; past `limit` bytes (LOG_FULL_MAX_BYTES:
+    a few MB of compressed zeros hold gigabytes) a marker and the kept tail instead."""
+    most = LOG_FULL_MAX_BYTES if limit is None else limit
+    z = zlib.decompressobj()
+    pending, sent = blob, 0
+    try:
+        while not z.eof:
+            chunk = z.decompress(pending, LOG_CHUNK)
+            pending = z.unconsumed_tail
+            if not chunk and not pending:
+                break  # the stored stream ends early
+            if sent + len(chunk) > most:
+                yield chunk[: most - sent]
+                yield f"\n[... cut at {most} bytes; its last part follows ...]\n".encode() + tail.encode()
+                return
+            sent += len(chunk)
+            yield chunk
+    except zlib.error:
+        pass
+    if not z.eof:
+        yield b"\n[... the rest of the stored log is unreadable ...]\n"
+
+
 # -- the server -----------------------------------------------------------------
 
 
@@ -511,38 +552,84 @@ class _Handler(BaseHTTPRequestHandler):
             resp = _text(500, "internal error")
         self.send_response(resp.status)
         self.send_header("Content-Type", resp.content_type)
-        self.send_header("Content-Length", str(len(resp.body)))
+        if resp.stream is None:
+            self.send_header("Content-Length", str(len(resp.body)))
+        else:
+            self.send_header("Connection", "close")  # the end of the body is the end of the connection
         self.send_header("Cache-Control", "no-store")
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("Referrer-Policy", "no-referrer")
         for key, value in resp.headers.items():
             self.send_header(key, value)
         self.end_headers()
-        if with_body:
+        if not with_body:
+            return
+        if resp.stream is None:
             self.wfile.write(resp.body)
+            return
+        for chunk in resp.stream:
+            self.wfile.write(chunk)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         log.debug("web: %s " + format, self.address_string(), *args)
 
 
+_BUSY = (
+    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nRetry-After: 2\r\n"
+    b"Content-Length: 29\r\nConnection: close\r\n\r\ntoo many requests; try again\n"
+)
+
+
 class _Server(ThreadingHTTPServer):
+    """One thread per request, at most max_requests at once: one more is told 503
+    on the listening thread, so a crowd of clients costs a bounded number of threads."""
+
     daemon_threads = True
 
-    def __init__(self, host: str, port: int, web: Web) -> None:
+    def __init__(self, host: str, port: int, web: Web, max_requests: int = MAX_REQUESTS) -> None:
         self.web = web
+        self.slots = threading.BoundedSemaphore(max_requests)
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         super().__init__((host, port), _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self._refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def _refuse(self, request: socket.socket) -> None:
+        try:
+            # Read the request first: closing on unread bytes resets the
+            # connection, and the client would see that instead of the 503.
+            request.settimeout(0.2)
+            request.recv(65536)
+            request.sendall(_BUSY)
+        except OSError:
+            pass
+        finally:
+            self.shutdown_request(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("web: connection from %s failed", client_address, exc_info=True)  # e.g. the browser went away
 
 
-def serve(d: Dispatcher) -> ThreadingHTTPServer:
+def serve(d: Dispatcher, max_requests: int = MAX_REQUESTS) -> ThreadingHTTPServer:
     """Start the web server of dispatcher `d` on a daemon thread; SettingsError if it cannot listen."""
     web = Web(d.s.db, d.ns, d.metrics, lambda: d.snapshot)
     host, port = d.s.http_host, d.s.http_port
     try:
-        server = _Server(host, port, web)
+        server = _Server(host, port, web, max_requests)
     except OSError as exc:
         raise SettingsError(f"cannot serve HTTP on {host}:{port}: {exc.strerror or exc}") from None
     threading.Thread(target=server.serve_forever, name="volt-web", daemon=True).start()

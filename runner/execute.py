@@ -19,10 +19,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from xml.etree import ElementTree
 
 from common import voltfile
 from common.voltfile import CONFIG_FILE, ConfigError
+from runner.junit import Counts, read_junit
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,6 @@ LOG_TAIL_BYTES = 64 * 1024
 # The compressed whole log travels in the result message; past this it is
 # dropped and only head and tail are kept.
 LOG_FULL_MAX_COMPRESSED = 4 * 1024 * 1024
-JUNIT_MAX_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -177,41 +176,6 @@ class Outcome:
     abandoned: bool = False
 
 
-@dataclass(frozen=True)
-class Counts:
-    tests: int = 0
-    failures: int = 0
-    errors: int = 0
-    skipped: int = 0
-
-    @property
-    def passed(self) -> int:
-        return max(0, self.tests - self.failures - self.errors - self.skipped)
-
-
-def read_junit(path: Path) -> Counts | None:
-    """Sum the counts of every <testsuite> in a JUnit XML file; None if absent or unreadable."""
-    try:
-        if not path.is_file() or path.stat().st_size > JUNIT_MAX_BYTES:
-            return None
-        root = ElementTree.parse(path).getroot()
-    except (OSError, ElementTree.ParseError):
-        return None
-    suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
-    total = Counts()
-    for suite in suites:
-        try:
-            total = Counts(
-                total.tests + int(suite.get("tests", 0)),
-                total.failures + int(suite.get("failures", 0)),
-                total.errors + int(suite.get("errors", 0)),
-                total.skipped + int(suite.get("skipped", 0)),
-            )
-        except ValueError:
-            return None
-    return total
-
-
 def test_env(extra: dict[str, str]) -> dict[str, str]:
     """The runner's environment minus its own VOLT_* settings (the broker URL
     holds a password the code under test has no business seeing)."""
@@ -301,7 +265,8 @@ def run_command(
         return Outcome("timeout", code, duration, reason=f"stopped after {config.timeout:g}s time limit", log=collector)
     if stopped_for == "cancelled":
         return Outcome("cancelled", code, duration, reason="cancelled", log=collector)
-    return classify(code, read_junit(junit_path), duration, collector)
+    junit = read_junit(junit_path)
+    return classify(code, junit.counts if junit else None, duration, collector)
 
 
 def classify(code: int, counts: Counts | None, duration: float, collector: LogCollector) -> Outcome:

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from common import naming
-from common.broker import _RUNNER_EXCHANGES, RUNNER_QUEUE_EXPIRES_MS
+from common.broker import _RUNNER_EXCHANGES, DEAD_LETTER_MAX_LENGTH, RUNNER_QUEUE_EXPIRES_MS
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -49,7 +49,7 @@ QUEUES = {
     "volt.dispatcher.results": DLX,
     "volt.jobs.backlog": DLX,
     "volt.dispatcher.rpc": {},
-    "volt.dead-letter": {},
+    "volt.dead-letter": {"x-max-length": DEAD_LETTER_MAX_LENGTH},
 }
 # (exchange, queue, routing key). pika binds with routing key = queue name when
 # given none, which is what the code does for the rpc queue (the dead-letter

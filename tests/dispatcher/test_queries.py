@@ -1,16 +1,24 @@
-"""What `volt status` says about runners and the jobs that wait."""
+"""The answers to `volt status`, `results` and `log`: what they say, and what they cost."""
 
 from __future__ import annotations
 
+import base64
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from support import runner_info
 
-from common.messages import CommitSeen
+from common import naming
+from common.broker import Delivery
+from common.messages import MAX_MESSAGE_BYTES, CommitSeen, Hello, JobResult, Reply, Request
+from common.settings import BrokerSettings
 from dispatcher import queries
 from dispatcher.registry import RunnerInfo
+from dispatcher.service import Dispatcher, DispatcherSettings
 from dispatcher.store import JobRow, Store
 
 REPO = "/srv/git/app"
@@ -80,3 +88,158 @@ def test_status_lists_parked_jobs_with_the_reason(store: Store) -> None:
 )
 def test_runner_state(state: str, has_job: bool, shown: str) -> None:
     assert queries.runner_state(runner("r", state=state), has_job) == shown
+
+
+# -- status from the snapshot, no broker calls ---------------------------------
+
+
+def test_status_looks_at_no_runner_queue(store: Store) -> None:
+    asked: list[str] = []
+
+    def depth(name: str) -> tuple[int, int]:
+        asked.append(name)
+        return (0, 1)
+
+    runners = [runner(f"r{i}") for i in range(5)]
+    data = queries.status(store, "volt", runners, now=60.0, depth=depth)
+    assert sorted(asked) == sorted(naming.shared_queues("volt"))  # once each, whatever the fleet
+    assert [r["queue"] for r in data["runners"]] == [{"name": naming.runner_queue("volt", f"r{i}")} for i in range(5)]
+    assert data["runners"][0]["seconds_since_heartbeat"] == 10.0
+
+
+class NoCalls:
+    """A broker that fails the test on any call but a reply."""
+
+    def __init__(self) -> None:
+        self.replies: list[Reply] = []
+
+    def reply(self, request: Delivery, message: Reply) -> None:
+        self.replies.append(message)
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"a question made the dispatcher call broker.{name}")
+
+
+def request(method: str, params: dict[str, Any] | None = None) -> Delivery:
+    channel = SimpleNamespace(basic_ack=lambda tag: None)
+    return Delivery(
+        body=Request(method=method, params=params or {}).to_json(),
+        queue="volt.dispatcher.rpc",
+        headers={},
+        redelivered=False,
+        reply_to="amq.rabbitmq.reply-to.x",
+        correlation_id="c1",
+        _channel=channel,  # type: ignore[arg-type]
+        _tag=1,
+    )
+
+
+def test_questions_cost_the_dispatchers_loop_no_broker_call(tmp_path: Path, store: Store) -> None:
+    clock = [100.0]
+    broker = NoCalls()
+    d = Dispatcher(
+        DispatcherSettings(broker=BrokerSettings(namespace="volt"), db=tmp_path / "volt.db"),
+        broker=broker,  # type: ignore[arg-type]
+        store=store,
+        clock=lambda: clock[0],
+        wall=lambda: 1_700_000_000.0 + clock[0],
+    )
+    for i in range(50):
+        d.registry.heartbeat(Hello(runner_id=f"r{i}", session="s", host="h", interval=2.0))
+    clock[0] += 1.5
+    for method in ("status", "ping", "results"):
+        d.on_request(request(method))
+    status, ping, results = (r.data for r in broker.replies)
+    assert all(r.ok for r in broker.replies)
+    assert len(status["runners"]) == 50 and ping["runners"] == 50 and results == []
+    assert status["runners"][0]["seconds_since_heartbeat"] == 1.5
+    assert all(q is None for q in status["queues"].values())  # not looked at yet: said so, not asked
+
+
+# -- results: the total --------------------------------------------------------
+
+
+def done(store: Store, commit: str, branch: str = "main") -> None:
+    row = store.add_job(CommitSeen(repo=REPO, branch=branch, commit=commit, seen_at=float(int(commit[:4], 16))))
+    store.mark_queued(row.job_id, 1, 2.0)
+    lease = store.assign(row.job_id, 1, "r1", 3.0)
+    assert lease
+    assert store.start(row.job_id, lease, "r1", "s", started_at=3.0, now=3.0)
+    assert store.finish(JobResult(job_id=row.job_id, attempt=1, runner_id="r1", status="passed", lease=lease), 4.0)
+
+
+def test_results_say_how_many_there_are_beyond_the_limit(store: Store) -> None:
+    for i in range(7):
+        done(store, f"{i + 1:04x}" + "a" * 36, branch="main" if i < 5 else "dev")
+    waiting(store, "f" * 40, [])
+    page = queries.results_with_total(store, {"limit": 3})
+    assert (len(page["results"]), page["total"]) == (3, 7)  # finished ones only, as by default
+    assert queries.results_with_total(store, {"limit": 3, "done_only": False})["total"] == 8
+    assert queries.results_with_total(store, {"limit": 3, "branch": "dev"})["total"] == 2
+    assert queries.results_with_total(store, {"limit": 100})["total"] == 7
+    # Without with_total the answer stays the list older clients read.
+    assert isinstance(queries.results(store, {"limit": 3}), list)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"limit": 0}, {"limit": 10001}, {"limit": True}, {"limit": "5"}, {"commit": 1234}, {"commit": "zz"}],
+)
+def test_results_refuse_bad_params(store: Store, params: dict[str, Any]) -> None:
+    with pytest.raises(queries.QueryError):
+        queries.results_with_total(store, params)
+
+
+# -- log replies: bounded in bytes ---------------------------------------------
+
+
+def with_log(store: Store, commit: str, text: str) -> JobRow:
+    row = store.add_job(CommitSeen(repo=REPO, branch="main", commit=commit, seen_at=1.0))
+    store.mark_queued(row.job_id, 1, 2.0)
+    lease = store.assign(row.job_id, 1, "r1", 3.0)
+    assert lease
+    assert store.start(row.job_id, lease, "r1", "s", started_at=3.0, now=3.0)
+    data = text.encode()
+    result = JobResult(
+        job_id=row.job_id,
+        attempt=1,
+        runner_id="r1",
+        status="passed",
+        log_head=data[:65536].decode(errors="replace"),
+        log_tail=data[-65536:].decode(errors="replace"),
+        log_bytes=len(data),
+        log_full=base64.b64encode(zlib.compress(data, 9)).decode(),
+        lease=lease,
+    )
+    assert store.finish(result, 4.0)
+    return row
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\U0001d11e" * (5 * 1024 * 1024),  # 5 Mi characters of 4 bytes each: 20 MiB
+        "\x01" * (3 * 1024 * 1024),  # 3 MiB, but 18 MiB as JSON escapes
+    ],
+    ids=["4-byte characters", "control characters"],
+)
+def test_a_log_reply_stays_within_the_message_size_in_bytes(store: Store, text: str) -> None:
+    row = with_log(store, "ab" * 20, text)
+    data = queries.job_log(store, row.job_id)
+    body = Reply(ok=True, data=data).to_json()
+    assert len(body) <= queries.MAX_LOG_REPLY_BYTES < MAX_MESSAGE_BYTES
+    assert data["full"] is None and "more than one reply holds" in data["cut"]
+    assert f"/jobs/{row.job_id}/log.txt" in data["cut"]
+    assert data["head"] and data["tail"] and data["bytes"] == len(text.encode())
+    shown = queries.log_text(data["head"], data["tail"], data["bytes"], data["full"], "not in this reply")
+    assert "bytes not in this reply ...]" in shown
+
+
+def test_a_log_that_fits_comes_whole(store: Store) -> None:
+    text = "".join(f"line {i} ✓\n" for i in range(100_000))
+    row = with_log(store, "cd" * 20, text)
+    data = queries.job_log(store, "cdcdcdcd")
+    assert data["full"] == text and data["cut"] == ""
+    small = queries.job_log(store, row.job_id, max_bytes=100_000)  # the same log, a smaller bound
+    assert small["full"] is None and small["cut"]
+    assert queries.encoded_size(small) <= 100_000 + 200_000  # head and tail are kept whatever the bound

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import threading
+import time
+import tracemalloc
 import urllib.error
 import urllib.request
 import zlib
@@ -116,7 +119,7 @@ def site(db: tuple[Path, Store, dict[str, JobRow]]) -> web.Web:
 
 
 def text(resp: web.Response) -> str:
-    return resp.body.decode()
+    return resp.content().decode()
 
 
 def test_results_page_shows_jobs_per_branch_runners_and_queues(site: web.Web) -> None:
@@ -334,3 +337,111 @@ def test_snapshot_copies_the_registry_and_looks_at_queues_only_every_few_seconds
     take_snapshot(d, second)  # type: ignore[arg-type]
     assert len(looked) == 2 * looks
     assert second.now(NOW + 2.5) == 103.5
+
+
+def test_the_whole_log_is_streamed_in_chunks(site: web.Web, db: tuple[Path, Store, dict[str, JobRow]]) -> None:
+    resp = site.get(f"/jobs/{db[2]['passed'].job_id}/log.txt")
+    assert resp.stream is not None and resp.body == b""
+    chunks = list(resp.stream)
+    assert b"".join(chunks).decode().endswith("1 passed\n")
+
+
+def put_log(store: Store, commit: str, text: bytes, tail: str = "TAIL\n") -> JobRow:
+    return add_done(
+        store,
+        commit,
+        "big",
+        "passed",
+        log_head=text[:100].decode(errors="replace"),
+        log_tail=tail,
+        log_bytes=len(text),
+        log_full=base64.b64encode(zlib.compress(text, 6)).decode(),
+    )
+
+
+def test_a_log_that_inflates_past_the_limit_is_cut_with_its_tail(
+    site: web.Web, db: tuple[Path, Store, dict[str, JobRow]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(web, "LOG_FULL_MAX_BYTES", 3 * web.LOG_CHUNK + 5)
+    row = put_log(db[1], "f1" * 20, b"\0" * (10 * web.LOG_CHUNK), tail="LAST LINE\n")
+    resp = site.get(f"/jobs/{row.job_id}/log.txt")
+    assert resp.stream is not None
+    chunks = list(resp.stream)
+    assert all(len(c) <= web.LOG_CHUNK for c in chunks[:-1])
+    body = b"".join(chunks)
+    assert body.startswith(b"\0" * (3 * web.LOG_CHUNK + 5) + b"\n[... cut at")
+    assert body.endswith(b"its last part follows ...]\nLAST LINE\n")
+
+
+def test_a_corrupt_stored_log_says_so_instead_of_failing(db: tuple[Path, Store, dict[str, JobRow]]) -> None:
+    blob = zlib.compress(b"".join(b"line %d\n" % i for i in range(100_000)))
+    unreadable = b"\n[... the rest of the stored log is unreadable ...]\n"
+    cut_short = b"".join(web._inflated(blob[: len(blob) // 2], ""))
+    assert cut_short.startswith(b"line 0\nline 1\n") and cut_short.endswith(unreadable)
+    assert b"".join(web._inflated(b"not zlib at all", "")) == unreadable
+
+
+def serve_fake(path: Path, max_requests: int = web.MAX_REQUESTS) -> Any:
+    fake = SimpleNamespace(
+        s=SimpleNamespace(db=path, http_host="127.0.0.1", http_port=0), ns="ns", metrics=Metrics(), snapshot=Snapshot()
+    )
+    return web.serve(fake, max_requests=max_requests)  # type: ignore[arg-type]
+
+
+def test_a_big_log_downloads_in_flat_memory(db: tuple[Path, Store, dict[str, JobRow]]) -> None:
+    text = b"".join(b"line %09d of a long test log with some words in it\n" % i for i in range(600_000))
+    size = len(text)
+    assert size > 30_000_000
+    row = put_log(db[1], "f2" * 20, text)
+    del text
+    server = serve_fake(db[0])
+    got = 0
+    try:
+        tracemalloc.start()
+        url = f"http://127.0.0.1:{server.server_address[1]}/jobs/{row.job_id}/log.txt"
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            assert resp.headers["Content-Length"] is None
+            while chunk := resp.read(1024 * 1024):
+                if got == 0:
+                    assert chunk.startswith(b"line 000000000 of")
+                got += len(chunk)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        server.shutdown()
+        server.server_close()
+    assert got == size
+    # The compressed blob and a few chunks, not the 31 MB log (nor its text and bytes copies).
+    assert peak < 12 * 1024 * 1024, peak
+
+
+def test_requests_past_the_limit_are_told_503_at_once(db: tuple[Path, Store, dict[str, JobRow]]) -> None:
+    server = serve_fake(db[0], max_requests=2)
+    port = server.server_address[1]
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]  # each holds a slot, sending nothing
+    try:
+        # Both idle connections have been taken by a handler thread before the next one.
+        deadline = time.monotonic() + 10
+        while server.slots._value > 0 and time.monotonic() < deadline:  # noqa: SLF001 - what the test watches
+            time.sleep(0.01)
+        assert server.slots._value == 0
+        started = time.monotonic()
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10)
+        assert err.value.code == 503 and err.value.headers["Retry-After"] == "2"
+        assert time.monotonic() - started < 2
+    finally:
+        for s in idle:
+            s.close()
+    # Once they go, the page answers again.
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as resp:
+                assert resp.status == 200
+                break
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 503 and time.monotonic() < deadline
+            time.sleep(0.05)
+    server.shutdown()
+    server.server_close()

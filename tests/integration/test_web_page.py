@@ -131,7 +131,10 @@ def test_results_page_in_a_browser_and_metrics(volt, repo, browser) -> None:
 
     link = browser.find_element(By.ID, "log-link").get_attribute("href")
     assert link == f"{base}/jobs/{result['job_id']}/log.txt"
-    whole = fetch(link)
+    # The whole log is streamed as it inflates: no length up front, the end of the body ends the connection.
+    with urllib.request.urlopen(link, timeout=10) as resp:
+        assert resp.headers["Content-Length"] is None and resp.headers["Connection"] == "close"
+        whole = resp.read().decode()
     assert "1 passed" in whole
 
     metrics = fetch(f"{base}/metrics")

@@ -1,4 +1,4 @@
-"""Running a test command: config, bounded logs, JUnit counts, and real processes."""
+"""Running a test command: config, bounded logs, outcomes, and real processes."""
 
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ from runner.execute import (
     Outcome,
     classify,
     load_config,
-    read_junit,
     run_command,
 )
 
@@ -176,51 +175,7 @@ def test_tail_text_is_at_most_tail_bytes_of_input() -> None:
     assert collector.tail_text() == "a" * LOG_TAIL_BYTES
 
 
-# -- JUnit ------------------------------------------------------------------
-
-PYTEST_JUNIT = """<?xml version="1.0" encoding="utf-8"?>
-<testsuites name="pytest tests"><testsuite name="pytest" errors="1" failures="2" skipped="3" tests="10"
- time="0.123" timestamp="2026-01-01T00:00:00" hostname="box"><testcase classname="t" name="a" time="0.001"/>
-<testcase classname="t" name="b" time="0.001"><failure message="assert 1 == 2">boom</failure></testcase>
-</testsuite></testsuites>
-"""
-
-
-def test_read_junit_testsuites_root(tmp_path: Path) -> None:
-    path = tmp_path / "junit.xml"
-    path.write_text(PYTEST_JUNIT)
-    counts = read_junit(path)
-    assert counts == Counts(tests=10, failures=2, errors=1, skipped=3)
-    assert counts is not None and counts.passed == 4
-
-
-def test_read_junit_sums_several_suites(tmp_path: Path) -> None:
-    path = tmp_path / "junit.xml"
-    path.write_text(
-        '<testsuites><testsuite tests="3" failures="1"/><testsuite tests="4" errors="2" skipped="1"/></testsuites>'
-    )
-    assert read_junit(path) == Counts(tests=7, failures=1, errors=2, skipped=1)
-
-
-def test_read_junit_testsuite_root(tmp_path: Path) -> None:
-    path = tmp_path / "junit.xml"
-    path.write_text('<testsuite name="unittest" tests="5" failures="0" errors="0"><testcase name="x"/></testsuite>')
-    assert read_junit(path) == Counts(tests=5)
-
-
-@pytest.mark.parametrize(
-    "content",
-    ["not xml at all <<<", "<testsuites><testsuite tests='3'>", '<testsuite tests="many"/>', ""],
-)
-def test_read_junit_garbage_is_none(tmp_path: Path, content: str) -> None:
-    path = tmp_path / "junit.xml"
-    path.write_text(content)
-    assert read_junit(path) is None
-
-
-def test_read_junit_missing_file_or_directory_is_none(tmp_path: Path) -> None:
-    assert read_junit(tmp_path / "absent.xml") is None
-    assert read_junit(tmp_path) is None
+# JUnit parsing: tests/runner/test_junit.py
 
 
 # -- classify -----------------------------------------------------------------
