@@ -1,25 +1,86 @@
-"""Checkouts: one cached clone per repository, fetched when needed, clean per job."""
+"""Checkouts that neither a repository's content nor the code under test can steer.
+
+Per repository the runner keeps two things under its workdir:
+
+- `repos/<slug>.git`, a git directory only the runner uses. Its config is a
+  known-good file written fresh before every job (not edited: whatever was
+  planted in it is gone), and so are its alternates; git runs with the
+  system and global config ignored, hooks and fsmonitor switched off on the
+  command line, no terminal prompts, and a time limit.
+- `trees/<slug>`, the tree the job runs in, checked out from that git
+  directory with `--git-dir`/`--work-tree`. It has no `.git`: the code under
+  test has no git directory to write into the cache through, and one it
+  plants in its tree is removed before the next job.
+
+A repository on this machine is read in place through git's alternates (no
+fetch, ever); a URL is fetched from incrementally, by URL, with no remote
+configured. The git directories and trees stay between jobs, so a job
+rewrites only what changed.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
+import select
 import shutil
+import signal
+import stat
+import subprocess
 import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
-import git
-
-from common.gitutil import git_reason, one_line
 from common.messages import valid_commit
 from common.naming import is_local
 
 log = logging.getLogger(__name__)
 
+GIT_TIMEOUT = 300.0
+HEADS = "+refs/heads/*:refs/remotes/origin/*"
+
+# On every command line: command-line settings beat every config file git
+# might read, the cache's own included.
+_OVERRIDES = ("core.hooksPath=/dev/null", "core.fsmonitor=false", "protocol.ext.allow=never")
+
+# The cache's whole config. No filter, remote, include, hook, ssh command,
+# credential helper, pager, editor or work tree: git has none of them to run.
+_CONFIG = """\
+[core]
+\trepositoryformatversion = {version}
+\tfilemode = true
+\tbare = false
+\tlogallrefupdates = false
+\thooksPath = /dev/null
+\tfsmonitor = false
+\tattributesFile = /dev/null
+[gc]
+\tautoDetach = false
+[maintenance]
+\tautoDetach = false
+"""
+
+# Files of a git directory that point git at other places (another config,
+# other objects, other attributes); the runner writes none of them.
+_FOREIGN = ("commondir", "info/attributes", "info/grafts", "objects/info/http-alternates")
+
+# Transport settings an operator may give the runner through its environment;
+# every other GIT_* variable (GIT_DIR, GIT_CONFIG_*, ...) would redirect work.
+_OPERATOR_GIT_ENV = frozenset(
+    {"GIT_SSH", "GIT_SSH_COMMAND", "GIT_SSH_VARIANT", "GIT_ASKPASS", "GIT_SSL_CAINFO", "GIT_SSL_CAPATH"}
+)
+
 
 class CheckoutError(Exception):
     """The commit cannot be checked out; the message says why, in one line."""
+
+
+class _GitFailed(Exception):
+    """A git command failed in a way a fresh cache may repair."""
 
 
 def _slug(repo: str) -> str:
@@ -28,100 +89,359 @@ def _slug(repo: str) -> str:
 
 
 class Workspace:
-    """Cached clones under `root/repos`; `checkout()` gives a clean tree at a commit."""
+    """Runner-owned git directories under `root/repos`, job trees under `root/trees`."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        git_timeout: float = GIT_TIMEOUT,
+        git_env: Callable[[str], Mapping[str, str]] | None = None,
+    ) -> None:
+        """`git_env(repo)` gives extra environment for every git call on `repo`
+        (credentials, say); it cannot switch off the settings that keep git
+        from running programs."""
         self.root = root
+        self.git_timeout = git_timeout
+        self._git_env = git_env
         (root / "repos").mkdir(parents=True, exist_ok=True)
-        # Open clones, kept between jobs: each keeps a `git cat-file` process
-        # that answers "is this commit here?" without a new process per job.
-        self._open: dict[Path, git.Repo] = {}
+        (root / "trees").mkdir(parents=True, exist_ok=True)
+        # One `git cat-file --batch-check` per git directory, kept between
+        # jobs, answers "is this commit here?" without a new process per job.
+        self._objects: dict[Path, _ObjectQuery] = {}
 
-    def path_for(self, repo: str) -> Path:
-        return self.root / "repos" / _slug(repo)
+    def git_dir_for(self, repo: str) -> Path:
+        """The runner's git directory for `repo`. Never give it to a job
+        writable; a read-only view is the caller's choice (setuptools-scm)."""
+        return self.root / "repos" / f"{_slug(repo)}.git"
 
-    def checkout(self, repo: str, commit: str) -> Path:
-        """Check `commit` out, forced and cleaned; re-clone once if the cache is broken."""
+    def tree_for(self, repo: str) -> Path:
+        return self.root / "trees" / _slug(repo)
+
+    def checkout(self, repo: str, commit: str, *, cancel: threading.Event | None = None) -> Path:
+        """Check `commit` out into the repository's tree, forced and cleaned, and return the tree.
+
+        All of it takes at most `git_timeout` seconds, and stops soon after
+        `cancel` is set; either way CheckoutError says so. A cache that git
+        cannot use is made again once.
+        """
         if repo.startswith("-"):
             raise CheckoutError(f"refusing repository name that looks like an option: {repo!r}")
         if not valid_commit(commit):  # it reaches git's command line: no options, no ref names
             raise CheckoutError(f"not a commit id: {commit!r:.80}")
-        path = self.path_for(repo)
+        run = _Run(repo, self._env(repo), time.monotonic() + self.git_timeout, self.git_timeout, cancel)
         try:
-            return self._checkout(repo, commit, path)
-        except CheckoutError:
-            raise
-        except (git.GitError, OSError, ValueError) as exc:
-            # A test suite may delete or corrupt .git; a fresh clone repairs it.
-            log.warning("workspace %s is broken (%s); cloning it again", path, one_line(exc))
-            self._forget(path)
-            shutil.rmtree(path, ignore_errors=True)
+            return self._checkout(repo, commit, run)
+        except (_GitFailed, OSError) as exc:
+            log.warning("workspace for %s is broken (%s); making it again", repo, _one_line(exc))
+            self._discard(repo)
         try:
-            return self._checkout(repo, commit, path)
-        except CheckoutError:
-            raise
-        except (git.GitError, OSError, ValueError) as exc:
-            self._forget(path)
-            raise CheckoutError(f"cannot check out {commit[:12]} of {repo}: {one_line(exc)}") from None
+            return self._checkout(repo, commit, run)
+        except (_GitFailed, OSError) as exc:
+            self._forget(self.git_dir_for(repo))
+            raise CheckoutError(f"cannot check out {commit[:12]} of {repo}: {_one_line(exc)}") from None
 
     def close(self) -> None:
-        for path in list(self._open):
-            self._forget(path)
+        for git_dir in list(self._objects):
+            self._forget(git_dir)
 
-    def _forget(self, path: Path) -> None:
-        clone = self._open.pop(path, None)
-        if clone is not None:
-            clone.close()
-
-    def _checkout(self, repo: str, commit: str, path: Path) -> Path:
-        clone = self._open_or_clone(repo, path)
-        # The code under test can write into .git; hooks it plants there
-        # (say, post-checkout) must not run as the runner on the next job.
-        clone.git.set_persistent_git_options(c="core.hooksPath=/dev/null")
-        if not _has_commit(clone, commit):
-            # One incremental fetch of every branch; what the clone has is not fetched again.
-            clone.git.fetch("origin", "--prune", "--quiet", "+refs/heads/*:refs/remotes/origin/*")
-            if not _has_commit(clone, commit):
+    def _checkout(self, repo: str, commit: str, run: _Run) -> Path:
+        git_dir, tree = self.git_dir_for(repo), self.tree_for(repo)
+        fetched = False
+        if not (git_dir / "HEAD").is_file():
+            self._create(repo, commit, git_dir, run)
+            fetched = not is_local(repo)
+        _own(repo, commit, git_dir)
+        if not self._has_commit(git_dir, commit, run):
+            if is_local(repo):  # read in place: what its objects lack, it does not have
+                raise CheckoutError(f"commit {commit} not found in {repo}")
+            if not fetched:  # one incremental fetch of every branch
+                run.git(git_dir, "fetch", "--quiet", "--prune", "--end-of-options", repo, HEADS)
+            if not self._has_commit(git_dir, commit, run):
                 try:  # servers that allow it can hand over an unadvertised commit
-                    clone.git.fetch("origin", "--quiet", commit)
-                except git.GitCommandError:
+                    run.git(git_dir, "fetch", "--quiet", "--end-of-options", repo, commit)
+                except _GitFailed:
                     raise CheckoutError(f"commit {commit} not found in {repo}") from None
-        clone.git.checkout("--force", "--detach", "--quiet", commit)
-        clone.git.clean("-ffdxq")
-        return path
+        if tree.is_symlink() or (tree.exists() and not tree.is_dir()):
+            tree.unlink()  # git must not check out into wherever a link points
+        tree.mkdir(parents=True, exist_ok=True)
+        run.git(git_dir, "checkout", "--force", "--detach", "--quiet", commit, tree=tree)
+        run.git(git_dir, "clean", "-ffdxq", tree=tree)
+        _strip(tree)
+        return tree
 
-    def _open_or_clone(self, repo: str, path: Path) -> git.Repo:
-        if path.exists():
-            clone = self._open.get(path)
-            if clone is None or not (path / ".git").is_dir():
-                self._forget(path)
-                clone = git.Repo(path)
-                if clone.bare or not (path / ".git").is_dir():
-                    raise git.InvalidGitRepositoryError(str(path))
-                self._open[path] = clone
-            return clone
-        # Clone beside the final place and rename, so a crash never leaves a
-        # half-made clone that looks whole.
-        tmp = Path(tempfile.mkdtemp(prefix=".clone-", dir=path.parent))
+    def _create(self, repo: str, commit: str, git_dir: Path, run: _Run) -> None:
+        # Made beside its final place and renamed, so a crash never leaves a
+        # half-made git directory that looks whole.
+        git_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".new-", dir=git_dir.parent))
         try:
-            try:
-                # A repository on this machine is shared, not copied: the clone
-                # reads its objects in place (git's alternates), so a new commit
-                # there is checked out with no fetch at all.
-                git.Repo.clone_from(repo, tmp / "c", no_checkout=True, quiet=True, shared=is_local(repo))
-            except git.GitCommandError as exc:
-                raise CheckoutError(f"cannot clone {repo}: {git_reason(exc)}") from None
-            (tmp / "c").rename(path)
+            new = tmp / "git"
+            fmt = "sha256" if len(commit) == 64 else "sha1"
+            run.git(None, "init", "--quiet", "--bare", "--template=", f"--object-format={fmt}", str(new))
+            _own(repo, commit, new)
+            if not is_local(repo):
+                try:
+                    run.git(new, "fetch", "--quiet", "--end-of-options", repo, HEADS)
+                except _GitFailed as exc:
+                    raise CheckoutError(f"cannot fetch {repo}: {exc}") from None
+            new.rename(git_dir)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        clone = self._open[path] = git.Repo(path)
-        return clone
+
+    def _has_commit(self, git_dir: Path, commit: str, run: _Run) -> bool:
+        query = self._objects.get(git_dir)
+        if query is None:
+            query = self._objects[git_dir] = _ObjectQuery(git_dir, run.env)
+        return query.is_commit(commit, run)
+
+    def _discard(self, repo: str) -> None:
+        git_dir = self.git_dir_for(repo)
+        self._forget(git_dir)
+        _remove(git_dir)
+        _remove(self.tree_for(repo))
+
+    def _forget(self, git_dir: Path) -> None:
+        query = self._objects.pop(git_dir, None)
+        if query is not None:
+            query.close()
+
+    def _env(self, repo: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("GIT_", "VOLT_")) or k in _OPERATOR_GIT_ENV}
+        if self._git_env is not None:
+            env.update(self._git_env(repo))
+        env.update(
+            GIT_CONFIG_NOSYSTEM="1",
+            GIT_CONFIG_SYSTEM=os.devnull,
+            GIT_CONFIG_GLOBAL=os.devnull,
+            GIT_TERMINAL_PROMPT="0",
+            LC_ALL="C",  # git's messages, read back for the reason, in English
+        )
+        return env
 
 
-def _has_commit(clone: git.Repo, commit: str) -> bool:
-    """Whether the clone holds `commit` (and it is a commit), asked of the clone's
-    long-lived `git cat-file --batch-check`, which sees what fetches add."""
+class _Run:
+    """One checkout's git calls: their environment, shared deadline and cancel flag."""
+
+    def __init__(self, repo: str, env: dict[str, str], deadline: float, limit: float, cancel: threading.Event | None):
+        self.repo, self.env, self.deadline, self.limit = repo, env, deadline, limit
+        self.cancel = cancel or threading.Event()
+
+    def stop_reason(self) -> str | None:
+        if self.cancel.is_set():
+            return "was cancelled"
+        if time.monotonic() >= self.deadline:
+            return f"did not finish within {self.limit:g}s"
+        return None
+
+    def git(self, git_dir: Path | None, *args: str, tree: Path | None = None) -> str:
+        """Run git to the end, or kill it (and what it started) at the deadline or on cancel."""
+        proc = subprocess.Popen(
+            _argv(git_dir, *args, tree=tree),
+            cwd=tree or git_dir or None,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # its own group: ssh and remote helpers go with it
+        )
+        out, err = self._wait(proc, args[0])
+        if proc.returncode != 0:
+            raise _GitFailed(f"git {args[0]}: {_reason(err)}")
+        return out.decode(errors="replace")
+
+    def _wait(self, proc: subprocess.Popen[bytes], what: str) -> tuple[bytes, bytes]:
+        """Collect git's output until it exits; look at the clock and the cancel flag every 50 ms."""
+        assert proc.stdout is not None and proc.stderr is not None
+        output = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+        poller = select.poll()
+        for fd in output:
+            poller.register(fd, select.POLLIN)
+        open_fds = set(output)
+        try:
+            while open_fds:  # git, and whatever it started, hold the pipes until they exit
+                for fd, _ in poller.poll(50):
+                    chunk = os.read(fd, 65536)
+                    output[fd] += chunk
+                    if not chunk:
+                        open_fds.discard(fd)
+                        poller.unregister(fd)
+                reason = self.stop_reason()
+                if reason is not None:
+                    _kill(proc)
+                    raise CheckoutError(f"git {what} of {self.repo} {reason}")
+            if not _exited(proc, self.deadline - time.monotonic()):
+                _kill(proc)
+                raise CheckoutError(f"git {what} of {self.repo} did not finish within {self.limit:g}s")
+            return bytes(output[proc.stdout.fileno()]), bytes(output[proc.stderr.fileno()])
+        finally:
+            proc.stdout.close()
+            proc.stderr.close()
+
+
+class _ObjectQuery:
+    """A long-lived `git cat-file --batch-check`: it also sees what later fetches add."""
+
+    def __init__(self, git_dir: Path, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            _argv(git_dir, "cat-file", "--batch-check"),
+            cwd=git_dir,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            bufsize=0,
+            start_new_session=True,
+        )
+
+    def is_commit(self, commit: str, run: _Run) -> bool:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        try:
+            self.proc.stdin.write(f"{commit}\n".encode())
+        except OSError as exc:
+            raise _GitFailed(f"git cat-file: {exc}") from None
+        line = b""
+        while not line.endswith(b"\n"):
+            if not select.select([self.proc.stdout], [], [], 0.05)[0]:
+                reason = run.stop_reason()
+                if reason is not None:
+                    raise CheckoutError(f"git cat-file of {run.repo} {reason}")
+                continue
+            chunk = self.proc.stdout.read(4096)
+            if not chunk:
+                raise _GitFailed("git cat-file ended")
+            line += chunk
+        return line.split()[1:2] == [b"commit"]  # "<id> commit <size>", or "<id> missing"
+
+    def close(self) -> None:
+        _kill(self.proc)
+
+
+def _argv(git_dir: Path | None, *args: str, tree: Path | None = None) -> list[str]:
+    argv = ["git"]
+    for setting in _OVERRIDES:
+        argv += ["-c", setting]
+    if git_dir is not None:
+        argv.append(f"--git-dir={git_dir}")
+    if tree is not None:
+        argv.append(f"--work-tree={tree}")
+    return [*argv, *args]
+
+
+def _own(repo: str, commit: str, git_dir: Path) -> None:
+    """Make the git directory's config and alternates the runner's again."""
+    version = 1 if len(commit) == 64 else 0
+    config = _CONFIG.format(version=version)
+    if version:
+        config += "[extensions]\n\tobjectformat = sha256\n"
+    _write(git_dir / "config", config)
+    alternates = git_dir / "objects" / "info" / "alternates"
+    if is_local(repo):
+        alternates.parent.mkdir(parents=True, exist_ok=True)
+        _write(alternates, f"{_objects_of(repo)}\n")
+    else:
+        alternates.unlink(missing_ok=True)
+    for name in _FOREIGN:
+        (git_dir / name).unlink(missing_ok=True)
+
+
+def _objects_of(repo: str) -> Path:
+    """The object directory of a repository on this machine, found without running git in it."""
+    source = Path(repo)
+    dot = source / ".git"
+    git_dir = dot if dot.is_dir() else source
+    if dot.is_file():  # a linked work tree: "gitdir: <path>"
+        text = dot.read_text(errors="replace").strip()
+        if text.startswith("gitdir:"):
+            git_dir = source / text.removeprefix("gitdir:").strip()
+    common = git_dir / "commondir"
+    if common.is_file():
+        git_dir = git_dir / common.read_text(errors="replace").strip()
+    objects = git_dir / "objects"
+    if not (objects.is_dir() and (git_dir / "HEAD").is_file()):
+        raise CheckoutError(f"cannot check out from {repo}: not a git repository")
+    return objects.resolve()
+
+
+def _write(path: Path, text: str) -> None:
+    """Make `path` a file of its own holding exactly `text`: replaced whole, so a
+    link or a hard link planted in its place is replaced, not written through."""
     try:
-        return bool(clone.odb.info(bytes.fromhex(commit)).type == b"commit")
-    except ValueError:  # "<sha> missing"
-        return False
+        st = path.lstat()
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and path.read_text() == text:
+            return  # the same as a fresh one, and cheaper than writing it
+    except (OSError, UnicodeDecodeError):
+        pass
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    os.replace(tmp, path)
+
+
+def _strip(tree: Path) -> None:
+    """Remove from the tree every `.git` (git clean never touches that name,
+    and a later job's own git would obey one a test planted) and anything that
+    is not a file, folder or link (a FIFO left there would block a reader)."""
+    pending = [str(tree)]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False) and entry.name != ".git":
+                    pending.append(entry.path)
+                elif entry.name == ".git" or not (entry.is_file(follow_symlinks=False) or entry.is_symlink()):
+                    _remove(Path(entry.path))
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or a folder tree, even one a test made unwritable."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        path.unlink()
+        return
+    if not path.exists():
+        return
+    os.chmod(path, 0o700)
+    for root, dirs, _ in os.walk(path):
+        for name in dirs:
+            if not os.path.islink(os.path.join(root, name)):
+                os.chmod(os.path.join(root, name), 0o700)
+    shutil.rmtree(path)
+
+
+def _exited(proc: subprocess.Popen[bytes], seconds: float) -> bool:
+    """Whether `proc` exits within `seconds`, woken the moment it does (a pidfd;
+    Popen.wait with a timeout sleeps in steps, a millisecond a call)."""
+    if proc.poll() is None:
+        fd = os.pidfd_open(proc.pid)
+        try:
+            select.select([fd], [], [], max(0.0, seconds))
+        finally:
+            os.close(fd)
+    return proc.poll() is not None
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    _kill_group(proc.pid)
+    try:
+        proc.communicate(timeout=5)
+    except subprocess.TimeoutExpired:  # a grandchild that left the group holds a pipe
+        log.warning("git process %d's output is still held open after it was killed", proc.pid)
+
+
+def _reason(stderr: bytes) -> str:
+    """git's own `fatal:` or `error:` line, else its last line."""
+    lines = [line.strip() for line in stderr.decode(errors="replace").splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith(("fatal:", "error:")):
+            return line.split(":", 1)[1].strip().strip("'")[:300]
+    return lines[-1][:300] if lines else "failed"
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300]
