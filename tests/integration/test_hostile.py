@@ -40,8 +40,12 @@ def test_hostile_suites_end_as_results_and_the_runner_lives(volt, repo, tmp_path
         "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
         "time.sleep(600)\n"
     )
-    vandal = "import shutil; shutil.rmtree('.git'); raise SystemExit(1)"
-    corrupt = "open('.git/HEAD', 'w').write('garbage'); open('.git/index', 'wb').write(b'junk')"
+    # The tree has no .git of the cache's: what a suite plants there is its own, and goes.
+    vandal = "import shutil, os; os.path.isdir('.git') and shutil.rmtree('.git'); raise SystemExit(1)"
+    corrupt = (
+        "import os; os.makedirs('.git', exist_ok=True)\n"
+        "open('.git/HEAD', 'w').write('garbage'); open('.git/index', 'wb').write(b'junk')"
+    )
     hooked = tmp_path / "hook-ran"
     plant = (
         "import os\n"
