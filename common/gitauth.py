@@ -20,6 +20,7 @@ import os
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from common.naming import normalize_repo, split_netloc
 
@@ -123,3 +124,33 @@ def scrub(text: str, credentials: Credentials | None) -> str:
     for secret in {credentials.password, urllib.parse.quote(credentials.password, safe="")}:
         text = text.replace(secret, "***")
     return text
+
+
+def read_credentials(path: Path) -> list[tuple[str, Credentials]]:
+    """The credentials in a git-credential-store style file (`--git-credentials`):
+    one `https://user:token@host[/path]` per line; blank lines and `#` comments
+    skipped. ValueError names a bad line by its number, never by its text."""
+    known: list[tuple[str, Credentials]] = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            identity, credentials = split_url(line)
+        except ValueError:
+            credentials = None
+        if credentials is None:
+            raise ValueError(f"{path} line {number}: not an http(s) URL with a user and password")
+        known.append((identity.rstrip("/"), credentials))
+    return known
+
+
+def credentials_for(repo: str, known: list[tuple[str, Credentials]]) -> Credentials | None:
+    """The credentials whose URL is the longest prefix of the repository identity
+    `repo` (a host, or a path on it), or None."""
+    best: tuple[int, Credentials] | None = None
+    for prefix, credentials in known:
+        if repo == prefix or repo.startswith(prefix + "/"):
+            if best is None or len(prefix) > best[0]:
+                best = (len(prefix), credentials)
+    return best[1] if best else None

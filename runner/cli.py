@@ -44,6 +44,37 @@ def add_parsers(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # 
     p.add_argument(
         "--kill-grace", type=float, default=5.0, help="seconds between SIGTERM and SIGKILL when a test run is stopped"
     )
+    p.add_argument(
+        "--sandbox",
+        choices=["bwrap", "none"],
+        default=env("SANDBOX", "bwrap"),
+        help="the box each test command runs in (env VOLT_SANDBOX; default bwrap; none: no sandbox at all)",
+    )
+    p.add_argument(
+        "--sandbox-hide",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="also hide this path from test commands (repeatable)",
+    )
+    p.add_argument(
+        "--allow-network",
+        action="store_true",
+        default=env("ALLOW_NETWORK", "") in ("1", "true", "yes"),
+        help="grant a repository's [test] network = true (env VOLT_ALLOW_NETWORK; default: loopback only)",
+    )
+    p.add_argument(
+        "--git-timeout",
+        type=float,
+        default=env_float("GIT_TIMEOUT", 300.0),
+        help="seconds a checkout's git may take (env VOLT_GIT_TIMEOUT; default 300)",
+    )
+    p.add_argument(
+        "--git-credentials",
+        default=env("GIT_CREDENTIALS", ""),
+        metavar="FILE",
+        help="a git-credential-store style file of https://user:token@host[/path] lines (env VOLT_GIT_CREDENTIALS)",
+    )
     p.set_defaults(func=main)
     return p
 
@@ -70,6 +101,11 @@ def settings_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         allow_repos=tuple(args.allow_repo),
         labels=tuple(args.label),
         kill_grace=args.kill_grace,
+        sandbox=args.sandbox,
+        sandbox_hide=tuple(Path(p).resolve() for p in args.sandbox_hide),
+        allow_network=args.allow_network,
+        git_timeout=args.git_timeout,
+        git_credentials=Path(args.git_credentials).resolve() if args.git_credentials else None,
     )
 
 

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import logging
 import math
 import os
 import select
 import shlex
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +41,7 @@ class TestConfig:
     command: list[str]
     timeout: float
     uses_default: bool = False
+    network: bool = False  # [test] network = true: it asks for more than loopback
 
 
 def default_command(junit_path: Path, tree: Path) -> list[str]:
@@ -64,34 +68,59 @@ _PYTEST_CONFIGS = (
 def has_pytest_config(tree: Path) -> bool:
     """Whether the checked-out tree carries pytest settings of its own at its root."""
     for name, section in _PYTEST_CONFIGS:
-        path = tree / name
-        if not path.is_file():
-            continue
         try:
-            if section in path.read_text(encoding="utf-8", errors="replace"):
-                return True
-        except OSError:
+            text = read_tree_file(tree / name, 1024 * 1024)
+        except (OSError, ConfigError):
             continue
+        if text is not None and section in text:
+            return True
     return False
+
+
+def read_tree_file(path: Path, limit: int) -> str | None:
+    """A file of the tested tree, read by the runner outside the sandbox: never
+    through a link the commit planted (`.volt.toml -> /proc/self/environ`),
+    never from a FIFO, never more than `limit` bytes. None when there is none."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigError(f"{path.name} is a symbolic link; the runner does not follow it") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ConfigError(f"{path.name} is not a regular file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ConfigError(f"{path.name} is larger than {limit // 1024} KiB")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path.name} is not valid UTF-8 (so not valid TOML): {exc}") from None
 
 
 def load_config(tree: Path, junit_path: Path, default_timeout: float) -> TestConfig:
     """Read `[test] command` and `timeout` from .volt.toml; pytest when absent."""
-    path = tree / CONFIG_FILE
     section: dict[str, object] = {}
-    if path.is_file():
-        try:
-            section = voltfile.parse(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{CONFIG_FILE} is not valid TOML: {exc}") from None
+    try:
+        text = read_tree_file(tree / CONFIG_FILE, voltfile.MAX_CONFIG_BYTES)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {CONFIG_FILE}: {exc.strerror or exc}") from None
+    if text is not None:
+        section = voltfile.parse(text)
     voltfile.labels_of(section)  # a broken labels list is the job's error too
+    network = section.get("network", False)
+    if not isinstance(network, bool):
+        raise ConfigError(f"{CONFIG_FILE}: test.network must be true or false")
     timeout = section.get("timeout", default_timeout)
     # TOML has nan and inf; either would switch the time limit off.
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
         raise ConfigError(f"{CONFIG_FILE}: test.timeout must be a positive number of seconds")
     raw = section.get("command")
     if raw is None:
-        return TestConfig(default_command(junit_path, tree), float(timeout), uses_default=True)
+        return TestConfig(default_command(junit_path, tree), float(timeout), uses_default=True, network=network)
     if isinstance(raw, str):
         try:
             command = shlex.split(raw)
@@ -103,7 +132,7 @@ def load_config(tree: Path, junit_path: Path, default_timeout: float) -> TestCon
         raise ConfigError(f"{CONFIG_FILE}: test.command must be a string or a list of strings")
     if not command:
         raise ConfigError(f"{CONFIG_FILE}: test.command is empty")
-    return TestConfig(command, float(timeout))
+    return TestConfig(command, float(timeout), network=network)
 
 
 class LogCollector:
@@ -176,13 +205,32 @@ class Outcome:
     abandoned: bool = False
 
 
+# All a test gets of the runner's environment: where programs are, and the
+# locale. Nothing else (the broker URL holds a password; tokens, proxies and
+# the operator's settings are none of the code under test's business).
+_PASSED_ON = ("PATH", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TZ")
+
+
 def test_env(extra: dict[str, str]) -> dict[str, str]:
-    """The runner's environment minus its own VOLT_* settings (the broker URL
-    holds a password the code under test has no business seeing)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VOLT_")}
+    """The environment a test command gets, built from scratch: PATH and the
+    locale, CI=true, and the job's own facts in `extra` (VOLT_JOB_ID, ...)."""
+    env = {k: os.environ[k] for k in _PASSED_ON if k in os.environ}
+    env.setdefault("PATH", os.defpath)
     env.update(extra)
     env["CI"] = "true"
     return env
+
+
+def find_command(command: list[str], cwd: Path, env: dict[str, str]) -> str | None:
+    """Why `command` cannot start (not found, not executable), or None. Asked
+    before the sandbox starts, where the answer would be bwrap's exit code."""
+    name = command[0]
+    if "/" in name:
+        path = cwd / name
+        if not path.exists():
+            return f"test command not found: {name}"
+        return None if os.access(path, os.X_OK) else f"test command not executable: {name}"
+    return None if shutil.which(name, path=env.get("PATH")) else f"test command not found: {name}"
 
 
 def run_command(
@@ -194,18 +242,28 @@ def run_command(
     grace: float = 5.0,
     on_start: Callable[[int], None] | None = None,
     lease_lost: Callable[[], bool] = lambda: False,
+    wrap: Callable[[list[str]], list[str]] | None = None,
+    notes: Sequence[str] = (),
 ) -> Outcome:
     """Run the test command in its own process group, bounded in time and log size.
 
-    On timeout or cancel the whole group gets SIGTERM, then SIGKILL after the
-    grace period; when `lease_lost()` turns true, SIGKILL at once (the job may
-    already be someone else's). Whatever the command does, this returns an Outcome.
+    `wrap` turns the command into the one that runs it in the sandbox; `notes`
+    are lines the runner puts at the head of the log. On timeout or cancel the
+    whole group gets SIGTERM, then SIGKILL after the grace period (in the
+    sandbox everything inside dies with it at once); when `lease_lost()` turns
+    true, SIGKILL at once (the job may already be someone else's). Whatever the
+    command does, this returns an Outcome.
     """
     collector = LogCollector()
+    for note in notes:
+        collector.feed(f"volt: {note}\n".encode())
+    missing = find_command(config.command, cwd, env)
+    if missing:
+        return Outcome("error", None, 0.0, reason=missing, log=collector)
     started = time.monotonic()
     try:
         proc = subprocess.Popen(
-            config.command,
+            wrap(config.command) if wrap else config.command,
             cwd=cwd,
             env=env,
             stdin=subprocess.DEVNULL,

@@ -84,7 +84,8 @@ def read_junit(path: Path) -> Junit | None:
 def _read(path: Path) -> Junit:
     # O_NONBLOCK: a FIFO put there by the test must not hang the runner; only
     # a regular file is read.
-    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+    # O_NOFOLLOW: nor a link to a file of the runner's (/proc/self/environ).
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW), "rb") as f:
         info = os.fstat(f.fileno())
         if not stat.S_ISREG(info.st_mode):
             raise _Refused("not a regular file")

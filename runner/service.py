@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from common import naming
+from common import gitauth, naming
 from common.broker import Broker, BrokerUnavailable, Delivery, InUse, Unroutable
 from common.health import write_health
 from common.messages import (
@@ -53,8 +54,9 @@ from common.messages import (
     decode,
 )
 from common.settings import BrokerSettings, SettingsError
+from runner import sandbox
 from runner.execute import ConfigError, Outcome, load_config, run_command, test_env
-from runner.workspace import CheckoutError, Workspace
+from runner.workspace import GIT_TIMEOUT, CheckoutError, Workspace
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,14 @@ class RunnerSettings:
     allow_repos: tuple[str, ...] = ()
     labels: tuple[str, ...] = ()
     kill_grace: float = 5.0
+    # The box each test command runs in: "bwrap" (runner/sandbox.py) or "none".
+    sandbox: str = "bwrap"
+    sandbox_hide: tuple[Path, ...] = ()
+    # Whether a repository's `[test] network = true` is granted.
+    allow_network: bool = False
+    git_timeout: float = GIT_TIMEOUT
+    # A git-credential-store style file: credentials for the repositories it names.
+    git_credentials: Path | None = None
 
 
 @dataclass
@@ -84,6 +94,7 @@ class Current:
     # Set by the worker thread when it ends: the result (also in the outbox,
     # unless writing it failed), or why it gave the attempt up.
     result: JobResult | None = None
+    in_outbox: bool = False  # the result was written to the outbox (which publishes it)
     abandoned: str = ""
     # The lease holds until this (time.monotonic()); renewed by each confirmed
     # heartbeat, suspended while the broker blocks publishers.
@@ -133,7 +144,14 @@ class Runner:
         self.s = settings
         self.broker = broker or Broker(settings.broker, f"volt-runner-{settings.runner_id}")
         self.session = uuid.uuid4().hex[:12]
-        self.workspace = Workspace(settings.workdir)
+        self.credentials: list[tuple[str, gitauth.Credentials]] = []
+        if settings.git_credentials is not None:
+            try:
+                self.credentials = gitauth.read_credentials(settings.git_credentials)
+            except (OSError, ValueError) as exc:
+                raise SettingsError(f"--git-credentials: {exc}") from None
+        self.workspace = Workspace(settings.workdir, git_timeout=settings.git_timeout, git_env=self._git_env)
+        self.jobs = settings.workdir / "jobs"
         self.outbox = settings.workdir / "outbox"
         self.sent = settings.workdir / "sent"
         for folder in (self.outbox, self.sent):
@@ -167,8 +185,22 @@ class Runner:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
 
+    def check_sandbox(self) -> None:
+        """Refuse to start without the sandbox it was told to use; say so when told to use none."""
+        if self.s.sandbox == "none":
+            log.warning(
+                "runner=%s runs test commands WITHOUT a sandbox (--sandbox none): the code under test can read "
+                "and change everything this user can",
+                self.s.runner_id,
+            )
+            return
+        why = sandbox.probe()
+        if why:
+            raise SettingsError(f"the sandbox cannot start: {why}")
+
     def run(self) -> int:
         """Serve until drained; reconnect whenever the broker goes away."""
+        self.check_sandbox()
         self.reap_orphans()
         if not self.s.allow_repos:
             log.warning("runner=%s accepts jobs for any repository (no --allow-repo set)", self.s.runner_id)
@@ -301,6 +333,10 @@ class Runner:
             log.info("%s delivered again while it runs; running it once", ids)
             delivery.ack()
             return
+        if (self.outbox / _outbox_name(job)).exists():
+            log.info("%s delivered again after it ran; its result is on its way", ids)
+            delivery.ack()
+            return
         done = self._finished_result(job)
         if done is not None:
             # A job delivered again after it ran (a broker crash lost our ack):
@@ -407,6 +443,7 @@ class Runner:
                 )
             try:
                 self._write_outbox(job, current.result)
+                current.in_outbox = True
             except OSError as exc:
                 log.error(
                     "runner=%s job=%s cannot write the outbox (%s); sending the result from memory",
@@ -429,11 +466,15 @@ class Runner:
         except BrokerUnavailable:
             pass  # the main loop flushes the outbox once it reconnects
 
+    def _git_env(self, repo: str) -> dict[str, str]:
+        """What git needs for `repo` from --git-credentials (only its environment holds them)."""
+        return gitauth.git_env(gitauth.credentials_for(repo, self.credentials), base={})
+
     def _run_job(self, current: Current) -> Outcome:
         job = current.job
         began = time.monotonic()
         try:
-            tree = self.workspace.checkout(job.repo, job.commit)
+            tree = self.workspace.checkout(job.repo, job.commit, cancel=current.cancel)
         except CheckoutError as exc:
             return Outcome("error", None, 0.0, reason=str(exc))
         log.debug(
@@ -441,9 +482,21 @@ class Runner:
         )
         if current.lease_lost():
             return Outcome("cancelled", None, 0.0, reason="lease lost", abandoned=True)
-        junit = self.s.workdir / "junit" / f"{job.job_id}-{job.attempt}.xml"
-        junit.parent.mkdir(exist_ok=True)
-        junit.unlink(missing_ok=True)
+        # The job's own folder: its JUnit file (the one place outside its tree
+        # the sandbox lets it write) and, without a sandbox, its HOME and TMPDIR.
+        folder = self.jobs / f"{job.job_id}-{job.attempt}"
+        shutil.rmtree(folder, ignore_errors=True)
+        (folder / "home").mkdir(parents=True)
+        junit = folder / "junit.xml"
+        try:
+            return self._test(current, tree, folder, junit)
+        finally:
+            self.watchdog.tell("done")
+            self.pgid_file.unlink(missing_ok=True)
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _test(self, current: Current, tree: Path, folder: Path, junit: Path) -> Outcome:
+        job = current.job
         try:
             config = load_config(tree, junit, self.s.job_timeout)
         except ConfigError as exc:
@@ -456,21 +509,39 @@ class Runner:
                 "VOLT_BRANCH": job.branch,
             }
         )
-        try:
-            return run_command(
-                config,
-                tree,
-                env,
-                junit,
-                current.cancel,
-                grace=self.s.kill_grace,
-                on_start=lambda pid: self._note_pgid(pid, current),
-                lease_lost=current.lease_lost,
-            )
-        finally:
-            self.watchdog.tell("done")
-            self.pgid_file.unlink(missing_ok=True)
-            junit.unlink(missing_ok=True)
+        notes = []
+        network = config.network and self.s.allow_network
+        if config.network and not network:
+            notes.append("[test] network = true, but this runner does not grant it (--allow-network): loopback only")
+        wrap = None
+        if self.s.sandbox == "bwrap":
+
+            def wrap(command: list[str]) -> list[str]:
+                return sandbox.wrap(
+                    command,
+                    tree,
+                    env,
+                    workdir=self.s.workdir,
+                    hide=[*self.s.sandbox_hide, *([self.s.git_credentials] if self.s.git_credentials else [])],
+                    expose=[Path(sys.prefix)],
+                    writable=[folder],
+                    network=network,
+                )
+
+        else:
+            env.update(HOME=str(folder / "home"), TMPDIR=str(folder / "home"))
+        return run_command(
+            config,
+            tree,
+            env,
+            junit,
+            current.cancel,
+            grace=self.s.kill_grace,
+            on_start=lambda pid: self._note_pgid(pid, current),
+            lease_lost=current.lease_lost,
+            wrap=wrap,
+            notes=notes,
+        )
 
     def _note_pgid(self, pgid: int, current: Current) -> None:
         self.watchdog.tell(f"run {pgid} {current.lease_until if not current.held else math.inf}")
@@ -517,7 +588,7 @@ class Runner:
                     reason=current.abandoned,
                 )
             )
-        elif current.result is not None and not (self.outbox / _outbox_name(job)).exists():
+        elif current.result is not None and not current.in_outbox:
             self._unsent.append(current.result)  # the outbox could not take it
         self.flush_outbox()
         if not self._outbox_files() and not self._unsent:
@@ -539,16 +610,12 @@ class Runner:
         (self.outbox / _outbox_name(job)).unlink(missing_ok=True)
 
     def _finished_result(self, job: Job) -> JobResult | None:
-        """The result this runner already has for this assignment, if any."""
-        name = _outbox_name(job)
-        for folder in (self.outbox, self.sent):
-            try:
-                msg = decode((folder / name).read_bytes())
-            except (OSError, DecodeError):
-                continue
-            if isinstance(msg, JobResult):
-                return msg
-        return None
+        """The result this runner already sent for this assignment, if any."""
+        try:
+            msg = decode((self.sent / _outbox_name(job)).read_bytes())
+        except (OSError, DecodeError):
+            return None
+        return msg if isinstance(msg, JobResult) else None
 
     def flush_outbox(self) -> None:
         """Publish every finished result; each file goes only once confirmed."""

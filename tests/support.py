@@ -100,16 +100,27 @@ class Volt:
         """Run one `volt` command to completion."""
         return subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=timeout, cwd=self.tmp)
 
-    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start `volt ARGS`; `env` is added to this process's environment."""
         log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen(self.argv(*args), stdout=log, stderr=subprocess.STDOUT, cwd=self.tmp)
+        full_env = {**os.environ, **env} if env else None
+        proc = subprocess.Popen(self.argv(*args), stdout=log, stderr=subprocess.STDOUT, cwd=self.tmp, env=full_env)
         self.procs[name] = proc
         return proc
 
     def dispatcher(self, *extra: str) -> subprocess.Popen[bytes]:
         return self.start("dispatcher", "dispatcher", "--db", str(self.tmp / "dispatcher.db"), *extra)
 
-    def runner(self, runner_id: str, *extra: str, heartbeat: float = 0.5) -> subprocess.Popen[bytes]:
+    def runner(
+        self,
+        runner_id: str,
+        *extra: str,
+        heartbeat: float = 0.5,
+        sandbox: str = "none",
+        env: dict[str, str] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """A runner. Without a sandbox by default: these tests count a job's runs by
+        pids and files on the host, which a sandbox would hide (it has tests of its own)."""
         self.runner_ids.add(runner_id)
         return self.start(
             runner_id,
@@ -120,7 +131,10 @@ class Volt:
             str(self.tmp / runner_id),
             "--heartbeat-interval",
             str(heartbeat),
+            "--sandbox",
+            sandbox,
             *extra,
+            env=env,
         )
 
     def observer(self, repo: Path, *extra: str, poll: float = 0.2) -> subprocess.Popen[bytes]:

@@ -60,8 +60,9 @@ def finished_jobs(db: Path, count: int, log: bytes | None = None) -> list[str]:
     for i in range(count):
         row = store.add_job(CommitSeen(repo=REPO, branch="main", commit=f"{i:08x}" + "e" * 32, seen_at=1000.0 + i))
         store.mark_queued(row.job_id, 1, 1001.0 + i)
-        assert store.assign(row.job_id, 1, "r1", 1002.0 + i)
-        assert store.start(row.job_id, 1, "r1", "s", started_at=1003.0 + i, now=1003.0 + i)
+        lease = store.assign(row.job_id, 1, "r1", 1002.0 + i)
+        assert lease
+        assert store.start(row.job_id, lease, "r1", "s", started_at=1003.0 + i, now=1003.0 + i)
         extra = {}
         if log is not None:
             extra = {
@@ -71,7 +72,8 @@ def finished_jobs(db: Path, count: int, log: bytes | None = None) -> list[str]:
                 "log_full": base64.b64encode(zlib.compress(log, 9)).decode(),
             }
         assert store.finish(
-            JobResult(job_id=row.job_id, attempt=1, runner_id="r1", status="passed", passed=1, **extra), 1004.0 + i
+            JobResult(job_id=row.job_id, attempt=1, runner_id="r1", status="passed", passed=1, lease=lease, **extra),
+            1004.0 + i,
         )
         ids.append(row.job_id)
     store.close()

@@ -437,18 +437,20 @@ def test_cancel_stops_the_command(tmp_path: Path, pgids: list[int]) -> None:
     assert group_is_gone(pgids[0])
 
 
-def test_test_env_hides_volt_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_test_env_is_built_from_scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VOLT_AMQP_URL", "amqp://volt:hunter2@mq/%2F")
     monkeypatch.setenv("VOLT_NAMESPACE", "prod")
-    monkeypatch.setenv("SOME_OTHER_SETTING", "kept")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")  # whatever else the runner was given
+    monkeypatch.setenv("LANG", "C.UTF-8")
     env = child_env({"VOLT_JUNIT_XML": str(tmp_path / "junit.xml"), "EXTRA": "1"})
     assert "VOLT_AMQP_URL" not in env
     out = run(python("import json, os; print(json.dumps(dict(os.environ)))"), tmp_path, env=env)
     seen = json.loads(out.log.head_text())
     assert "VOLT_AMQP_URL" not in seen
     assert "VOLT_NAMESPACE" not in seen
-    assert "hunter2" not in out.log.head_text()
-    assert seen["SOME_OTHER_SETTING"] == "kept"
+    assert "hunter2" not in out.log.head_text() and "s3cr3t" not in out.log.head_text()
+    assert "AWS_SECRET_ACCESS_KEY" not in seen
+    assert (seen["LANG"], seen["PATH"], seen["CI"]) == ("C.UTF-8", os.environ["PATH"], "true")
     assert seen["VOLT_JUNIT_XML"] == str(tmp_path / "junit.xml")  # what the runner itself passes on
     assert (seen["EXTRA"], seen["CI"]) == ("1", "true")
 

@@ -39,7 +39,10 @@ def dispatcher_side(rabbit: FakeRabbit) -> Broker:
 
 @pytest.fixture
 def runner(rabbit: FakeRabbit, dispatcher_side: Broker, tmp_path: Path) -> Iterator[Runner]:
-    r = Runner(RunnerSettings(broker=BrokerSettings(namespace=NS), runner_id="r1", workdir=tmp_path / "work"))
+    # No sandbox: these tests count runs in files on the host.
+    r = Runner(
+        RunnerSettings(broker=BrokerSettings(namespace=NS), runner_id="r1", workdir=tmp_path / "work", sandbox="none")
+    )
     r.broker.on_blocked = r._on_blocked
     r.broker.connect()
     r._setup()
@@ -159,7 +162,7 @@ def test_an_exception_in_the_job_thread_ends_the_job_as_error_with_the_reason(
 ) -> None:
     sha = counting_suite(repo, tmp_path / "runs")
 
-    def broken(*args: Any) -> None:
+    def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("the workspace exploded")
 
     monkeypatch.setattr(runner.workspace, "checkout", broken)
