@@ -22,6 +22,7 @@ import yaml
 
 from common import naming
 from common.broker import _RUNNER_EXCHANGES, DEAD_LETTER_MAX_LENGTH, RUNNER_QUEUE_EXPIRES_MS
+from runner.sandbox import hidden_paths
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -183,6 +184,46 @@ def systemd_unit(name: str) -> configparser.ConfigParser:
     parser = _UnitParser(interpolation=None, strict=False)
     parser.read_string((DEPLOY / "systemd" / name).read_text())
     return parser
+
+
+def unit_directives(name: str) -> dict[str, dict[str, list[str]]]:
+    """Every value of every directive, per section, as systemd reads them: a
+    directive may repeat (each adds), values are space-separated, and an empty
+    assignment empties the list. Comments and blank lines are skipped."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    section: dict[str, list[str]] = {}
+    for raw in (DEPLOY / "systemd" / name).read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = sections.setdefault(line.strip("[]"), {})
+            continue
+        key, _, value = line.partition("=")
+        values = section.setdefault(key.strip(), [])
+        if value.strip():
+            values += shlex.split(value) if key.strip() != "ExecStart" else [value.strip()]
+        else:
+            values.clear()
+    return sections
+
+
+def sandbox_mode(argv: list[str], env: dict[str, str]) -> str:
+    """The runner's --sandbox as these arguments and environment set it."""
+    for i, arg in enumerate(argv):
+        if arg == "--sandbox":
+            return argv[i + 1]
+        if arg.startswith("--sandbox="):
+            return arg.split("=", 1)[1]
+    return env.get("VOLT_SANDBOX", "bwrap")
+
+
+def hidden_from_tests(path: str | Path, workdir: str) -> bool:
+    """Whether the sandbox hides `path` from every test command of a runner
+    with this workdir (runner.sandbox decides what it hides)."""
+    # "/" (the home of some service users) the sandbox never hides.
+    hidden = [h for h in hidden_paths(Path(workdir)) if h != Path("/")]
+    return any(Path(path).is_relative_to(h) for h in hidden)
 
 
 def k8s_docs(name: str) -> list[dict[str, Any]]:
@@ -405,6 +446,13 @@ def test_dockerfile() -> None:
     assert "apt-get install" in text and re.search(r"\bgit\b", text)
     [user] = [ln for ln in lines if ln.upper().startswith("USER ")]
     assert user.split()[1].split(":")[0] not in ("root", "0")
+    # The user it runs as is the one it creates (the uid the k8s manifests name).
+    assert re.search(rf"useradd [^\n]*--uid {user.split()[1].split(':')[0]}\b", text)
+    # The runner's sandbox, as Debian ships it: not setuid, so it works
+    # through user namespaces as this user, under no-new-privileges too.
+    [install] = [ln for ln in lines if "apt-get install" in ln]
+    assert "bubblewrap" in install.split()
+    assert not re.search(r"chmod\s+(u\+s|[0-7]*[4-7][0-7]{3}\b)", text)
     [entrypoint] = [ln for ln in lines if ln.upper().startswith("ENTRYPOINT ")]
     assert json.loads(entrypoint.split(None, 1)[1]) == ["volt"]
     # The build context is the repository root; the ignore file must not drop
@@ -478,7 +526,49 @@ def test_compose_workers_use_their_roles_user(compose: dict[str, Any]) -> None:
         assert service["environment"]["VOLT_NAMESPACE"] == NS
 
 
+# The security options bwrap needs in a container, and why: Docker's default
+# seccomp profile refuses unshare and mount without CAP_SYS_ADMIN, its default
+# AppArmor profile refuses mount, and with parts of /proc masked the kernel
+# refuses the box a /proc of its own.
+BWRAP_SECURITY_OPT = {"seccomp=unconfined", "apparmor=unconfined", "systempaths=unconfined"}
+
+
+def test_compose_runner_gives_bwrap_what_it_needs_and_no_more(compose: dict[str, Any]) -> None:
+    runner = compose["services"]["runner"]
+    assert sandbox_mode(runner["command"], runner["environment"]) == "bwrap"
+    security_opt = set(runner["security_opt"])
+    assert BWRAP_SECURITY_OPT <= security_opt
+    assert "no-new-privileges:true" in security_opt
+    # Nothing beyond what bwrap needs: no capability, no root, not privileged.
+    assert runner["cap_drop"] == ["ALL"]
+    assert "cap_add" not in runner and "privileged" not in runner
+    assert str(runner.get("user", "10001")).split(":")[0] not in ("root", "0")
+
+
+def test_compose_other_workers_keep_dockers_confinement(compose: dict[str, Any]) -> None:
+    for name in ("dispatcher", "observer"):
+        service = compose["services"][name]
+        assert service["security_opt"] == ["no-new-privileges:true"], name
+        assert service["cap_drop"] == ["ALL"], name
+        assert "cap_add" not in service and "privileged" not in service, name
+
+
 # -- systemd -------------------------------------------------------------------
+
+UNITS = {
+    "dispatcher": "volt-dispatcher.service",
+    "observer": "volt-observer.service",
+    "runner": "volt-runner@.service",
+}
+
+
+def _service(role: str) -> dict[str, list[str]]:
+    return unit_directives(UNITS[role])["Service"]
+
+
+def _state_directory(role: str, instance: str = "1") -> Path:
+    [state] = _service(role)["StateDirectory"]
+    return Path("/var/lib") / state.replace("%i", instance)
 
 
 @pytest.mark.parametrize(
@@ -496,7 +586,7 @@ def test_systemd_units(unit: str, subcommand: str) -> None:
     argv = shlex.split(service["ExecStart"])
     assert argv[0].startswith("/") and argv[0].endswith("/volt"), argv[0]
     assert argv[1] == subcommand
-    assert service["User"] == "volt"
+    assert service["User"] == f"volt-{subcommand}"
     assert service["Restart"] == "on-failure"
     assert service["KillSignal"] == "SIGTERM"
     assert service["KillMode"] == "mixed"
@@ -513,6 +603,121 @@ def test_systemd_runner_template() -> None:
     assert duration_seconds(service["TimeoutStopSec"]) > JOB_TIMEOUT
 
 
+def test_systemd_each_role_has_a_user_of_its_own() -> None:
+    users = {role: (_service(role)["User"], _service(role)["Group"]) for role in UNITS}
+    assert users == {role: ([f"volt-{role}"], [f"volt-{role}"]) for role in UNITS}
+    for role in UNITS:
+        assert "DynamicUser" not in _service(role), role
+
+
+def test_systemd_runner_can_write_only_its_own_workdir() -> None:
+    service = _service("runner")
+    assert service["ProtectSystem"] == ["strict"]
+    # Under strict, what a unit may write is its StateDirectory and these.
+    for directive in (
+        "ReadWritePaths",
+        "CacheDirectory",
+        "LogsDirectory",
+        "RuntimeDirectory",
+        "ConfigurationDirectory",
+    ):
+        assert directive not in service, directive
+    argv = shlex.split(service["ExecStart"][0])
+    assert argv[argv.index("--workdir") + 1] == "/var/lib/volt/runner-%i"
+    assert _state_directory("runner", "%i") == Path("/var/lib/volt/runner-%i")
+    assert service["PrivateTmp"] == ["yes"] and service["ProtectHome"] == ["yes"]
+    # The store and the observer's state belong to other users, and are not
+    # even there for the runner; nor is any role's broker password.
+    dispatcher_argv = shlex.split(_service("dispatcher")["ExecStart"][0])
+    store = Path(dispatcher_argv[dispatcher_argv.index("--db") + 1])
+    assert store.parent == _state_directory("dispatcher")
+    inaccessible = {Path(p.lstrip("-")) for p in service["InaccessiblePaths"]}
+    assert {_state_directory("dispatcher"), _state_directory("observer"), Path("/etc/volt")} <= inaccessible
+    for role in ("dispatcher", "observer"):
+        assert not _state_directory(role).is_relative_to(_state_directory("runner")), role
+
+
+# What bwrap needs from the runner's unit, and what takes it away:
+# ProtectKernelTunables and ProtectKernelLogs mount over parts of /proc (the
+# kernel then refuses the box a /proc of its own); RestrictNamespaces forbids
+# its namespaces; SystemCallFilter sets without @mount forbid its mounts;
+# RestrictAddressFamilies without AF_NETLINK stops it setting up loopback.
+BWRAP_BREAKERS = ("ProtectKernelTunables", "ProtectKernelLogs", "RestrictNamespaces", "SystemCallFilter")
+
+
+def test_systemd_runner_leaves_bwrap_what_it_needs() -> None:
+    service = _service("runner")
+    argv = shlex.split(service["ExecStart"][0])
+    env = dict(v.split("=", 1) for v in service.get("Environment", []))
+    assert sandbox_mode(argv, env) == "bwrap"
+    for directive in BWRAP_BREAKERS:
+        assert service.get(directive, ["no"]) in (["no"], ["false"]), directive
+    families = service.get("RestrictAddressFamilies")
+    assert families is None or "AF_NETLINK" in families
+    # Fine with a bwrap that is not setuid (Debian's): it needs no new privilege.
+    assert service["NoNewPrivileges"] == ["yes"]
+    assert service["CapabilityBoundingSet"] == []
+    # What the host must allow is written next to it.
+    text = (DEPLOY / "systemd" / UNITS["runner"]).read_text()
+    for sysctl in ("kernel.unprivileged_userns_clone", "user.max_user_namespaces"):
+        assert sysctl in text, sysctl
+
+
+def test_systemd_credentials_reach_only_their_own_unit() -> None:
+    for role in UNITS:
+        service = _service(role)
+        # The broker URL (with its password) comes from the role's own file,
+        # which is root's (0600); never from the unit itself.
+        assert service["EnvironmentFile"] == ["/etc/volt/volt.env", f"/etc/volt/volt-{role}.env"], role
+        assert "amqp" not in (DEPLOY / "systemd" / UNITS[role]).read_text(), role
+    # git credentials: copied by systemd for this unit alone, to a directory
+    # under /run that the sandbox hides from every test command.
+    service = _service("runner")
+    assert service["LoadCredential"] == ["git-credentials:/etc/volt/volt-runner.git-credentials"]
+    argv = shlex.split(service["ExecStart"][0])
+    assert argv[argv.index("--git-credentials") + 1] == "%d/git-credentials"
+    credentials_directory = "/run/credentials/volt-runner@1.service"  # what %d names
+    assert hidden_from_tests(credentials_directory, "/var/lib/volt/runner-1")
+    env_file = (DEPLOY / "systemd" / "volt.env").read_text()
+    assert not re.search(r"^VOLT_AMQP_URL=", env_file, re.M), "volt.env is 0644: no password in it"
+    for role in UNITS:
+        assert f"/etc/volt/volt-{role}.env" in env_file, role
+    assert "/etc/volt/volt-runner.git-credentials" in env_file
+
+
+# The dispatcher and the observer run no repository's code: they get what a
+# network service needs and nothing else.
+LOCKED_DOWN = {
+    "NoNewPrivileges": ["yes"],
+    "CapabilityBoundingSet": [],
+    "PrivateTmp": ["yes"],
+    "PrivateDevices": ["yes"],
+    "ProtectSystem": ["strict"],
+    "ProtectHome": ["yes"],
+    "ProtectKernelTunables": ["yes"],
+    "ProtectKernelModules": ["yes"],
+    "ProtectKernelLogs": ["yes"],
+    "ProtectControlGroups": ["yes"],
+    "RestrictNamespaces": ["yes"],
+    "RestrictSUIDSGID": ["yes"],
+    "LockPersonality": ["yes"],
+    "SystemCallFilter": ["@system-service"],
+    "RestrictAddressFamilies": ["AF_UNIX", "AF_INET", "AF_INET6"],
+}
+
+
+@pytest.mark.parametrize("role", ["dispatcher", "observer"])
+def test_systemd_dispatcher_and_observer_are_locked_down(role: str) -> None:
+    service = _service(role)
+    for directive, value in LOCKED_DOWN.items():
+        assert service.get(directive) == value, directive
+    for directive in ("ReadWritePaths", "InaccessiblePaths"):
+        assert directive not in service, directive
+    argv = shlex.split(service["ExecStart"][0])
+    state = argv[argv.index("--db" if role == "dispatcher" else "--state-dir") + 1]
+    assert Path(state).is_relative_to(_state_directory(role))
+
+
 def test_systemd_env_file_is_key_value() -> None:
     for line in (DEPLOY / "systemd" / "volt.env").read_text().splitlines():
         if line.strip() and not line.startswith("#"):
@@ -525,11 +730,11 @@ def test_systemd_env_file_is_key_value() -> None:
 
 K8S_KINDS = {
     "namespace.yaml": ["Namespace"],
-    "secret.example.yaml": ["Secret"],
+    "secret.example.yaml": ["Secret", "Secret"],
     "config.yaml": ["ConfigMap"],
     "dispatcher.yaml": ["PersistentVolumeClaim", "Deployment", "Service"],
     "observer.yaml": ["PersistentVolumeClaim", "Deployment"],
-    "runner.yaml": ["Deployment"],
+    "runner.yaml": ["Deployment", "NetworkPolicy"],
     "keda-scaledobject.yaml": ["TriggerAuthentication", "ScaledObject"],
     "kustomization.yaml": ["Kustomization"],
 }
@@ -562,6 +767,117 @@ def _env(container: dict[str, Any]) -> dict[str, Any]:
     return {e["name"]: e for e in container.get("env", [])}
 
 
+def _secrets() -> dict[str, dict[str, Any]]:
+    return {doc["metadata"]["name"]: doc for doc in k8s_docs("secret.example.yaml")}
+
+
+def _sandbox_env(container: dict[str, Any]) -> dict[str, str]:
+    """What the container's environment says, the ConfigMap included."""
+    [config] = k8s_docs("config.yaml")
+    env = dict(config["data"])
+    env.update({name: e["value"] for name, e in _env(container).items() if "value" in e})
+    return env
+
+
+@pytest.mark.parametrize("role", ["dispatcher", "observer", "runner"])
+def test_k8s_pods_get_no_service_account_token(role: str) -> None:
+    deployment, _ = _deployment(f"{role}.yaml")
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert "serviceAccountName" not in pod
+
+
+def test_k8s_runner_pod_gives_bwrap_what_it_needs_and_no_more() -> None:
+    deployment, _ = _deployment("runner.yaml")
+    pod = deployment["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert sandbox_mode(container["args"], _sandbox_env(container)) == "bwrap"
+    context = container["securityContext"]
+    # What the runtime's defaults take away and bwrap needs: see runner.yaml.
+    assert context["seccompProfile"]["type"] in ("Unconfined", "Localhost")
+    assert context["appArmorProfile"]["type"] in ("Unconfined", "Localhost")
+    assert context["procMount"] == "Unmasked"
+    # Kubernetes allows an unmasked /proc only in a pod with its own user namespace.
+    assert pod["hostUsers"] is False
+    # And nothing more: no capability, no escalation, no root.
+    assert context["allowPrivilegeEscalation"] is False
+    assert context["capabilities"] == {"drop": ["ALL"]}
+    assert not context.get("privileged", False)
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    for field in ("hostNetwork", "hostPID", "hostIPC"):
+        assert not pod.get(field, False), field
+
+
+@pytest.mark.parametrize("role", ["dispatcher", "observer"])
+def test_k8s_only_the_runner_loosens_the_runtimes_confinement(role: str) -> None:
+    deployment, _ = _deployment(f"{role}.yaml")
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    [container] = pod["containers"]
+    context = container["securityContext"]
+    for field in ("seccompProfile", "appArmorProfile", "procMount", "privileged"):
+        assert field not in context, field
+    assert context["allowPrivilegeEscalation"] is False
+    assert context["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_k8s_runner_git_credentials_are_hidden_from_tests() -> None:
+    deployment, _ = _deployment("runner.yaml")
+    pod = deployment["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    args = container["args"]
+    path = Path(args[args.index("--git-credentials") + 1])
+    [volume] = [v for v in pod["volumes"] if "secret" in v]
+    [mount] = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    assert path.parent == Path(mount["mountPath"]) and mount["readOnly"] is True
+    assert path.name in _secrets()[volume["secret"]["secretName"]]["stringData"]
+    assert hidden_from_tests(path, args[args.index("--workdir") + 1])
+
+
+def test_k8s_runner_network_policy_allows_only_the_broker_dns_and_git() -> None:
+    deployment, docs = _deployment("runner.yaml")
+    [policy] = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    spec = policy["spec"]
+    # It applies to the runner pods, all of them.
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    assert spec["podSelector"] == {"matchLabels": selector}
+    assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    # Ingress: nothing may connect. Egress: only the rules below.
+    assert set(spec["policyTypes"]) == {"Ingress", "Egress"}
+    assert not spec.get("ingress")
+    allowed_to: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for rule in spec["egress"]:
+        # A rule without "to" allows every destination; without "ports", every port.
+        assert rule.get("to") and rule.get("ports"), rule
+        for port in rule["ports"]:
+            assert "endPort" not in port, port
+            allowed_to.setdefault((port["protocol"], port["port"]), []).extend(rule["to"])
+    assert set(allowed_to) == {("TCP", 5672), ("TCP", 5671), ("UDP", 53), ("TCP", 53), ("TCP", 443), ("TCP", 22)}
+    # The broker: the pods of the RabbitmqCluster the runner's URL names.
+    broker = urllib.parse.urlsplit(_secrets()["volt-amqp"]["stringData"]["runner-url"])
+    assert broker.port in (5672, 5671)
+    for port in (5672, 5671):
+        assert allowed_to[("TCP", port)] == [
+            {
+                "podSelector": {
+                    "matchLabels": {
+                        "app.kubernetes.io/component": "rabbitmq",
+                        "app.kubernetes.io/name": broker.hostname,
+                    }
+                }
+            }
+        ]
+    # DNS: the cluster's resolver only.
+    for protocol in ("UDP", "TCP"):
+        [dns] = allowed_to[(protocol, 53)]
+        assert dns["podSelector"] == {"matchLabels": {"k8s-app": "kube-dns"}}
+        assert dns["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}}
+    # Git over HTTPS and SSH, to addresses (no pod or namespace selectors).
+    for port in (443, 22):
+        assert all(set(to) == {"ipBlock"} for to in allowed_to[("TCP", port)]), port
+
+
 @pytest.mark.parametrize("role", ["dispatcher", "observer"])
 def test_k8s_stateful_workers_keep_state_on_a_pvc(role: str) -> None:
     deployment, docs = _deployment(f"{role}.yaml")
@@ -576,7 +892,8 @@ def test_k8s_runner_deployment() -> None:
     deployment, _ = _deployment("runner.yaml")
     pod = deployment["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] > JOB_TIMEOUT
-    assert all("emptyDir" in v for v in pod["volumes"])
+    # Scratch space, and the git credentials.
+    assert all("emptyDir" in v or v["secret"]["secretName"] == "volt-git" for v in pod["volumes"])
     [container] = pod["containers"]
     args = container["args"]
     assert args[0] == "runner"
@@ -593,8 +910,7 @@ def test_k8s_workers_use_their_roles_secret(role: str) -> None:
     assert container["args"][0] == role
     ref = _env(container)["VOLT_AMQP_URL"]["valueFrom"]["secretKeyRef"]
     assert ref == {"name": "volt-amqp", "key": f"{role}-url"}
-    [secret] = k8s_docs("secret.example.yaml")
-    assert secret["metadata"]["name"] == "volt-amqp"
+    secret = _secrets()["volt-amqp"]
     url = urllib.parse.urlsplit(secret["stringData"][f"{role}-url"])
     assert (url.username, url.hostname) == (f"volt-{role}", "rabbitmq")
     images = {containers(_deployment(f"{r}.yaml")[0])[0]["image"] for r in ("dispatcher", "observer", "runner")}
@@ -644,3 +960,25 @@ def test_only_admin_and_dispatcher_users_may_control_runners(
     assert {e["name"]: e.get("value") for e in container["env"]}["VOLT_OPERATORS"] == ",".join(operators)
     env_file = (DEPLOY / "systemd" / "volt.env").read_text()
     assert f"VOLT_OPERATORS={','.join(operators)}" in env_file.splitlines()
+
+
+# -- README --------------------------------------------------------------------
+
+
+def test_readme_says_what_each_deployment_does_for_the_trust_boundary() -> None:
+    text = (DEPLOY / "README.md").read_text()
+    section = text.split("\n## Trust boundary\n", 1)[1].split("\n## ", 1)[0]
+    for needed in (
+        "**systemd.**",
+        "**Compose.**",
+        "**Kubernetes.**",
+        "--sandbox none",
+        "VOLT_SANDBOX=none",
+        "user.max_user_namespaces",
+        "kernel.unprivileged_userns_clone",
+        "kernel.apparmor_restrict_unprivileged_userns",
+        "procMount: Unmasked",
+        "hostUsers: false",
+        *sorted(BWRAP_SECURITY_OPT),
+    ):
+        assert needed in section, needed
