@@ -4,6 +4,8 @@ One runner, a one-test pytest suite. For each commit:
   overhead  = result recorded - commit published - the test process's own wall time
   notify    = result recorded - the moment a git hook starts `volt notify` (its start-up included)
   poll 1 s  = result recorded - the moment of the commit, with `volt observer --poll 1`
+The runner runs tests in its sandbox (the default); the overhead is measured
+again on a runner with --sandbox none, to show what the sandbox costs.
 Results are read from the dispatcher's store (read-only), so waiting for them
 puts no load on the dispatcher. Prints medians; asserts nothing.
 """
@@ -11,6 +13,7 @@ puts no load on the dispatcher. Prints medians; asserts nothing.
 from __future__ import annotations
 
 import argparse
+import signal
 import subprocess
 import sys
 import time
@@ -80,6 +83,24 @@ def main() -> None:
             poll_extra.append(recorded - committed - row["duration_s"])
             poll_seen.append(row["seen_at"] - committed)  # seen_at: when the observer published it
 
+        # The same without the sandbox: what bwrap costs each job.
+        runner = system.procs[system.runner_ids[0]]
+        runner.send_signal(signal.SIGTERM)
+        runner.wait(timeout=30)
+        system.runner_ids.append("bare")
+        system.start("bare", "runner", "--id", "bare", "--workdir", str(system.tmp / "bare"), "--sandbox", "none")
+        system.wait_for_runners(1)
+        warm = repo.commit()
+        system.publish(repo.path, warm)
+        system.result_for(warm)
+        progress(f"{args.runs} commits on a runner with --sandbox none")
+        bare = []
+        for _ in range(args.runs):
+            sha = repo.commit()
+            system.publish(repo.path, sha)
+            row = system.result_for(sha)
+            bare.append(row["finished_at"] - row["seen_at"] - row["duration_s"])
+
         t = median(test_times)
         print(f"runs: {args.runs} (notify), {len(poll_total)} (poll 1 s); test process median {t * 1000:.0f} ms")
         print(f"system overhead per job (recorded - published - test time): median {median(overhead) * 1000:.0f} ms")
@@ -93,6 +114,7 @@ def main() -> None:
             f"{median(poll_extra) * 1000:.0f} ms beyond the test process "
             f"(of which commit to the observer's publish: {median(poll_seen) * 1000:.0f} ms)"
         )
+        print(f"system overhead per job with --sandbox none: median {median(bare) * 1000:.0f} ms")
         over, notify, poll = median(overhead), median(notify_extra), median(poll_extra)
         report(
             "overhead",
@@ -103,6 +125,15 @@ def main() -> None:
             median_s=over,
             test_s=t,
             runs=len(overhead),
+        )
+        report(
+            "overhead_nosandbox",
+            "system overhead per job without the sandbox (--sandbox none)",
+            f"{median(bare) * 1000:.0f} ms (the sandbox adds {(over - median(bare)) * 1000:.0f} ms)",
+            f"< {TARGET_OVERHEAD * 1000:.0f} ms with it",
+            None,
+            median_s=median(bare),
+            runs=len(bare),
         )
         report(
             "notify",
