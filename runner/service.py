@@ -17,6 +17,7 @@ job never runs here and on its next runner at the same time.
 
 from __future__ import annotations
 
+import argparse
 import fnmatch
 import json
 import logging
@@ -30,6 +31,7 @@ import threading
 import time
 import uuid
 from base64 import b64encode
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -54,7 +56,7 @@ from common.messages import (
 )
 from common.settings import BrokerSettings, SettingsError
 from runner.execute import ConfigError, Outcome, load_config, run_command, test_env
-from runner.workspace import CheckoutError, Workspace
+from runner.workspace import GIT_TIMEOUT, CheckoutError, Workspace
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,26 @@ class RunnerSettings:
     allow_repos: tuple[str, ...] = ()
     labels: tuple[str, ...] = ()
     kill_grace: float = 5.0
+    # The box each test command runs in: "bwrap" (runner/sandbox.py) or "none".
+    sandbox: str = "bwrap"
+    sandbox_hide: tuple[Path, ...] = ()
+    # Whether a repository's `[test] network = true` is granted.
+    allow_network: bool = False
+    git_timeout: float = GIT_TIMEOUT
+    # A git-credential-store style file: credentials for the repositories it names.
+    git_credentials: Path | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> RunnerSettings:
+        """Defaults, then VOLT_* (spelled with the flags, in runner/cli.py)."""
+        return cls.from_args(None, environ)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace | None, environ: Mapping[str, str] | None = None) -> RunnerSettings:
+        """Defaults, then VOLT_*, then the flags given in `args`."""
+        from runner.cli import settings_from
+
+        return settings_from(args, environ)
 
 
 @dataclass
