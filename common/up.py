@@ -152,11 +152,16 @@ def _check_repos(s: UpSettings) -> None:
     for repo in s.repos:
         try:
             watched = WatchedRepo(repo, s.state_dir / "observer")
+        except RepoError as exc:
+            raise SettingsError(str(exc)) from None
+        try:
             watched.open()
             for branch in s.branches or (watched.default_branch(),):
                 watched.head(branch)
         except RepoError as exc:
             raise SettingsError(str(exc)) from None
+        finally:
+            watched.close()  # its git processes would live on as volt up's
 
 
 def _recorded(s: UpSettings) -> bool:
