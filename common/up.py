@@ -25,7 +25,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,13 +174,15 @@ def _recorded(s: UpSettings) -> bool:
         return True
 
 
-def _stop_with_parent() -> None:
-    """In the child, before exec: a SIGTERM when volt up dies, say of a SIGKILL,
-    since no terminal's Ctrl-C reaches a child in its own session."""
+def _stop_with_parent() -> Callable[[], None] | None:
+    """What a child runs before exec so that it gets a SIGTERM when volt up dies
+    (say, of a SIGKILL): in a session of its own, no terminal's Ctrl-C reaches it.
+    Looked up here, before any fork; None where there is no prctl (not Linux)."""
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux: the children outlive a killed volt up
-        pass
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -196,10 +198,11 @@ def main(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     children: dict[str, subprocess.Popen[bytes]] = {}
+    orphaned = _stop_with_parent()
     for name, argv, env in commands(s):
         # A session of its own: the terminal's Ctrl-C goes to volt up's
         # process group only, and volt up tells each child exactly once.
-        children[name] = subprocess.Popen(argv, env=env, start_new_session=True, preexec_fn=_stop_with_parent)
+        children[name] = subprocess.Popen(argv, env=env, start_new_session=True, preexec_fn=orphaned)
         if name == "dispatcher":
             time.sleep(0.3)  # let it declare the topology first; not needed for correctness
     print(f"volt up: {len(children)} processes running; Ctrl-C stops them", file=sys.stderr, flush=True)

@@ -14,11 +14,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from support import GitHttpServer, GitRepo, Volt
+from support import GitHttpServer, GitRepo, Volt, alive
 
 from common.naming import normalize_repo
 from dispatcher.store import Store
@@ -35,7 +35,7 @@ def sleeping_suite(seconds: float) -> dict[str, str]:
 class Up:
     """`volt up` started as a terminal starts a foreground job: its own process group."""
 
-    def __init__(self, volt: Volt, *args: str, runners: int = 2, env: dict[str, str] | None = None) -> None:
+    def __init__(self, volt: Volt, *args: str, runners: int = 2) -> None:
         self.volt = volt
         self.state = volt.tmp / "state"
         self.log = volt.tmp / "up.log"
@@ -46,13 +46,13 @@ class Up:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 argv,
-                env={**os.environ, "VOLT_AMQP_URL": volt.amqp_url, **(env or {})},
+                env={**os.environ, "VOLT_AMQP_URL": volt.amqp_url},
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=volt.tmp,
                 start_new_session=True,
             )
-        volt.procs["up"] = self.proc  # killed, children and all, if the test fails
+        volt.procs["up"] = self.proc  # its log (up.log) is shown when a wait_for fails
 
     def ctrl_c(self) -> None:
         os.killpg(self.proc.pid, signal.SIGINT)
@@ -78,6 +78,13 @@ class Up:
         except subprocess.TimeoutExpired:
             pytest.fail(f"volt up did not stop within {timeout}s:\n{self.output()[-4000:]}")
 
+    def kill(self) -> None:
+        """Children first: killed alone, volt up would leave them to drain their jobs."""
+        for pid in self.children():
+            os.kill(pid, signal.SIGKILL)
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+
     def recorded(self, commit: str) -> list[str]:
         store = Store(self.state / "dispatcher.db", readonly=True)
         try:
@@ -86,15 +93,30 @@ class Up:
             store.close()
 
 
+@pytest.fixture
+def start_up(volt: Volt) -> Iterator[Callable[..., Up]]:
+    started: list[Up] = []
+
+    def start(*args: str, runners: int = 2) -> Up:
+        started.append(Up(volt, *args, runners=runners))
+        return started[-1]
+
+    yield start
+    for up in started:
+        up.kill()
+
+
 def running(volt: Volt) -> list[dict]:
     return [job for job in volt.ask("status")["running"] if job["state"] == "running"]
 
 
-def test_ctrl_c_lets_running_jobs_finish_and_be_recorded(volt: Volt, repo: GitRepo) -> None:
+def test_ctrl_c_lets_running_jobs_finish_and_be_recorded(
+    volt: Volt, repo: GitRepo, start_up: Callable[..., Up]
+) -> None:
     sha = repo.commit(sleeping_suite(4))
     # The repository as a file:// URL with a trailing slash: its jobs carry the
     # plain path, and the runners allow exactly that.
-    up = Up(volt, "--repo", f"file://{repo.path}/")
+    up = start_up("--repo", f"file://{repo.path}/")
     (job,) = volt.wait_for("the job to run", lambda: running(volt), timeout=60)
     assert job["commit"] == sha and job["repo"] == str(repo.path)
 
@@ -117,9 +139,9 @@ def test_ctrl_c_lets_running_jobs_finish_and_be_recorded(volt: Volt, repo: GitRe
     assert not up.children()
 
 
-def test_a_second_ctrl_c_stops_the_running_jobs(volt: Volt, repo: GitRepo) -> None:
+def test_a_second_ctrl_c_stops_the_running_jobs(volt: Volt, repo: GitRepo, start_up: Callable[..., Up]) -> None:
     sha = repo.commit(sleeping_suite(120))
-    up = Up(volt, "--repo", str(repo.path), runners=1)
+    up = start_up("--repo", str(repo.path), runners=1)
     volt.wait_for("the job to run", lambda: running(volt), timeout=60)
     up.ctrl_c()
     volt.wait_for("the runner to drain", lambda: "draining:" in up.output(), timeout=30)
@@ -131,6 +153,17 @@ def test_a_second_ctrl_c_stops_the_running_jobs(volt: Volt, repo: GitRepo) -> No
     out = up.output()
     assert out.count("draining:") == 1 and out.count("abandoning the current job") == 1, out[-4000:]
     assert "passed" not in up.recorded(sha)
+
+
+def test_children_stop_when_volt_up_is_killed(volt: Volt, repo: GitRepo, start_up: Callable[..., Up]) -> None:
+    repo.commit({"tests/test_one.py": "def test_one():\n    pass\n"})
+    up = start_up("--repo", str(repo.path), runners=1)
+    volt.wait_for("the runner", lambda: volt.ask("status")["runners"], timeout=60)
+    pids = list(up.children())
+    assert len(pids) == 3
+    up.proc.kill()  # no Ctrl-C to forward: the kernel tells each child (SIGTERM)
+    up.wait(timeout=10)
+    volt.wait_for("every child to stop", lambda: not any(alive(pid) for pid in pids), timeout=30)
 
 
 @pytest.fixture
@@ -147,11 +180,11 @@ def served(tmp_path: Path, repo: GitRepo) -> Iterator[tuple[GitHttpServer, str]]
 
 
 def test_up_gives_the_observer_the_url_as_given_and_puts_no_password_on_a_command_line(
-    volt: Volt, served: tuple[GitHttpServer, str]
+    volt: Volt, served: tuple[GitHttpServer, str], start_up: Callable[..., Up]
 ) -> None:
     server, sha = served
     url = server.url("app.git", "ci", "s3cret-t0ken")
-    up = Up(volt, "--repo", url)
+    up = start_up("--repo", url)
     identity = normalize_repo(url)
     # The observer fetched with the password (a 401 otherwise): the commit became a job.
     (row,) = volt.wait_for("the commit's job", lambda: volt.results(commit=sha, done_only=False), timeout=60)
