@@ -52,7 +52,7 @@ RECORD_WAIT = 10.0
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _options() -> tuple[Option, ...]:
+def options() -> tuple[Option, ...]:
     """The settings of `volt up`: the workers' own spellings, where they mean the same."""
     from dispatcher.cli import OPTIONS as DISPATCHER
     from observer.cli import OPTIONS as OBSERVER
@@ -99,12 +99,12 @@ class UpSettings:
     @classmethod
     def from_args(cls, args: argparse.Namespace | None, environ: Mapping[str, str] | None = None) -> UpSettings:
         """Defaults, then VOLT_*, then the flags given in `args`."""
-        values = gather(_options(), args, environ)
+        values = gather(options(), args, environ)
         if not values["repos"]:
             raise SettingsError("no repository to watch: give --repo (or VOLT_REPOS)")
         values["state_dir"] = Path(values["state_dir"]).resolve()
-        logging = gather([o for o in COMMON_OPTIONS if o.field in ("log_level", "log_format")], args, environ)
-        return cls(broker=BrokerSettings.from_args(args, environ), **values, **logging)
+        logs = gather([o for o in COMMON_OPTIONS if o.field in ("log_level", "log_format")], args, environ)
+        return cls(broker=BrokerSettings.from_args(args, environ), **values, **logs)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -115,7 +115,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         "letting running jobs finish (a second Ctrl-C stops the jobs). The workers read their other "
         "settings from the environment as usual (VOLT_LABELS, VOLT_SANDBOX, ...).",
     )
-    add_options(p, _options())
+    add_options(p, options())
     p.set_defaults(func=main)
 
 

@@ -21,7 +21,7 @@ from common.settings import (
     resolve_common,
     writable_dir,
 )
-from common.up import UpSettings, commands
+from common.up import UpSettings, commands, options
 from dispatcher.cli import OPTIONS as DISPATCHER_OPTIONS
 from dispatcher.service import DispatcherSettings
 from observer.cli import OPTIONS as OBSERVER_OPTIONS
@@ -263,6 +263,7 @@ OPTION_TABLES = [
     (RUNNER_OPTIONS, RunnerSettings),
     (DISPATCHER_OPTIONS, DispatcherSettings),
     (OBSERVER_OPTIONS, ObserverSettings),
+    (options(), UpSettings),
 ]
 
 
