@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import tempfile
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -339,6 +338,8 @@ def redact_url(url: str) -> str:
 def writable_dir(folder: Path, flag: str) -> Path:
     """Make `folder` if needed and check that this process can write in it;
     SettingsError in one line otherwise (no traceback at the first write)."""
+    import tempfile  # here: `volt notify`, run by git hooks, never needs it
+
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
