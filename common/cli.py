@@ -12,7 +12,7 @@ import os
 import sys
 
 from common import exits, logs
-from common.settings import SettingsError, add_common_flags, env
+from common.settings import SettingsError, add_common_flags, resolve_common
 
 # The module that adds each sub-command, in help order. A command imports only
 # its own module: `volt notify`, run by git hooks, must start quickly.
@@ -42,10 +42,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in modules:
         importlib.import_module(name).add_parsers(sub)
-    for name, p in sub.choices.items():
+    for p in sub.choices.values():
         add_common_flags(p)
-        if name in ONE_SHOT:
-            p.set_defaults(log_level=env("LOG_LEVEL", "WARNING").upper())
     return parser
 
 
@@ -54,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv[0] if argv else None).parse_args(argv)
+    try:
+        resolve_common(args, quiet=args.command in ONE_SHOT)
+    except SettingsError as exc:
+        print(f"volt {args.command}: {exc}", file=sys.stderr)
+        return exits.USAGE
     logs.configure(args.log_level, args.log_format)
     logs.set_context(worker=args.command)
     try:

@@ -8,6 +8,7 @@ result, prints them, and stops everything cleanly.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import uuid
 from pathlib import Path
 
 from common import exits
-from common.settings import BrokerSettings
+from common.settings import BrokerSettings, SettingsError
 
 GOOD = """import unittest
 
@@ -47,8 +48,12 @@ FIXED = (
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("demo", help="run Volt CI on a sample repository it creates, and show the results")
-    p.add_argument("--dir", default=".volt/demo", help="where the sample repository and state go (remade each run)")
-    p.add_argument("--runners", type=int, default=2)
+    p.add_argument(
+        "--dir",
+        default=".volt/demo",
+        help="where the sample repository and state go, remade each run (default .volt/demo)",
+    )
+    p.add_argument("--runners", type=int, default=2, metavar="N", help="runners to start (default 2)")
     p.set_defaults(func=main)
 
 
@@ -76,6 +81,8 @@ def _commit(repo: Path, content: str, message: str) -> str:
 def main(args: argparse.Namespace) -> int:
     from dispatcher.client import QueryFailed, ask
 
+    if args.runners < 1:
+        raise SettingsError("--runners must be at least 1")
     base = Path(args.dir).resolve()
     shutil.rmtree(base, ignore_errors=True)
     repo = base / "sample-repo"
@@ -84,7 +91,9 @@ def main(args: argparse.Namespace) -> int:
     commits = [_commit(repo, GOOD, "add arithmetic tests")]
     # A namespace of its own, so the demo never meets another instance's jobs.
     ns = f"{args.namespace}-demo-{uuid.uuid4().hex[:6]}"
-    flags = ["--amqp-url", args.amqp_url, "--namespace", ns, "--log-level", "WARNING"]
+    flags = ["--namespace", ns, "--log-level", "WARNING"]
+    # The broker URL may hold a password: through the environment, not the command line.
+    env = {**os.environ, "VOLT_AMQP_URL": args.amqp_url}
     up = subprocess.Popen(
         [
             sys.executable,
@@ -100,7 +109,8 @@ def main(args: argparse.Namespace) -> int:
             "--state-dir",
             str(base / "state"),
             *flags,
-        ]  # fmt: skip
+        ],  # fmt: skip
+        env=env,
     )
     settings = BrokerSettings(amqp_url=args.amqp_url, namespace=ns)
     try:
@@ -128,13 +138,15 @@ def main(args: argparse.Namespace) -> int:
                 print("demo: timed out waiting for results", file=sys.stderr)
                 return exits.UNHEALTHY
             time.sleep(0.3)
-        subprocess.run([sys.executable, "-m", "common.cli", "status", *flags], check=False)
+        subprocess.run([sys.executable, "-m", "common.cli", "status", *flags], check=False, env=env)
         print("\n$ volt results", flush=True)
-        subprocess.run([sys.executable, "-m", "common.cli", "results", *flags], check=False)
+        subprocess.run([sys.executable, "-m", "common.cli", "results", *flags], check=False, env=env)
         failed = next((r for r in rows if r["status"] == "failed"), None)
         if failed:
             print(f"\n$ volt log {failed['commit'][:12]}", flush=True)
-            subprocess.run([sys.executable, "-m", "common.cli", "log", failed["commit"][:12], *flags], check=False)
+            subprocess.run(
+                [sys.executable, "-m", "common.cli", "log", failed["commit"][:12], *flags], check=False, env=env
+            )
         statuses = {r["commit"]: r["status"] for r in rows}
         ok = [statuses[c] for c in commits] == ["passed", "failed", "passed"]
         print(f"\ndemo: {'all results as expected' if ok else 'UNEXPECTED results'}; stopping", flush=True)

@@ -1,11 +1,29 @@
-"""Settings shared by every worker: defaults, then VOLT_* environment, then flags."""
+"""Settings: defaults, then VOLT_* environment, then command-line flags.
+
+Each setting is spelled once, as an `Option`: its field in a settings class,
+its flag, its VOLT_* variable, how a value is read and checked, its default
+and its help. `add_options` puts the flags on a parser with no argparse
+default, so that `gather` alone decides what wins, by construction:
+
+    a flag given > a non-empty VOLT_* variable > the default
+
+A repeatable flag given once or more replaces its variable's whole list; it
+never adds to it. A bad value is one SettingsError line that names the flag
+or the variable it came from.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import urllib.parse
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.naming import normalize_repo
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/%2F"
 DEFAULT_NAMESPACE = "volt"
@@ -15,18 +33,242 @@ class SettingsError(ValueError):
     """A user mistake in configuration; main() prints it as one line."""
 
 
-def env(name: str, default: str) -> str:
-    return os.environ.get(f"VOLT_{name}", default)
+def _split_lines(raw: str) -> list[str]:
+    # Repository URLs never hold a space, but a local path may: one per line
+    # keeps such a path whole.
+    if "\n" in raw:
+        return [line.strip() for line in raw.splitlines() if line.strip()]
+    return raw.split()
 
 
-def env_float(name: str, default: float) -> float:
-    raw = os.environ.get(f"VOLT_{name}")
-    if raw is None or raw == "":
-        return default
+# How a repeatable setting's VOLT_* value splits into items, and how help says so.
+SPLITS: dict[str, tuple[Callable[[str], list[str]], str]] = {
+    "names": (lambda raw: raw.replace(",", " ").split(), "comma-separated"),
+    "paths": (lambda raw: [p for p in raw.split(":") if p.strip()], "colon-separated"),
+    "lines": (_split_lines, "space-separated, or one per line"),
+}
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting as the outside world spells it."""
+
+    field: str  # the settings field, and the argparse dest
+    flag: str  # "--job-timeout"
+    env: str  # "JOB_TIMEOUT": read from VOLT_JOB_TIMEOUT
+    help: str
+    default: Any = None
+    parse: Callable[[str], Any] = str  # one value (one item of a list); ValueError says what is wrong
+    many: str = ""  # repeatable: how its VOLT_* value splits (a key of SPLITS)
+    switch: bool = False  # --x / --no-x; VOLT_X is 1/0, true/false, yes/no or on/off
+    metavar: str | None = None
+    shown: str | None = None  # the default as help says it, when not the value itself
+
+    @property
+    def variable(self) -> str:
+        return f"VOLT_{self.env}"
+
+    def help_text(self) -> str:
+        """The help, with the variable and the default."""
+        env = self.variable + (f", {SPLITS[self.many][1]}" if self.many else "")
+        where = ("repeatable; " if self.many else "") + f"env {env}"
+        return f"{self.help} ({where}; default: {self.shown if self.shown is not None else _show(self.default)})"
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if value is None or value == ():
+        return "none"
+    return str(value)
+
+
+def add_options(parser: argparse.ArgumentParser, options: Iterable[Option]) -> None:
+    """The options' flags, each with its help, and none with a default: see `gather`."""
+    for o in options:
+        kwargs: dict[str, Any] = {"dest": o.field, "default": None, "help": o.help_text().replace("%", "%%")}
+        if o.switch:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["metavar"] = o.metavar or o.flag.lstrip("-").upper().replace("-", "_")
+            if o.many:
+                kwargs["action"] = "append"
+        parser.add_argument(o.flag, **kwargs)
+
+
+def gather(
+    options: Iterable[Option],
+    args: argparse.Namespace | None = None,
+    environ: Mapping[str, str] | None = None,
+    defaults: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Each option's value: the flag in `args` when given, else its non-empty
+    VOLT_* variable in `environ` (default: this process's), else its default
+    (or the one `defaults` names). SettingsError for a value that is wrong."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for o in options:
+        given = getattr(args, o.field, None) if args is not None else None
+        raw = environ.get(o.variable, "").strip()
+        if given is not None:
+            values[o.field] = _read_flag(o, given)
+        elif raw:
+            values[o.field] = _read_env(o, raw)
+        else:
+            values[o.field] = (defaults or {}).get(o.field, o.default)
+    return values
+
+
+def _read_flag(o: Option, given: Any) -> Any:
+    if o.switch:
+        return bool(given)
+    if o.many:
+        return tuple(_parse(o, o.flag, item) for item in given)
+    return _parse(o, o.flag, given)
+
+
+def _read_env(o: Option, raw: str) -> Any:
+    if o.switch:
+        if raw.lower() in _TRUE:
+            return True
+        if raw.lower() in _FALSE:
+            return False
+        raise SettingsError(f"{o.variable}: must be 1 or 0 (true or false), got {raw!r:.80}")
+    if o.many:
+        split, _ = SPLITS[o.many]
+        return tuple(_parse(o, o.variable, item.strip()) for item in split(raw))
+    return _parse(o, o.variable, raw)
+
+
+def _parse(o: Option, source: str, raw: str) -> Any:
     try:
-        return float(raw)
+        return o.parse(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{source}: {exc}") from None
+
+
+# -- reading one value: each raises ValueError saying what is wrong ------------
+
+
+def positive_float(raw: str) -> float:
+    try:
+        value = float(raw)
     except ValueError:
-        raise SettingsError(f"VOLT_{name} must be a number, got {raw!r}") from None
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"must be a positive number of seconds, got {raw!r:.80}")
+    return value
+
+
+def positive_int(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"must be a whole number of at least 1, got {raw!r:.80}")
+    return value
+
+
+def port(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise ValueError(f"must be a port from 0 (off) to 65535, got {raw!r:.80}")
+    return value
+
+
+def choice(*allowed: str, upper: bool = False) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.upper() if upper else raw
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}, got {raw!r:.80}")
+        return value
+
+    return parse
+
+
+def path(raw: str) -> Path:
+    """An absolute path (a relative one is taken from the current directory)."""
+    if not raw or "\0" in raw:
+        raise ValueError("must be a path")
+    return Path(raw).expanduser().resolve()
+
+
+def existing_file(raw: str) -> Path:
+    found = path(raw)
+    if not found.is_file():
+        raise ValueError(f"no such file: {found}")
+    return found
+
+
+def repo_url(raw: str) -> str:
+    """A repository as given (its password is needed to fetch), once it is known to be one."""
+    normalize_repo(raw)
+    return raw
+
+
+def repo_pattern(raw: str) -> str:
+    """An --allow-repo glob in the form of the identities it is matched against
+    (naming.normalize_repo): `file:///srv/*` matches `/srv/x`, and
+    `https://ci:TOKEN@Git.Example.com/*` matches `https://git.example.com/app`.
+    One that starts with a wildcard (say `*`) has no form and stays as it is."""
+    if raw[:1] in ("*", "?", "["):
+        return raw
+    return normalize_repo(raw)
+
+
+def amqp_url(raw: str) -> str:
+    check_amqp_url(raw)
+    return raw
+
+
+def namespace(raw: str) -> str:
+    if not raw or not all(c.isalnum() or c in "-_" for c in raw):
+        raise ValueError(f"must be letters, digits, '-' or '_', got {raw!r:.80}")
+    return raw
+
+
+# -- the broker: every command's settings ---------------------------------------
+
+COMMON_OPTIONS = (
+    # The default's password is the well-known guest one.
+    Option("amqp_url", "--amqp-url", "AMQP_URL", "RabbitMQ URL", DEFAULT_AMQP_URL, amqp_url, metavar="URL"),
+    Option(
+        "namespace",
+        "--namespace",
+        "NAMESPACE",
+        "prefix of every exchange and queue name, so several instances share a broker",
+        DEFAULT_NAMESPACE,
+        namespace,
+        metavar="NAME",
+    ),
+    Option(
+        "log_level",
+        "--log-level",
+        "LOG_LEVEL",
+        "how much to log: DEBUG, INFO, WARNING or ERROR",
+        "INFO",
+        choice("DEBUG", "INFO", "WARNING", "ERROR", upper=True),
+        metavar="LEVEL",
+        shown="INFO, WARNING for commands that answer and end",
+    ),
+    Option(
+        "log_format",
+        "--log-format",
+        "LOG_FORMAT",
+        "plain for people, json for log shippers",
+        "plain",
+        choice("plain", "json"),
+        metavar="{plain,json}",
+    ),
+)
 
 
 @dataclass(frozen=True)
@@ -36,12 +278,33 @@ class BrokerSettings:
 
     def __post_init__(self) -> None:
         check_amqp_url(self.amqp_url)
-        if not self.namespace or not all(c.isalnum() or c in "-_" for c in self.namespace):
-            raise SettingsError(f"namespace must be letters, digits, '-' or '_', got {self.namespace!r}")
+        try:
+            namespace(self.namespace)
+        except ValueError as exc:
+            raise SettingsError(f"namespace {exc}") from None
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> BrokerSettings:
-        return cls(amqp_url=args.amqp_url, namespace=args.namespace)
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> BrokerSettings:
+        """Defaults, then VOLT_AMQP_URL and VOLT_NAMESPACE."""
+        return cls.from_args(None, environ)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace | None, environ: Mapping[str, str] | None = None) -> BrokerSettings:
+        """Defaults, then VOLT_*, then --amqp-url and --namespace as given in `args`."""
+        values = gather(COMMON_OPTIONS[:2], args, environ)
+        return cls(amqp_url=values["amqp_url"], namespace=values["namespace"])
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags every `volt` sub-command takes."""
+    add_options(parser, COMMON_OPTIONS)
+
+
+def resolve_common(args: argparse.Namespace, quiet: bool = False, environ: Mapping[str, str] | None = None) -> None:
+    """Put the common settings' values into `args` (flag, else VOLT_*, else
+    default); `quiet` commands log only warnings by default."""
+    for key, value in gather(COMMON_OPTIONS, args, environ, {"log_level": "WARNING"} if quiet else None).items():
+        setattr(args, key, value)
 
 
 def check_amqp_url(url: str) -> None:
@@ -69,29 +332,22 @@ def redact_url(url: str) -> str:
     return urllib.parse.urlunsplit(parsed._replace(netloc=netloc))
 
 
-def add_common_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags every `volt` sub-command takes."""
-    parser.add_argument(
-        "--amqp-url",
-        default=env("AMQP_URL", DEFAULT_AMQP_URL),
-        # %% for argparse; the default's password is the well-known guest one.
-        help=f"RabbitMQ URL (env VOLT_AMQP_URL; default {DEFAULT_AMQP_URL.replace('%', '%%')})",
-    )
-    parser.add_argument(
-        "--namespace",
-        default=env("NAMESPACE", DEFAULT_NAMESPACE),
-        help=f"prefix of every exchange and queue name (env VOLT_NAMESPACE; default {DEFAULT_NAMESPACE})",
-    )
-    parser.add_argument(
-        "--log-level",
-        default=env("LOG_LEVEL", "INFO"),
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        type=str.upper,
-        help="how much to log (env VOLT_LOG_LEVEL; default INFO, WARNING for commands that answer and end)",
-    )
-    parser.add_argument(
-        "--log-format",
-        default=env("LOG_FORMAT", "plain"),
-        choices=["plain", "json"],
-        help="plain for people, json for log shippers (env VOLT_LOG_FORMAT; default plain)",
-    )
+# -- folders a worker writes -----------------------------------------------------
+
+
+def writable_dir(folder: Path, flag: str) -> Path:
+    """Make `folder` if needed and check that this process can write in it;
+    SettingsError in one line otherwise (no traceback at the first write)."""
+    import tempfile  # here: `volt notify`, run by git hooks, never needs it
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SettingsError(f"{flag} {folder}: cannot create it: {exc.strerror or exc}") from None
+    try:
+        # A real write, not os.access: that says yes to root on a read-only mount.
+        with tempfile.TemporaryFile(dir=folder, prefix=".volt-probe-"):
+            pass
+    except OSError as exc:
+        raise SettingsError(f"{flag} {folder}: cannot write in it: {exc.strerror or exc}") from None
+    return folder

@@ -3,67 +3,110 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from common.settings import BrokerSettings, SettingsError, env, env_float
+from common.settings import (
+    BrokerSettings,
+    Option,
+    SettingsError,
+    add_options,
+    gather,
+    path,
+    port,
+    positive_float,
+    positive_int,
+    writable_dir,
+)
+
+if TYPE_CHECKING:
+    from dispatcher.service import DispatcherSettings
+
+
+def _user(raw: str) -> str:
+    if not raw or any(c.isspace() or c in ",\0" for c in raw):
+        raise ValueError(f"not a RabbitMQ user name: {raw!r:.80}")
+    return raw
+
+
+# The dispatcher's settings as flags and VOLT_* variables (DispatcherSettings.from_args reads them).
+OPTIONS = (
+    Option("db", "--db", "DB", "the SQLite store", Path(".volt/dispatcher.db"), path, metavar="PATH"),
+    Option(
+        "max_attempts",
+        "--max-attempts",
+        "MAX_ATTEMPTS",
+        "attempts before a job whose runners keep dying ends as error",
+        3,
+        positive_int,
+        metavar="N",
+    ),
+    Option(
+        "heartbeat_misses",
+        "--heartbeat-misses",
+        "HEARTBEAT_MISSES",
+        "heartbeat intervals a runner may stay silent before it is lost",
+        3,
+        positive_int,
+        metavar="N",
+    ),
+    Option(
+        "park_timeout",
+        "--park-timeout",
+        "PARK_TIMEOUT",
+        "seconds a job may wait while no live runner has its labels, before it ends as error",
+        3600.0,
+        positive_float,
+        metavar="S",
+    ),
+    Option(
+        "http_port",
+        "--http-port",
+        "HTTP_PORT",
+        "serve the results page and /metrics on this port",
+        0,
+        port,
+        metavar="PORT",
+        shown="0: off",
+    ),
+    Option("http_host", "--http-host", "HTTP_HOST", "address to serve them on", "127.0.0.1", metavar="HOST"),
+    Option(
+        "operators",
+        "--operator",
+        "OPERATORS",
+        "a RabbitMQ user allowed to pause, resume or drain runners",
+        (),
+        _user,
+        many="names",
+        metavar="USER",
+        shown="anyone who may ask the dispatcher",
+    ),
+)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
     p = sub.add_parser("dispatcher", help="own job state: route commits to runners, record results")
-    p.add_argument("--db", default=env("DB", ".volt/dispatcher.db"), help="SQLite store (env VOLT_DB)")
-    p.add_argument("--max-attempts", type=int, default=3, help="attempts before a job whose runners die ends as error")
-    p.add_argument("--heartbeat-misses", type=int, default=3, help="missed heartbeats before a runner is lost")
-    p.add_argument(
-        "--park-timeout",
-        type=float,
-        default=env_float("PARK_TIMEOUT", 3600.0),
-        help="seconds a job may wait while no live runner has its labels, before it ends as error "
-        "(env VOLT_PARK_TIMEOUT; default 3600)",
-    )
-    p.add_argument(
-        "--http-port",
-        type=int,
-        default=env("HTTP_PORT", "0"),
-        help="serve the results page and /metrics on this port; 0: off (env VOLT_HTTP_PORT)",
-    )
-    p.add_argument(
-        "--http-host", default=env("HTTP_HOST", "127.0.0.1"), help="address to serve it on (env VOLT_HTTP_HOST)"
-    )
-    p.add_argument(
-        "--operator",
-        action="append",
-        default=[u for u in env("OPERATORS", "").replace(",", " ").split() if u],
-        metavar="USER",
-        help="RabbitMQ user allowed to pause, resume or drain runners (repeatable; env VOLT_OPERATORS, "
-        "comma-separated; default: anyone who may ask the dispatcher)",
-    )
+    add_options(p, OPTIONS)
     p.set_defaults(func=main)
     return p
+
+
+def settings_from(args: argparse.Namespace | None, environ: Mapping[str, str] | None = None) -> DispatcherSettings:
+    """DispatcherSettings from defaults, then VOLT_*, then the flags given in `args`."""
+    from dispatcher.service import DispatcherSettings
+
+    values = gather(OPTIONS, args, environ)
+    values["db"] = Path(values["db"]).resolve()
+    return DispatcherSettings(broker=BrokerSettings.from_args(args, environ), **values)
 
 
 def main(args: argparse.Namespace) -> int:
     from dispatcher.service import Dispatcher, DispatcherSettings
     from dispatcher.store import StoreError
 
-    if not 0 <= args.http_port <= 65535:
-        raise SettingsError(f"--http-port must be from 0 (off) to 65535, got {args.http_port}")
-    if args.park_timeout <= 0:
-        raise SettingsError("--park-timeout must be a positive number of seconds")
-    db = Path(args.db).resolve()
-    try:
-        db.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SettingsError(f"cannot create the folder of --db {db}: {exc.strerror}") from None
-    settings = DispatcherSettings(
-        broker=BrokerSettings.from_args(args),
-        db=db,
-        max_attempts=max(1, args.max_attempts),
-        heartbeat_misses=max(1, args.heartbeat_misses),
-        http_port=args.http_port,
-        http_host=args.http_host,
-        operators=tuple(args.operator),
-        park_timeout=args.park_timeout,
-    )
+    settings = DispatcherSettings.from_args(args)
+    writable_dir(settings.db.parent, "--db")
     try:
         dispatcher = Dispatcher(settings)
     except StoreError as exc:

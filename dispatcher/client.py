@@ -169,7 +169,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.set_defaults(func=status_main)
 
     p = sub.add_parser("results", help="recorded results, newest first")
-    p.add_argument("--repo", help="only this repository (default: all)")
+    p.add_argument("--repo", type=naming.normalize_repo, help="only this repository, however written (default: all)")
     p.add_argument("--branch", help="only this branch (default: all)")
     p.add_argument("--commit", metavar="SHA", help="only this commit, or commits with this prefix (default: all)")
     p.add_argument(

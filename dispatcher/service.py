@@ -15,11 +15,12 @@ lost its job, or a forger, cannot start, finish or hand back someone else's.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,18 @@ class DispatcherSettings:
     # RabbitMQ users allowed to pause, resume or drain runners; empty: anyone
     # who may ask the dispatcher at all.
     operators: tuple[str, ...] = ()
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> DispatcherSettings:
+        """Defaults, then VOLT_* (spelled with the flags, in dispatcher/cli.py)."""
+        return cls.from_args(None, environ)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace | None, environ: Mapping[str, str] | None = None) -> DispatcherSettings:
+        """Defaults, then VOLT_*, then the flags given in `args`."""
+        from dispatcher.cli import settings_from
+
+        return settings_from(args, environ)
 
 
 @dataclass

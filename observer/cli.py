@@ -3,46 +3,113 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common import exits
-from common.settings import BrokerSettings, SettingsError, env, env_float
+from common.settings import (
+    BrokerSettings,
+    Option,
+    SettingsError,
+    add_options,
+    gather,
+    path,
+    positive_float,
+    repo_url,
+    writable_dir,
+)
+
+if TYPE_CHECKING:
+    from observer.service import ObserverSettings
+
+
+def _branch(raw: str) -> str:
+    from common.messages import check_branch
+
+    return check_branch(raw)
+
+
+# The observer's settings as flags and VOLT_* variables (ObserverSettings.from_args
+# reads them). Here, not next to the class: `volt notify` shares this module
+# and must start without loading the observer.
+OPTIONS = (
+    Option(
+        "repos",
+        "--repo",
+        "REPOS",
+        "a repository to watch: a local path or any URL git can fetch",
+        (),
+        repo_url,
+        many="lines",
+        metavar="REPO",
+        shown="none; one at least is needed",
+    ),
+    Option(
+        "branches",
+        "--branch",
+        "BRANCHES",
+        "a branch to watch in every repository",
+        (),
+        _branch,
+        many="names",
+        metavar="BRANCH",
+        shown="each repository's HEAD",
+    ),
+    Option("poll", "--poll", "POLL", "seconds between polls", 5.0, positive_float, metavar="S"),
+    Option(
+        "state_dir",
+        "--state-dir",
+        "STATE_DIR",
+        "where the cursor and the mirrors of remote repositories live",
+        Path(".volt/observer"),
+        path,
+        metavar="DIR",
+    ),
+    Option(
+        "git_timeout",
+        "--git-timeout",
+        "GIT_TIMEOUT",
+        "seconds a clone or fetch may take",
+        300.0,
+        positive_float,
+        metavar="S",
+    ),
+)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("observer", help="watch repositories and publish every new commit")
-    p.add_argument("--repo", action="append", required=True, help="a local path or any URL git can fetch (repeatable)")
-    p.add_argument(
-        "--branch", action="append", default=[], help="branch to watch (repeatable; default: the repo's HEAD)"
-    )
-    p.add_argument("--poll", type=float, default=env_float("POLL", 5.0), help="seconds between polls (default 5)")
-    p.add_argument("--state-dir", default=env("STATE_DIR", ".volt/observer"), help="where the cursor and mirrors live")
-    p.add_argument(
-        "--git-timeout",
-        type=float,
-        default=env_float("GIT_TIMEOUT", 300.0),
-        help="seconds a clone or fetch may take (env VOLT_GIT_TIMEOUT; default 300)",
-    )
+    add_options(p, OPTIONS)
     p.set_defaults(func=observer_main)
 
     p = sub.add_parser("notify", help="publish a commit now (for a git post-commit / post-receive hook)")
-    p.add_argument("--repo", required=True)
-    p.add_argument("--branch", required=True)
-    p.add_argument("--commit", help="commit id (default: the branch's head in --repo)")
+    p.add_argument("--repo", required=True, help="the repository: a local path or a URL (required)")
+    p.add_argument("--branch", required=True, help="the branch the commit is on (required)")
+    p.add_argument("--commit", metavar="SHA", help="commit id (default: the branch's head in --repo)")
     p.add_argument(
         "--label",
         action="append",
         default=[],
-        help="a runner label the job needs (repeatable; read from .volt.toml too when --repo is local)",
+        help="a runner label the job needs (repeatable; default none, and those in .volt.toml when --repo is local)",
     )
     p.set_defaults(func=notify_main)
 
 
-def _branches(names: list[str]) -> tuple[str, ...]:
-    from common.messages import check_branch
+def settings_from(args: argparse.Namespace | None, environ: Mapping[str, str] | None = None) -> ObserverSettings:
+    """ObserverSettings from defaults, then VOLT_*, then the flags given in `args`."""
+    from observer.service import ObserverSettings
 
+    values = gather(OPTIONS, args, environ)
+    if not values["repos"]:
+        raise SettingsError("no repository to watch: give --repo (or VOLT_REPOS)")
+    values["state_dir"] = Path(values["state_dir"]).resolve()
+    return ObserverSettings(broker=BrokerSettings.from_args(args, environ), **values)
+
+
+def _branches(names: list[str]) -> tuple[str, ...]:
     try:
-        return tuple(check_branch(name) for name in names)
+        return tuple(_branch(name) for name in names)
     except ValueError as exc:
         raise SettingsError(f"--branch: {exc}") from None
 
@@ -52,18 +119,8 @@ def observer_main(args: argparse.Namespace) -> int:
     from observer.repos import RepoError
     from observer.service import Observer, ObserverSettings
 
-    if args.poll <= 0:
-        raise SettingsError("--poll must be a positive number of seconds")
-    if args.git_timeout <= 0:
-        raise SettingsError("--git-timeout must be a positive number of seconds")
-    settings = ObserverSettings(
-        broker=BrokerSettings.from_args(args),
-        repos=tuple(args.repo),
-        branches=_branches(args.branch),
-        poll=args.poll,
-        state_dir=Path(args.state_dir).resolve(),
-        git_timeout=args.git_timeout,
-    )
+    settings = ObserverSettings.from_args(args)
+    writable_dir(settings.state_dir, "--state-dir")
     try:
         observer = Observer(settings)
         observer.open_repos()

@@ -14,10 +14,11 @@ log (and in the health file) while the others go on.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,19 @@ class ObserverSettings:
     poll: float = 5.0
     state_dir: Path = Path(".volt/observer")
     git_timeout: float = DEFAULT_GIT_TIMEOUT
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ObserverSettings:
+        """Defaults, then VOLT_* (spelled in observer/cli.py: `volt notify` reads
+        that module, and must start without loading this one)."""
+        return cls.from_args(None, environ)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace | None, environ: Mapping[str, str] | None = None) -> ObserverSettings:
+        """Defaults, then VOLT_*, then the flags given in `args`."""
+        from observer.cli import settings_from
+
+        return settings_from(args, environ)
 
 
 class Watch:

@@ -5,116 +5,174 @@ from __future__ import annotations
 import argparse
 import fcntl
 import socket
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common import logs, naming
 from common.messages import check_labels
-from common.settings import BrokerSettings, SettingsError, env, env_float
+from common.settings import (
+    BrokerSettings,
+    Option,
+    SettingsError,
+    add_options,
+    choice,
+    existing_file,
+    gather,
+    path,
+    positive_float,
+    repo_pattern,
+    writable_dir,
+)
+
+if TYPE_CHECKING:
+    from runner.service import RunnerSettings
+
+
+def _runner_id(raw: str) -> str:
+    if not naming.valid_runner_id(raw):
+        raise ValueError(f"runner id must be letters, digits, '.', '_' or '-' (at most 64), got {raw!r:.80}")
+    return raw
+
+
+def _label(raw: str) -> str:
+    return check_labels([raw])[0]
+
+
+# The runner's settings as flags and VOLT_* variables (RunnerSettings.from_args reads them).
+OPTIONS = (
+    Option("runner_id", "--id", "RUNNER_ID", "this runner's id", None, _runner_id, metavar="ID", shown="the host name"),
+    Option(
+        "workdir",
+        "--workdir",
+        "WORKDIR",
+        "clones, job trees, outbox and health file",
+        None,
+        path,
+        metavar="DIR",
+        shown="./.volt/runner-ID",
+    ),
+    Option(
+        "job_timeout",
+        "--job-timeout",
+        "JOB_TIMEOUT",
+        "seconds a test command may run unless its .volt.toml says otherwise",
+        600.0,
+        positive_float,
+        metavar="S",
+    ),
+    Option(
+        "heartbeat_interval",
+        "--heartbeat-interval",
+        "HEARTBEAT_INTERVAL",
+        "seconds between heartbeats",
+        2.0,
+        positive_float,
+        metavar="S",
+    ),
+    Option(
+        "allow_repos",
+        "--allow-repo",
+        "ALLOW_REPOS",
+        "only test repositories that match this glob, written as --repo is: file:///srv/* matches /srv/app, "
+        "and a password or a trailing slash makes no difference",
+        (),
+        repo_pattern,
+        many="lines",
+        metavar="PATTERN",
+        shown="any repository",
+    ),
+    Option("labels", "--label", "LABELS", "a label jobs may require", (), _label, many="names", metavar="LABEL"),
+    Option(
+        "kill_grace",
+        "--kill-grace",
+        "KILL_GRACE",
+        "seconds between SIGTERM and SIGKILL when a test run is stopped",
+        5.0,
+        positive_float,
+        metavar="S",
+    ),
+    Option(
+        "sandbox",
+        "--sandbox",
+        "SANDBOX",
+        "the box each test command runs in; none: no sandbox at all",
+        "bwrap",
+        choice("bwrap", "none"),
+        metavar="{bwrap,none}",
+    ),
+    Option(
+        "sandbox_hide",
+        "--sandbox-hide",
+        "SANDBOX_HIDE",
+        "also hide this path from test commands",
+        (),
+        path,
+        many="paths",
+        metavar="PATH",
+    ),
+    Option(
+        "allow_network",
+        "--allow-network",
+        "ALLOW_NETWORK",
+        "grant a repository's [test] network = true",
+        False,
+        switch=True,
+        shown="off: loopback only",
+    ),
+    Option(
+        "git_timeout",
+        "--git-timeout",
+        "GIT_TIMEOUT",
+        "seconds a checkout's git (clone, fetch, checkout) may take",
+        300.0,
+        positive_float,
+        metavar="S",
+    ),
+    Option(
+        "git_credentials",
+        "--git-credentials",
+        "GIT_CREDENTIALS",
+        "a git-credential-store style file: https://user:token@host[/path] lines, for the repositories they match",
+        None,
+        existing_file,
+        metavar="FILE",
+    ),
+)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
     p = sub.add_parser("runner", help="take jobs from this runner's queue and run their tests")
-    p.add_argument("--id", dest="runner_id", default=env("RUNNER_ID", ""), help="runner id (default: host name)")
-    p.add_argument("--workdir", default=env("WORKDIR", ""), help="clones, outbox and logs (default: ./.volt/runner-ID)")
-    p.add_argument(
-        "--job-timeout",
-        type=float,
-        default=env_float("JOB_TIMEOUT", 600.0),
-        help="seconds a test command may run unless .volt.toml says otherwise",
-    )
-    p.add_argument(
-        "--heartbeat-interval",
-        type=float,
-        default=env_float("HEARTBEAT_INTERVAL", 2.0),
-        help="seconds between heartbeats (env VOLT_HEARTBEAT_INTERVAL)",
-    )
-    p.add_argument(
-        "--allow-repo",
-        action="append",
-        default=[],
-        metavar="PATTERN",
-        help="only test repositories matching this glob (repeatable; default: any)",
-    )
-    p.add_argument(
-        "--label",
-        action="append",
-        default=env("LABELS", "").replace(",", " ").split(),
-        help="a label jobs may require (repeatable; env VOLT_LABELS, comma-separated)",
-    )
-    p.add_argument(
-        "--kill-grace", type=float, default=5.0, help="seconds between SIGTERM and SIGKILL when a test run is stopped"
-    )
-    p.add_argument(
-        "--sandbox",
-        choices=["bwrap", "none"],
-        default=env("SANDBOX", "bwrap"),
-        help="the box each test command runs in (env VOLT_SANDBOX; default bwrap; none: no sandbox at all)",
-    )
-    p.add_argument(
-        "--sandbox-hide",
-        action="append",
-        default=[],
-        metavar="PATH",
-        help="also hide this path from test commands (repeatable)",
-    )
-    p.add_argument(
-        "--allow-network",
-        action="store_true",
-        default=env("ALLOW_NETWORK", "") in ("1", "true", "yes"),
-        help="grant a repository's [test] network = true (env VOLT_ALLOW_NETWORK; default: loopback only)",
-    )
-    p.add_argument(
-        "--git-timeout",
-        type=float,
-        default=env_float("GIT_TIMEOUT", 300.0),
-        help="seconds a checkout's git may take (env VOLT_GIT_TIMEOUT; default 300)",
-    )
-    p.add_argument(
-        "--git-credentials",
-        default=env("GIT_CREDENTIALS", ""),
-        metavar="FILE",
-        help="a git-credential-store style file of https://user:token@host[/path] lines (env VOLT_GIT_CREDENTIALS)",
-    )
+    add_options(p, OPTIONS)
     p.set_defaults(func=main)
     return p
 
 
-def settings_from(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def settings_from(args: argparse.Namespace | None, environ: Mapping[str, str] | None = None) -> RunnerSettings:
+    """RunnerSettings from defaults, then VOLT_*, then the flags given in `args`."""
     from runner.service import RunnerSettings
 
-    runner_id = args.runner_id or socket.gethostname().split(".")[0]
-    if not naming.valid_runner_id(runner_id):
-        raise SettingsError(f"runner id must be letters, digits, '.', '_' or '-' (at most 64): {runner_id!r}")
-    if args.job_timeout <= 0 or args.heartbeat_interval <= 0:
-        raise SettingsError("--job-timeout and --heartbeat-interval must be positive")
+    values = gather(OPTIONS, args, environ)
+    if values["runner_id"] is None:
+        host = socket.gethostname().split(".")[0]
+        if not naming.valid_runner_id(host):
+            raise SettingsError(f"the host name {host!r} is no runner id; give one with --id")
+        values["runner_id"] = host
+    if values["workdir"] is None:
+        values["workdir"] = (Path(".volt") / f"runner-{values['runner_id']}").resolve()
     try:
-        check_labels(args.label)
+        check_labels(list(values["labels"]))
     except ValueError as exc:
         raise SettingsError(f"--label: {exc}") from None
-    workdir = Path(args.workdir or Path(".volt") / f"runner-{runner_id}").resolve()
-    return RunnerSettings(
-        broker=BrokerSettings.from_args(args),
-        runner_id=runner_id,
-        workdir=workdir,
-        job_timeout=args.job_timeout,
-        heartbeat_interval=args.heartbeat_interval,
-        allow_repos=tuple(args.allow_repo),
-        labels=tuple(args.label),
-        kill_grace=args.kill_grace,
-        sandbox=args.sandbox,
-        sandbox_hide=tuple(Path(p).resolve() for p in args.sandbox_hide),
-        allow_network=args.allow_network,
-        git_timeout=args.git_timeout,
-        git_credentials=Path(args.git_credentials).resolve() if args.git_credentials else None,
-    )
+    return RunnerSettings(broker=BrokerSettings.from_args(args, environ), **values)
 
 
 def main(args: argparse.Namespace) -> int:
-    from runner.service import Runner
+    from runner.service import Runner, RunnerSettings
 
-    settings = settings_from(args)
+    settings = RunnerSettings.from_args(args)
     logs.set_context(runner=settings.runner_id)
-    settings.workdir.mkdir(parents=True, exist_ok=True)
+    writable_dir(settings.workdir, "--workdir")
     # One runner per workdir: a second one (say, a restart while the old one
     # still lives) must not run jobs in the same checkout.
     lock = open(settings.workdir / "runner.lock", "w")  # noqa: SIM115 - held for the process's life

@@ -17,6 +17,7 @@ job never runs here and on its next runner at the same time.
 
 from __future__ import annotations
 
+import argparse
 import fnmatch
 import json
 import logging
@@ -31,6 +32,7 @@ import threading
 import time
 import uuid
 from base64 import b64encode
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -83,6 +85,18 @@ class RunnerSettings:
     git_timeout: float = GIT_TIMEOUT
     # A git-credential-store style file: credentials for the repositories it names.
     git_credentials: Path | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> RunnerSettings:
+        """Defaults, then VOLT_* (spelled with the flags, in runner/cli.py)."""
+        return cls.from_args(None, environ)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace | None, environ: Mapping[str, str] | None = None) -> RunnerSettings:
+        """Defaults, then VOLT_*, then the flags given in `args`."""
+        from runner.cli import settings_from
+
+        return settings_from(args, environ)
 
 
 @dataclass
