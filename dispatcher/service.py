@@ -27,6 +27,7 @@ from typing import Any
 
 from common import exits, naming
 from common.broker import Broker, BrokerError, Delivery, InUse, Unroutable
+from common.logs import ids
 from common.messages import (
     CancelJob,
     CommitSeen,
@@ -45,10 +46,11 @@ from common.messages import (
 )
 from common.settings import BrokerSettings, SettingsError
 from dispatcher import queries
+from dispatcher.leases import Leases, why_gone
 from dispatcher.metrics import Metrics
 from dispatcher.registry import Registry, RunnerInfo, first_able
 from dispatcher.snapshot import Snapshot, take_snapshot
-from dispatcher.store import JobRow, Store, StoreError, StoreGone
+from dispatcher.store import Store, StoreError, StoreGone
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +96,6 @@ class DispatcherSettings:
         return settings_from(args, environ)
 
 
-@dataclass
-class LeaseWatch:
-    """When the dispatcher takes a job back unless a heartbeat echoes its lease."""
-
-    lease: str
-    deadline: float
-
-
 class Dispatcher:
     def __init__(
         self,
@@ -131,9 +125,7 @@ class Dispatcher:
         self._backlog_maybe = True
         self._parked_maybe = True
         self._lost_reasons: dict[str, str] = {}
-        self.leases: dict[str, LeaseWatch] = {}
-        # (runner, lease) -> when it was last told to cancel that stale attempt
-        self._cancelled: dict[tuple[str, str], float] = {}
+        self.leases = Leases(clock)
         # label set -> when a live runner last had all of them
         self._labels_seen: dict[tuple[str, ...], float] = {}
         self._probed_at = -1e9
@@ -277,18 +269,16 @@ class Dispatcher:
         self._after_commit.clear()
         self._backlog_maybe = self._parked_maybe = True
 
-    def _later(self, level: int, fmt: str, *args: Any) -> None:
+    def _later(self, level: int, fmt: str, *args: Any, extra: dict[str, Any] | None = None) -> None:
         """Log once the round is durable: a line must not claim what a rollback undid."""
-        self._after_commit.append(lambda: log.log(level, fmt, *args))
+        self._after_commit.append(lambda: log.log(level, fmt, *args, extra=extra))
 
     def _forgive(self, grace: float) -> None:
         """Nobody could be heard for a while (our outage, a stall, a blocking
         broker): restart every runner's deadline and every lease's."""
         self.registry.forgive(grace)
         longest = max((self._lease_window(r) for r in self.registry.runners.values()), default=0.0)
-        until = self.clock() + max(grace, longest)
-        for w in self.leases.values():
-            w.deadline = max(w.deadline, until)
+        self.leases.forgive(max(grace, longest))
 
     def _on_blocked(self, blocked: bool) -> None:
         if not blocked:
@@ -311,9 +301,15 @@ class Dispatcher:
                 row.commit_sha[:12],
                 row.repo,
                 row.branch,
+                extra=ids(job=row.job_id, commit=row.commit_sha, repo=row.repo, branch=row.branch),
             )
             if row.labels and not self.registry.able(row.labels):
-                log.warning("job=%s needs labels %s: no live runner has them", row.job_id, ", ".join(row.labels))
+                log.warning(
+                    "job=%s needs labels %s: no live runner has them",
+                    row.job_id,
+                    ", ".join(row.labels),
+                    extra=ids(job=row.job_id),
+                )
         d.ack()
         self.assign()
 
@@ -382,16 +378,21 @@ class Dispatcher:
             if stored is None:
                 # A store that started empty on a namespace with a backlog.
                 stored = self.store.adopt(job, self.wall())
-                self._later(logging.WARNING, "job=%s commit=%s adopted from the backlog", job.job_id, job.commit[:12])
+                self._later(
+                    logging.WARNING,
+                    "job=%s commit=%s adopted from the backlog",
+                    job.job_id,
+                    job.commit[:12],
+                    extra=ids(job=job.job_id, commit=job.commit),
+                )
             if stored.state == "queued" and stored.attempt == job.attempt and not pick(job):
                 self._park(job)
             # Held until the round is durable: the store now has the job assigned or
             # parked (or knows better than this copy, left by a crash or a re-queue).
             d.ack()
         if picked:
-            now = self.clock()
             for job, _ in picked:
-                self.leases[job.job_id] = LeaseWatch(job.lease, now + max(self.s.start_timeout, job.lease_s))
+                self.leases.watch(job.job_id, job.lease, max(self.s.start_timeout, job.lease_s))
             self._make_durable()  # no runner gets a job the store could forget
             for job, runner in picked:
                 self._send(job, runner)
@@ -406,9 +407,14 @@ class Dispatcher:
             self.broker.publish(naming.jobs_exchange(self.ns), naming.runner_routing_key(runner.runner_id), job)
         except Unroutable:
             # Its queue is gone, so is the runner: the job waits for the next one.
-            log.warning("runner=%s has no queue; job=%s waits for another runner", runner.runner_id, job.job_id)
+            log.warning(
+                "runner=%s has no queue; job=%s waits for another runner",
+                runner.runner_id,
+                job.job_id,
+                extra=ids(runner=runner.runner_id, job=job.job_id),
+            )
             self.registry.remove(runner.runner_id)
-            self.leases.pop(job.job_id, None)
+            self.leases.drop(job.job_id)
             self.store.unassign(
                 job.job_id, job.lease, "unroutable", f"runner {runner.runner_id} queue missing", self.wall()
             )
@@ -421,16 +427,17 @@ class Dispatcher:
             job.attempt,
             job.commit[:12],
             runner.runner_id,
+            extra=ids(job=job.job_id, attempt=job.attempt, commit=job.commit, runner=runner.runner_id),
         )
 
     def _park(self, job: Job) -> None:
         able = self.registry.able(job.labels)
         if able:
             why = f"needs labels {', '.join(job.labels)}; its {len(able)} runner(s) are busy or paused"
-            log.info("job=%s commit=%s parked: %s", job.job_id, job.commit[:12], why)
+            log.info("job=%s commit=%s parked: %s", job.job_id, job.commit[:12], why, extra=ids(job=job.job_id))
         else:
             why = f"no live runner has labels {', '.join(job.labels)}"
-            log.warning("job=%s commit=%s waits: %s", job.job_id, job.commit[:12], why)
+            log.warning("job=%s commit=%s waits: %s", job.job_id, job.commit[:12], why, extra=ids(job=job.job_id))
         self.store.park(job.job_id, job.attempt, why, self.wall())
         self._parked_maybe = True
 
@@ -449,7 +456,12 @@ class Dispatcher:
                 reason = f"no live runner has had labels {', '.join(row.labels)} for {now - since:.0f}s"
                 if self.store.expire_parked(row.job_id, reason, self.wall()):
                     self._later(
-                        logging.ERROR, "job=%s commit=%s ended as error: %s", row.job_id, row.commit_sha[:12], reason
+                        logging.ERROR,
+                        "job=%s commit=%s ended as error: %s",
+                        row.job_id,
+                        row.commit_sha[:12],
+                        reason,
+                        extra=ids(job=row.job_id, commit=row.commit_sha),
                     )
 
     def command_runner(self, runner_id: str, action: str, reason: str = "", asker: str | None = None) -> dict[str, Any]:
@@ -467,7 +479,14 @@ class Dispatcher:
             raise queries.QueryError(f"runner {runner_id!r} has no queue") from None
         # Until its next heartbeat says so itself: no new work for a paused or draining runner.
         info.state = {"pause": "paused", "drain": "draining"}.get(action, "idle")
-        log.info("runner=%s told to %s by %s%s", runner_id, action, asker or "?", f": {reason}" if reason else "")
+        log.info(
+            "runner=%s told to %s by %s%s",
+            runner_id,
+            action,
+            asker or "?",
+            f": {reason}" if reason else "",
+            extra=ids(runner=runner_id),
+        )
         if action == "resume":
             self.assign()
         return {"runner": runner_id, "action": action, "state": info.state}
@@ -481,16 +500,28 @@ class Dispatcher:
         if isinstance(msg, Hello):  # Heartbeat is a Hello
             seen = self.registry.heartbeat(msg)
             if seen.new:
-                log.info("runner=%s host=%s joined (session %s)", msg.runner_id, msg.host, msg.session)
+                log.info(
+                    "runner=%s host=%s joined (session %s)",
+                    msg.runner_id,
+                    msg.host,
+                    msg.session,
+                    extra=ids(runner=msg.runner_id),
+                )
             if seen.restarted_from:
-                log.warning("runner=%s restarted (session %s -> %s)", msg.runner_id, seen.restarted_from, msg.session)
+                log.warning(
+                    "runner=%s restarted (session %s -> %s)",
+                    msg.runner_id,
+                    seen.restarted_from,
+                    msg.session,
+                    extra=ids(runner=msg.runner_id),
+                )
             if msg.job_id:
                 self._echoed(msg, seen.info)
             d.ack()
             if seen.changed:  # a runner that heartbeats as before has not become free
                 self.assign()
             return
-        log.info("runner=%s left: %s", msg.runner_id, msg.reason or "goodbye")
+        log.info("runner=%s left: %s", msg.runner_id, msg.reason or "goodbye", extra=ids(runner=msg.runner_id))
         info = self.registry.get(msg.runner_id)
         if info is None or info.session == msg.session:
             self.registry.remove(msg.runner_id)
@@ -499,7 +530,7 @@ class Dispatcher:
                 if row.runner != msg.runner_id or row.lease is None:
                     continue
                 if row.state == "assigned":  # sent, never started: same attempt, to the next runner
-                    self.leases.pop(row.job_id, None)
+                    self.leases.drop(row.job_id)
                     self.store.unassign(row.job_id, row.lease, "returned", why, self.wall())
                     self._parked_maybe = True
                 elif msg.lease and row.lease == msg.lease:
@@ -510,14 +541,12 @@ class Dispatcher:
     def _echoed(self, msg: Hello, info: RunnerInfo) -> None:
         """A heartbeat says its runner runs a job: renew the lease it echoes, or
         tell the runner to stop an attempt that is no longer its own."""
-        watch = self.leases.get(msg.job_id)
-        if watch is not None and msg.lease and watch.lease == msg.lease:
-            watch.deadline = max(watch.deadline, self.clock() + self._lease_window(info))
+        if self.leases.renew(msg.job_id, msg.lease, self._lease_window(info)):
             return
         row = self.store.get(msg.job_id)
         if row is not None and row.lease and row.lease == msg.lease and row.runner == msg.runner_id:
             # The job is its own, but this dispatcher has not watched it yet (a restart).
-            self.leases[msg.job_id] = LeaseWatch(row.lease, self.clock() + self._lease_window(info))
+            self.leases.watch(msg.job_id, row.lease, self._lease_window(info))
             return
         self._cancel(msg.runner_id, msg.job_id, msg.attempt, msg.lease, "this attempt is no longer yours")
 
@@ -529,29 +558,19 @@ class Dispatcher:
         if now >= self._next_park_check:
             self._expire_parked()
             self._next_park_check = now + PARK_CHECK_EVERY
-        active = self.store.in_state("assigned", "running")
-        due: list[JobRow] = []
-        for row in active:
-            watch = self.leases.get(row.job_id)
-            if watch is None or watch.lease != row.lease:
-                # Not watched yet (a restart): its runner gets the grace to echo it.
-                grace = self.s.restart_grace if now - self.started < self.s.restart_grace else self.s.start_timeout
-                self.leases[row.job_id] = LeaseWatch(row.lease or "", now + grace)
-            elif watch.deadline < now:
-                due.append(row)
-        if len(self.leases) > 2 * len(active) + 100:
-            keep = {row.job_id for row in active}
-            self.leases = {k: v for k, v in self.leases.items() if k in keep}
+        # A job not watched yet (after a restart) gives its runner the grace to echo it.
+        grace = self.s.restart_grace if now - self.started < self.s.restart_grace else self.s.start_timeout
+        due = self.leases.due(self.store.in_state("assigned", "running"), grace)
         expiring = any(r.deadline < now for r in self.registry.runners.values())
         if not (due or expiring) or not self._silence_is_theirs():
             return
         for info in self.registry.expire():
             silent = self.clock() - info.last_seen
             reason = f"runner {info.runner_id} lost (no heartbeat for {silent:.1f}s)"
-            log.warning("%s", reason)
+            log.warning("%s", reason, extra=ids(runner=info.runner_id))
             self._lost_reasons[info.runner_id] = reason
         for row in due:
-            reason, failure = self._why_gone(row)
+            reason, failure = why_gone(row, self.registry, self._lost_reasons)
             self._requeue(row.job_id, row.lease or "", reason, failure=failure)
 
     def _silence_is_theirs(self) -> bool:
@@ -574,20 +593,6 @@ class Dispatcher:
         self._behind_since = None
         return True
 
-    def _why_gone(self, row: JobRow) -> tuple[str, bool]:
-        """Why a job's lease ran out, and whether that counts as a failed attempt."""
-        runner = row.runner or ""
-        info = self.registry.get(runner)
-        if info is None:
-            lost = self._lost_reasons.get(runner) or f"runner {runner} not seen since the dispatcher started"
-            return lost, True
-        if row.state == "assigned":
-            return f"runner {runner} never started it", False
-        if row.session and info.session != row.session:
-            return f"runner restarted (session {row.session} -> {info.session})", True
-        says = f"job {info.job_id}" if info.job_id else "no job"
-        return f"runner {runner} is not running it (its heartbeats say {says})", True
-
     def _requeue(self, job_id: str, lease: str, reason: str, failure: bool) -> bool:
         """Take a job back from its current assignment; False if `lease` is not it."""
         outcome = self.store.requeue(
@@ -595,15 +600,22 @@ class Dispatcher:
         )
         if outcome == "stale":
             return False
-        self.leases.pop(job_id, None)
+        self.leases.drop(job_id)
         if outcome == "pending":
             row = self.store.get(job_id)
             assert row is not None
             self._after_commit.append(self.metrics.redeliveries.inc)
-            self._later(logging.WARNING, "job=%s taken back (%s); retrying as attempt %d", job_id, reason, row.attempt)
+            self._later(
+                logging.WARNING,
+                "job=%s taken back (%s); retrying as attempt %d",
+                job_id,
+                reason,
+                row.attempt,
+                extra=ids(job=job_id, attempt=row.attempt),
+            )
             self._enqueue(row.as_job())
         else:
-            self._later(logging.ERROR, "job=%s ended as error: %s", job_id, reason)
+            self._later(logging.ERROR, "job=%s ended as error: %s", job_id, reason, extra=ids(job=job_id))
         return True
 
     # -- results ----------------------------------------------------------
@@ -612,29 +624,36 @@ class Dispatcher:
         msg = self._decode(d, JobStarted, JobResult, JobRejected, JobAbandoned)
         if msg is None:
             return
-        ids = f"runner={msg.runner_id} job={msg.job_id} attempt={msg.attempt}"
+        who = f"runner={msg.runner_id} job={msg.job_id} attempt={msg.attempt}"
+        fields = ids(runner=msg.runner_id, job=msg.job_id, attempt=msg.attempt)
         if isinstance(msg, JobStarted):
-            self._started(msg, ids)
+            self._started(msg, who)
         elif isinstance(msg, JobResult):
             if self.store.finish(msg, self.wall()):
-                self.leases.pop(msg.job_id, None)
+                self.leases.drop(msg.job_id)
                 self._after_commit.append(functools.partial(self.metrics.job_finished, msg.duration_s))
                 self._later(
-                    logging.INFO, "%s recorded: %s passed=%d failed=%d", ids, msg.status, msg.passed, msg.failed
+                    logging.INFO,
+                    "%s recorded: %s passed=%d failed=%d",
+                    who,
+                    msg.status,
+                    msg.passed,
+                    msg.failed,
+                    extra=fields,
                 )
             else:
-                self._later(logging.INFO, "%s late result (%s) kept as history", ids, msg.status)
+                self._later(logging.INFO, "%s late result (%s) kept as history", who, msg.status, extra=fields)
         elif isinstance(msg, JobRejected):
             # Refused before it ran: the same attempt goes to another runner.
             if msg.lease and self.store.unassign(
                 msg.job_id, msg.lease, "refused", f"runner {msg.runner_id} refused it: {msg.reason}", self.wall()
             ):
-                self.leases.pop(msg.job_id, None)
+                self.leases.drop(msg.job_id)
                 self._parked_maybe = True
                 info = self.registry.get(msg.runner_id)
                 if info is not None:
                     info.refusing = True
-                log.info("%s refused: %s", ids, msg.reason)
+                log.info("%s refused: %s", who, msg.reason, extra=fields)
         else:
             why = f"runner {msg.runner_id} gave it up: {msg.reason}"
             if not self._requeue(msg.job_id, msg.lease, why, failure=True):
@@ -642,30 +661,29 @@ class Dispatcher:
         d.ack()
         self.assign()
 
-    def _started(self, msg: JobStarted, ids: str) -> None:
+    def _started(self, msg: JobStarted, who: str) -> None:
         row = self.store.get(msg.job_id)
         if msg.lease and self.store.start(
             msg.job_id, msg.lease, msg.runner_id, msg.session, msg.started_at, self.wall()
         ):
             info = self.registry.get(msg.runner_id)
             if info is not None:
-                self.leases[msg.job_id] = LeaseWatch(msg.lease, self.clock() + self._lease_window(info))
+                self.leases.watch(msg.job_id, msg.lease, self._lease_window(info))
             self._after_commit.append(lambda: self.metrics.job_started(self.store.get(msg.job_id), self.wall()))
             return
         duplicate = row is not None and row.state == "running" and row.lease == msg.lease and bool(msg.lease)
         if not duplicate:
-            log.warning("%s started an attempt that is not its own; cancelling it", ids)
+            log.warning(
+                "%s started an attempt that is not its own; cancelling it",
+                who,
+                extra=ids(runner=msg.runner_id, job=msg.job_id, attempt=msg.attempt),
+            )
             self._cancel(msg.runner_id, msg.job_id, msg.attempt, msg.lease, "this attempt was given to another runner")
 
     def _cancel(self, runner_id: str, job_id: str, attempt: int, lease: str, reason: str) -> None:
         """Tell a runner to stop an attempt (at most once a second per attempt)."""
-        now = self.clock()
-        key = (runner_id, lease)
-        if now - self._cancelled.get(key, -1e9) < 1.0:
+        if not self.leases.may_cancel(runner_id, lease):
             return
-        if len(self._cancelled) > 10000:
-            self._cancelled.clear()
-        self._cancelled[key] = now
         try:
             self.broker.publish(
                 naming.jobs_exchange(self.ns),

@@ -40,6 +40,7 @@ from typing import IO
 from common import gitauth, naming
 from common.broker import Broker, BrokerUnavailable, Delivery, InUse, Unroutable
 from common.health import write_health
+from common.logs import ids
 from common.messages import (
     CancelJob,
     DecodeError,
@@ -341,21 +342,22 @@ class Runner:
         self._send_status(Heartbeat)
 
     def _take(self, job: Job, delivery: Delivery) -> None:
-        ids = f"runner={self.s.runner_id} job={job.job_id} attempt={job.attempt} commit={job.commit[:12]}"
+        who = f"runner={self.s.runner_id} job={job.job_id} attempt={job.attempt} commit={job.commit[:12]}"
+        fields = ids(job=job.job_id, attempt=job.attempt, commit=job.commit)
         current = self.current
         if current is not None and current.job.job_id == job.job_id and current.job.lease == job.lease:
-            log.info("%s delivered again while it runs; running it once", ids)
+            log.info("%s delivered again while it runs; running it once", who, extra=fields)
             delivery.ack()
             return
         if (self.outbox / _outbox_name(job)).exists():
-            log.info("%s delivered again after it ran; its result is on its way", ids)
+            log.info("%s delivered again after it ran; its result is on its way", who, extra=fields)
             delivery.ack()
             return
         done = self._finished_result(job)
         if done is not None:
             # A job delivered again after it ran (a broker crash lost our ack):
             # its result, not a second run.
-            log.info("%s delivered again after it ran; sending its result again", ids)
+            log.info("%s delivered again after it ran; sending its result again", who, extra=fields)
             self._publish(done)
             delivery.ack()
             return
@@ -367,7 +369,7 @@ class Runner:
                 reason = f"lacks labels {', '.join(missing)}"
             else:
                 reason = "draining" if self.draining else "paused"
-            log.info("%s rejected: %s", ids, reason)
+            log.info("%s rejected: %s", who, reason, extra=fields)
             self._publish(
                 JobRejected(
                     job_id=job.job_id, attempt=job.attempt, runner_id=self.s.runner_id, reason=reason, lease=job.lease
@@ -376,7 +378,7 @@ class Runner:
             delivery.ack()
             return
         if not self.allowed(job.repo):
-            log.warning("%s refused: repository %s is not allowed on this runner", ids, job.repo)
+            log.warning("%s refused: repository %s is not allowed on this runner", who, job.repo, extra=fields)
             self._write_outbox(
                 job,
                 JobResult(
@@ -408,7 +410,7 @@ class Runner:
             raise BrokerUnavailable("the dispatcher's results queue is missing") from None
         # From here the dispatcher's lease owns the job (delivery rule 3).
         delivery.ack()
-        log.info("%s started", ids)
+        log.info("%s started", who, extra=fields)
         current = Current(job)
         self._renew(current)
         current.thread = threading.Thread(target=self._work, args=(current,), name=f"job-{job.job_id}", daemon=True)
@@ -439,7 +441,9 @@ class Runner:
         try:
             outcome = self._run_job(current)
         except BaseException as exc:  # a runner never dies of a job, and a job never ends without a word
-            log.exception("runner=%s job=%s crashed the worker", self.s.runner_id, job.job_id)
+            log.exception(
+                "runner=%s job=%s crashed the worker", self.s.runner_id, job.job_id, extra=ids(job=job.job_id)
+            )
             outcome = Outcome("error", None, 0.0, reason=f"runner error: {type(exc).__name__}: {exc}")
         if outcome.abandoned:
             current.abandoned = outcome.reason
@@ -473,6 +477,7 @@ class Runner:
             job.commit[:12],
             outcome.status if not outcome.abandoned else "abandoned",
             outcome.reason,
+            extra=ids(job=job.job_id, attempt=job.attempt, commit=job.commit),
         )
         current.done.set()
         try:

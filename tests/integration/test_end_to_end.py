@@ -130,3 +130,22 @@ def test_volt_up_runs_everything_serves_the_page_and_stops_cleanly_on_ctrl_c(vol
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=3)
     assert volt.broker.queue_depth(naming.dispatcher_commits_queue(volt.ns)) == (0, 0)
+
+
+def test_json_logs_carry_the_ids_of_what_each_line_is_about(volt, repo):
+    sha = repo.commit({"tests/test_one.py": "def test_one():\n    pass\n"})
+    volt.dispatcher("--log-format", "json")
+    volt.runner("json-a", "--log-format", "json")
+    volt.wait_for("runner", lambda: volt.ask("status")["runners"])
+    volt.run("notify", "--repo", str(repo.path), "--branch", "main", "--commit", sha)
+    (row,) = volt.wait_results(1)
+    lines = {
+        name: [json.loads(line) for line in volt.log_of(name).splitlines() if line.startswith("{")]
+        for name in ("dispatcher", "json-a")
+    }
+    recorded = next(line for line in lines["dispatcher"] if "recorded" in line["message"])
+    assert (recorded["job"], recorded["runner"], recorded["attempt"]) == (row["job_id"], "json-a", 1)
+    queued = next(line for line in lines["dispatcher"] if line["message"].endswith("queued"))
+    assert (queued["commit"], queued["repo"], queued["branch"]) == (sha, str(repo.path), "main")
+    started = next(line for line in lines["json-a"] if line["message"].endswith("started"))
+    assert (started["runner"], started["job"], started["commit"]) == ("json-a", row["job_id"], sha)
