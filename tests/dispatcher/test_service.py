@@ -322,12 +322,18 @@ def assigned(rabbit: FakeRabbit, peer: Peer, d: Dispatcher, clock: Clock, runner
     return job
 
 
+def running(rabbit: FakeRabbit, peer: Peer, d: Dispatcher, clock: Clock, runner: str = "r1") -> Job:
+    """A job assigned to `runner`, which says it started it."""
+    job = assigned(rabbit, peer, d, clock, runner)
+    peer.send(JobStarted(job_id=job.job_id, attempt=1, runner_id=runner, session="s1", started_at=1.0, lease=job.lease))
+    return job
+
+
 def test_a_job_whose_runner_stops_echoing_its_lease_is_taken_back_with_the_reason(
     rabbit: FakeRabbit, peer: Peer, tmp_path: Path, clock: Clock
 ) -> None:
     d = start(tmp_path, clock)
-    job = assigned(rabbit, peer, d, clock)
-    peer.send(JobStarted(job_id=job.job_id, attempt=1, runner_id="r1", session="s1", started_at=1.0, lease=job.lease))
+    job = running(rabbit, peer, d, clock)
     rounds(d, clock, 1)
     # The runner lives on but its job thread died: its heartbeats say no job.
     for _ in range(12):
@@ -343,8 +349,7 @@ def test_heartbeats_that_echo_the_lease_keep_a_long_job(
     rabbit: FakeRabbit, peer: Peer, tmp_path: Path, clock: Clock
 ) -> None:
     d = start(tmp_path, clock)
-    job = assigned(rabbit, peer, d, clock)
-    peer.send(JobStarted(job_id=job.job_id, attempt=1, runner_id="r1", session="s1", started_at=1.0, lease=job.lease))
+    job = running(rabbit, peer, d, clock)
     for _ in range(100):  # 30 s, ten lease windows
         peer.hello("r1", job)
         rounds(d, clock, 1)
@@ -356,8 +361,7 @@ def test_forged_messages_without_the_lease_change_nothing(
     rabbit: FakeRabbit, peer: Peer, tmp_path: Path, clock: Clock
 ) -> None:
     d = start(tmp_path, clock)
-    job = assigned(rabbit, peer, d, clock)
-    peer.send(JobStarted(job_id=job.job_id, attempt=1, runner_id="r1", session="s1", started_at=1.0, lease=job.lease))
+    job = running(rabbit, peer, d, clock)
     rounds(d, clock, 1)
     forged = "f" * 32
     peer.send(JobResult(job_id=job.job_id, attempt=1, runner_id="r1", status="passed", lease=forged))
@@ -378,8 +382,7 @@ def test_a_runner_still_running_a_taken_back_attempt_is_not_free_and_is_told_to_
     rabbit: FakeRabbit, peer: Peer, tmp_path: Path, clock: Clock
 ) -> None:
     d = start(tmp_path, clock)
-    job = assigned(rabbit, peer, d, clock)
-    peer.send(JobStarted(job_id=job.job_id, attempt=1, runner_id="r1", session="s1", started_at=1.0, lease=job.lease))
+    job = running(rabbit, peer, d, clock)
     rounds(d, clock, 1)
     rounds(d, clock, 30)  # frozen: no heartbeat for longer than its lease
     assert d.store.get(job.job_id).attempt == 2  # type: ignore[union-attr]
@@ -421,8 +424,7 @@ def test_no_runner_is_declared_lost_while_the_broker_blocks_publishers(
     rabbit: FakeRabbit, peer: Peer, tmp_path: Path, clock: Clock
 ) -> None:
     d = start(tmp_path, clock)
-    job = assigned(rabbit, peer, d, clock)
-    peer.send(JobStarted(job_id=job.job_id, attempt=1, runner_id="r1", session="s1", started_at=1.0, lease=job.lease))
+    job = running(rabbit, peer, d, clock)
     rounds(d, clock, 1)
     rabbit.blocked = True  # a memory alarm: the runner's heartbeats cannot get through
     rounds(d, clock, 60)  # 18 s
@@ -439,8 +441,7 @@ def test_a_stalled_dispatcher_gives_runners_a_fresh_lease(
     rabbit: FakeRabbit, peer: Peer, tmp_path: Path, clock: Clock
 ) -> None:
     d = start(tmp_path, clock)
-    job = assigned(rabbit, peer, d, clock)
-    peer.send(JobStarted(job_id=job.job_id, attempt=1, runner_id="r1", session="s1", started_at=1.0, lease=job.lease))
+    job = running(rabbit, peer, d, clock)
     rounds(d, clock, 1)
     clock.advance(30)  # the dispatcher was paused; heartbeats wait in its queue
     peer.hello("r1", job)
