@@ -447,3 +447,38 @@ def many_commits(repo: GitRepo, count: int, branch: str = "main") -> list[str]:
     subprocess.run(["git", "fast-import", "--quiet"], input=b"".join(lines), cwd=repo.path, check=True)
     since = [f"^{parent}"] if parent else []
     return repo.git("rev-list", "--reverse", f"refs/heads/{branch}", *since).split()
+
+
+def commit_suite(folder: Path, sleep: float = 0.0) -> dict[str, str]:
+    """A .volt.toml whose command records each run's pid in `folder/<commit>`
+    (from VOLT_COMMIT) and sleeps `sleep`: one marker per commit, so the runs
+    of many jobs on many runners are counted each on its own.
+
+    A run that starts while an earlier run of the same commit still lives also
+    writes `overlap <pid>` (see `suite`)."""
+    code = (
+        "import os, time\n"
+        f"m = os.path.join({str(folder)!r}, os.environ['VOLT_COMMIT'])\n"
+        "prev = [p for p in open(m).read().split() if p.isdigit()] if os.path.exists(m) else []\n"
+        "def live(p):\n"
+        "    try:\n"
+        "        return open('/proc/' + p + '/stat').read().rsplit(')', 1)[1].split()[0] != 'Z'\n"
+        "    except OSError:\n"
+        "        return False\n"
+        "clash = ''.join('overlap ' + p + chr(10) for p in prev if live(p))\n"
+        "open(m, 'a').write(str(os.getpid()) + chr(10) + clash)\n"
+        f"time.sleep({sleep})\n"
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    return {".volt.toml": f"[test]\ncommand = [{sys.executable!r}, '-c', {code!r}]\n"}
+
+
+def runs_per_commit(folder: Path) -> dict[str, int]:
+    """How many times each commit's `commit_suite` ran."""
+    return {p.name: len(pids(p)) for p in folder.iterdir()} if folder.exists() else {}
+
+
+def all_overlaps(folder: Path) -> dict[str, list[str]]:
+    """The commits of a `commit_suite` folder that ran twice at once, with the overlap lines."""
+    found = {p.name: overlaps(p) for p in folder.iterdir()} if folder.exists() else {}
+    return {sha: lines for sha, lines in found.items() if lines}
