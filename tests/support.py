@@ -482,3 +482,25 @@ def all_overlaps(folder: Path) -> dict[str, list[str]]:
     """The commits of a `commit_suite` folder that ran twice at once, with the overlap lines."""
     found = {p.name: overlaps(p) for p in folder.iterdir()} if folder.exists() else {}
     return {sha: lines for sha, lines in found.items() if lines}
+
+
+def run_quiet(volt: Volt, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run one `volt` command to completion at log level WARNING, as a user would
+    see it: a refusal must then be exactly one line."""
+    argv = [sys.executable, "-m", "common.cli", *args, "--amqp-url", volt.amqp_url, "--namespace", volt.ns]
+    return subprocess.run(
+        [*argv, "--log-level", "WARNING"], capture_output=True, text=True, timeout=timeout, cwd=volt.tmp
+    )
+
+
+def jobs_in_store(db: Path) -> list[tuple[str, str, str | None]]:
+    """(commit, state, status) of every job in a dispatcher's store file, read directly."""
+    import sqlite3
+
+    if not db.exists():
+        return []
+    conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        return list(conn.execute("SELECT commit_sha, state, status FROM jobs"))
+    finally:
+        conn.close()

@@ -97,6 +97,7 @@ def test_a_full_disk_under_the_dispatcher_is_waited_out_and_every_commit_gets_on
         feeder.join(timeout=60)
         rows = volt.wait_results(COMMITS, timeout=120)
         back_after = time.monotonic() - freed_at
+        assert dispatcher.poll() is None
     finally:
         volt.stop_all()
 
