@@ -449,16 +449,18 @@ def many_commits(repo: GitRepo, count: int, branch: str = "main") -> list[str]:
     return repo.git("rev-list", "--reverse", f"refs/heads/{branch}", *since).split()
 
 
-def commit_suite(folder: Path, sleep: float = 0.0) -> dict[str, str]:
+def commit_suite(folder: Path, sleep: float = 0.0, slow: float = 0.0, slow_share: float = 0.0) -> dict[str, str]:
     """A .volt.toml whose command records each run's pid in `folder/<commit>`
     (from VOLT_COMMIT) and sleeps `sleep`: one marker per commit, so the runs
-    of many jobs on many runners are counted each on its own.
+    of many jobs on many runners are counted each on its own. About
+    `slow_share` of the commits (chosen by their id) sleep `slow` instead.
 
     A run that starts while an earlier run of the same commit still lives also
     writes `overlap <pid>` (see `suite`)."""
     code = (
         "import os, time\n"
-        f"m = os.path.join({str(folder)!r}, os.environ['VOLT_COMMIT'])\n"
+        "c = os.environ['VOLT_COMMIT']\n"
+        f"m = os.path.join({str(folder)!r}, c)\n"
         "prev = [p for p in open(m).read().split() if p.isdigit()] if os.path.exists(m) else []\n"
         "def live(p):\n"
         "    try:\n"
@@ -467,7 +469,7 @@ def commit_suite(folder: Path, sleep: float = 0.0) -> dict[str, str]:
         "        return False\n"
         "clash = ''.join('overlap ' + p + chr(10) for p in prev if live(p))\n"
         "open(m, 'a').write(str(os.getpid()) + chr(10) + clash)\n"
-        f"time.sleep({sleep})\n"
+        f"time.sleep({slow} if int(c[:4], 16) < {int(slow_share * 65536)} else {sleep})\n"
     )
     folder.mkdir(parents=True, exist_ok=True)
     return {".volt.toml": f"[test]\ncommand = [{sys.executable!r}, '-c', {code!r}]\n"}
