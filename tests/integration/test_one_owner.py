@@ -77,4 +77,4 @@ def test_a_second_runner_with_the_same_id_exits_2_with_one_line_and_the_first_ru
     assert live["runner_id"] == "twin"
     # The dispatcher never heard from the second one: no session flip, nobody left.
     log = volt.log_of("dispatcher")
-    assert "restarted (session" not in log and "left" not in log
+    assert "restarted (session" not in log and "runner=twin left" not in log
