@@ -3,9 +3,21 @@ runner with an id, refuses to start with one line and takes nothing."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
 from collections import Counter
 
-from support import all_overlaps, commit_suite, jobs_in_store, many_commits, run_quiet, runs_per_commit
+from support import (
+    GitRepo,
+    Volt,
+    all_overlaps,
+    commit_suite,
+    jobs_in_store,
+    many_commits,
+    rabbit_node,
+    run_quiet,
+    runs_per_commit,
+)
 
 from observer.publish import publish_commit
 
@@ -78,3 +90,45 @@ def test_a_second_runner_with_the_same_id_exits_2_with_one_line_and_the_first_ru
     # The dispatcher never heard from the second one: no session flip, nobody left.
     log = volt.log_of("dispatcher")
     assert "restarted (session" not in log and "runner=twin left" not in log
+
+
+def test_a_second_dispatcher_started_while_the_first_is_cut_off_does_not_take_its_namespace(tmp_path):
+    """Exclusive consumers keep a second dispatcher out only while the first is
+    connected. Frozen (a VM pause, swap) while the broker drops its connection,
+    the first leaves the queues free for a moment; one started then must still
+    not take over a namespace whose jobs live in another store."""
+    repo = GitRepo(tmp_path / "repo")
+    runs = tmp_path / "runs"
+    repo.commit(commit_suite(runs, sleep=4))
+    (sha,) = many_commits(repo, 1)
+    with rabbit_node() as node:
+        volt = Volt(node.url, "owner", tmp_path)
+        try:
+            first = volt.dispatcher()
+            volt.runner("cut-a")
+            volt.wait_for("the runner", lambda: volt.ask("status")["runners"])
+            publish_commit(volt.broker, str(repo.path), "main", sha, source="owner")
+            volt.wait_for("the run to start", lambda: runs_per_commit(runs).get(sha) == 1)
+            volt.broker.close()
+            first.send_signal(signal.SIGSTOP)
+            try:
+                closed = subprocess.run(
+                    ["rabbitmqctl", "-n", node.name, "close_all_connections", "test"], capture_output=True, timeout=60
+                )
+                assert closed.returncode == 0, closed.stderr
+                second = volt.start("second", "dispatcher", "--db", str(tmp_path / "other" / "dispatcher.db"))
+                volt.wait_for(
+                    "the second dispatcher to start or refuse",
+                    lambda: second.poll() is not None or "dispatcher ready" in volt.log_of("second"),
+                    timeout=30,
+                )
+            finally:
+                first.send_signal(signal.SIGCONT)
+            (row,) = volt.wait_results(1, timeout=30)
+            assert second.wait(timeout=30) == 2, volt.log_of("second")[-2000:]
+        finally:
+            volt.stop_all()
+    assert (row["status"], row["attempts"]) == ("passed", 1), row
+    assert runs_per_commit(runs) == {sha: 1}
+    assert jobs_in_store(tmp_path / "other" / "dispatcher.db") == []
+    assert "this attempt is no longer yours" not in volt.log_of("cut-a")
