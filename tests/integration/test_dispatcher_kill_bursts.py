@@ -44,10 +44,10 @@ def unhandled_after_kill(volt) -> int:
 def test_dispatcher_killed_in_three_bursts_loses_and_doubles_nothing(volt, repo, tmp_path, busy):
     runs = tmp_path / "runs"
     volt.dispatcher()
-    runners = ["burst-a", "burst-b"]
+    runners = ["burst-a", "burst-b", "burst-c"]
     for rid in runners:
         volt.runner(rid, heartbeat=1.0)
-    volt.wait_for("two runners", lambda: len(volt.ask("status")["runners"]) == 2)
+    volt.wait_for("the runners", lambda: len(volt.ask("status")["runners"]) == len(runners))
     broker = volt.broker
     expected: list[str] = []
     unhandled: list[int] = []
