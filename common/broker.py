@@ -226,8 +226,14 @@ class Broker:
                 raise BrokerUnavailable("stopping")
             try:
                 self._conn = type(self).connection_factory(params)
-                self._conn.add_on_connection_blocked_callback(lambda *_: self._set_blocked(True))
-                self._conn.add_on_connection_unblocked_callback(lambda *_: self._set_blocked(False))
+                # BlockingConnection hands Connection.Blocked to its callbacks only
+                # once the call that waits returns, and the call that waits is the
+                # blocked publish itself: a runner would learn of an alarm only as
+                # it ends, and stop its run for want of lease renewals meanwhile.
+                # The adapter underneath calls at once, from inside that wait.
+                told = getattr(self._conn, "_impl", self._conn)
+                told.add_on_connection_blocked_callback(lambda *_: self._set_blocked(True))
+                told.add_on_connection_unblocked_callback(lambda *_: self._set_blocked(False))
                 self._ch = self._conn.channel()
                 self._ch.confirm_delivery()
                 self._fire_ch = None

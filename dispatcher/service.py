@@ -194,7 +194,7 @@ class Dispatcher:
         # Runners could not be heard while we were disconnected: give them a
         # full heartbeat timeout (and the restart grace) to report in.
         self._forgive(self.s.restart_grace)
-        self.started = self.clock()
+        self.started = self._last_round = self.clock()  # the time away is forgiven above, not a stall
         self._backlog_maybe = self._parked_maybe = True
         self.store.begin_batch()
         try:
@@ -233,9 +233,10 @@ class Dispatcher:
             self.store.commit_batch()
         except StoreError as exc:
             self._abort_round()
-            if not isinstance(exc, StoreGone):
-                log.error("%s: nothing of this round is acked; it is retried", exc)
-            raise
+            if isinstance(exc, StoreGone):
+                raise
+            # Said once, by the loop that backs off and retries (Broker.run).
+            raise StoreError(f"{exc}: nothing of this round is acked") from None
         except BaseException:
             # What was handled is whole (a savepoint per change): keep it.
             try:

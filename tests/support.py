@@ -461,3 +461,62 @@ def many_commits(repo: GitRepo, count: int, branch: str = "main") -> list[str]:
     subprocess.run(["git", "fast-import", "--quiet"], input=b"".join(lines), cwd=repo.path, check=True)
     since = [f"^{parent}"] if parent else []
     return repo.git("rev-list", "--reverse", f"refs/heads/{branch}", *since).split()
+
+
+def commit_suite(folder: Path, sleep: float = 0.0, slow: float = 0.0, slow_share: float = 0.0) -> dict[str, str]:
+    """A .volt.toml whose command records each run's pid in `folder/<commit>`
+    (from VOLT_COMMIT) and sleeps `sleep`: one marker per commit, so the runs
+    of many jobs on many runners are counted each on its own. About
+    `slow_share` of the commits (chosen by their id) sleep `slow` instead.
+
+    A run that starts while an earlier run of the same commit still lives also
+    writes `overlap <pid>` (see `suite`)."""
+    code = (
+        "import os, time\n"
+        "c = os.environ['VOLT_COMMIT']\n"
+        f"m = os.path.join({str(folder)!r}, c)\n"
+        "prev = [p for p in open(m).read().split() if p.isdigit()] if os.path.exists(m) else []\n"
+        "def live(p):\n"
+        "    try:\n"
+        "        return open('/proc/' + p + '/stat').read().rsplit(')', 1)[1].split()[0] != 'Z'\n"
+        "    except OSError:\n"
+        "        return False\n"
+        "clash = ''.join('overlap ' + p + chr(10) for p in prev if live(p))\n"
+        "open(m, 'a').write(str(os.getpid()) + chr(10) + clash)\n"
+        f"time.sleep({slow} if int(c[:4], 16) < {int(slow_share * 65536)} else {sleep})\n"
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    return {".volt.toml": f"[test]\ncommand = [{sys.executable!r}, '-c', {code!r}]\n"}
+
+
+def runs_per_commit(folder: Path) -> dict[str, int]:
+    """How many times each commit's `commit_suite` ran."""
+    return {p.name: len(pids(p)) for p in folder.iterdir()} if folder.exists() else {}
+
+
+def all_overlaps(folder: Path) -> dict[str, list[str]]:
+    """The commits of a `commit_suite` folder that ran twice at once, with the overlap lines."""
+    found = {p.name: overlaps(p) for p in folder.iterdir()} if folder.exists() else {}
+    return {sha: lines for sha, lines in found.items() if lines}
+
+
+def run_quiet(volt: Volt, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run one `volt` command to completion at log level WARNING, as a user would
+    see it: a refusal must then be exactly one line."""
+    argv = [sys.executable, "-m", "common.cli", *args, "--amqp-url", volt.amqp_url, "--namespace", volt.ns]
+    return subprocess.run(
+        [*argv, "--log-level", "WARNING"], capture_output=True, text=True, timeout=timeout, cwd=volt.tmp
+    )
+
+
+def jobs_in_store(db: Path) -> list[tuple[str, str, str | None]]:
+    """(commit, state, status) of every job in a dispatcher's store file, read directly."""
+    import sqlite3
+
+    if not db.exists():
+        return []
+    conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        return list(conn.execute("SELECT commit_sha, state, status FROM jobs"))
+    finally:
+        conn.close()
