@@ -27,6 +27,7 @@ from common.settings import BrokerSettings, redact_url
 log = logging.getLogger(__name__)
 
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+OWNER_QUEUE_ARGS = {"x-max-length": 1, "x-overflow": "reject-publish"}
 # A runner queue whose runner has been gone this long is deleted by the broker,
 # so the management UI does not fill with queues of runners long retired.
 RUNNER_QUEUE_EXPIRES_MS = 15 * 60 * 1000
@@ -395,6 +396,8 @@ class Broker:
             dead = naming.dead_letter_queue(ns)
             _declare_dead_letter_queue(self, dead)
             self._channel().queue_bind(dead, naming.dead_letter_exchange(ns), routing_key=dead)
+            # One message at most, and a second claim is refused (nacked), not kept.
+            self._channel().queue_declare(naming.dispatcher_owner_queue(ns), durable=True, arguments=OWNER_QUEUE_ARGS)
 
     def declare_commit_path(self) -> None:
         """What an observer or `volt notify` needs: the commits exchange and the

@@ -62,6 +62,12 @@ def dispatcher_rpc_queue(ns: str) -> str:
     return f"{ns}.dispatcher.rpc"
 
 
+def dispatcher_owner_queue(ns: str) -> str:
+    """Holds one message: the id of the store that owns the namespace, so that a
+    dispatcher with another store cannot take it over while the owner is away."""
+    return f"{ns}.dispatcher.owner"
+
+
 def backlog_queue(ns: str) -> str:
     """Jobs waiting for a free runner: its ready count is the backlog."""
     return f"{ns}.jobs.backlog"
@@ -91,6 +97,7 @@ def shared_queues(ns: str) -> list[str]:
         dispatcher_control_queue(ns),
         dispatcher_results_queue(ns),
         dispatcher_rpc_queue(ns),
+        dispatcher_owner_queue(ns),
         backlog_queue(ns),
         dead_letter_queue(ns),
     ]

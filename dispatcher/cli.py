@@ -82,6 +82,15 @@ OPTIONS = (
         metavar="USER",
         shown="anyone who may ask the dispatcher",
     ),
+    Option(
+        "take_over",
+        "--take-over",
+        "TAKE_OVER",
+        "take the namespace over from the store that owns it, when that store is gone for good "
+        "(this one adopts the jobs waiting in the backlog); use it once, not in a service file",
+        False,
+        switch=True,
+    ),
 )
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from common import exits, naming
-from common.broker import Broker, BrokerError, Delivery, InUse, Unroutable
+from common.broker import Broker, BrokerError, BrokerUnavailable, Delivery, InUse, Unroutable
 from common.logs import ids
 from common.messages import (
     CancelJob,
@@ -82,6 +82,8 @@ class DispatcherSettings:
     # RabbitMQ users allowed to pause, resume or drain runners; empty: anyone
     # who may ask the dispatcher at all.
     operators: tuple[str, ...] = ()
+    # Take the namespace over from the store that owns it (that store is gone for good).
+    take_over: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> DispatcherSettings:
@@ -191,6 +193,7 @@ class Dispatcher:
             (naming.dispatcher_rpc_queue(self.ns), self.on_request),
         ):
             b.consume(queue, self._guarded(handler), prefetch=self.s.prefetch, exclusive=True)
+        self._claim_namespace()
         # Runners could not be heard while we were disconnected: give them a
         # full heartbeat timeout (and the restart grace) to report in.
         self._forgive(self.s.restart_grace)
@@ -209,6 +212,35 @@ class Dispatcher:
             raise
         self._after_durable()
         log.info("dispatcher ready: namespace=%s store=%s", self.ns, self.s.db)
+
+    def _claim_namespace(self) -> None:
+        """Make sure the namespace is this store's. The exclusive consumers keep a
+        second dispatcher out while the first is connected; this keeps out one
+        with another store while the first is away (a network blip, a pause),
+        which would otherwise split the jobs between two stores."""
+        queue = naming.dispatcher_owner_queue(self.ns)
+        d = self.broker.get(queue)
+        owner = d.body.decode(errors="replace") if d is not None else None
+        if d is not None:
+            d.requeue()
+        if owner == self.store.store_id:
+            return
+        if owner is not None and not self.s.take_over:
+            self.broker.close()
+            raise SettingsError(
+                f"namespace {self.ns!r} belongs to another dispatcher's store (id {owner[:12]}), not {self.s.db}; "
+                "if that store is gone for good, start this one with --take-over "
+                "(it adopts the jobs waiting in the backlog)"
+            )
+        if owner is not None:
+            self.broker.purge_queue(queue)
+            log.warning("namespace=%s taken over from store %s (--take-over)", self.ns, owner[:12])
+        try:
+            self.broker.publish("", queue, self.store.store_id.encode())
+        except BrokerUnavailable:
+            # Nacked: the queue holds one claim already, made since we looked.
+            raise InUse(f"another dispatcher claimed namespace {self.ns!r} just now") from None
+        log.info("namespace=%s belongs to store %s from now on", self.ns, self.store.store_id[:12])
 
     def run_once(self, time_limit: float = 0.0) -> None:
         """Process what arrived (waiting up to time_limit), then sweep and assign.

@@ -26,6 +26,7 @@ import os
 import secrets
 import sqlite3
 import time
+import uuid
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -87,6 +88,10 @@ CREATE TABLE IF NOT EXISTS events (
     detail   TEXT
 );
 CREATE INDEX IF NOT EXISTS events_job ON events(job_id);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
 
 
@@ -195,6 +200,14 @@ class Store:
             self.db.execute("PRAGMA busy_timeout=5000")
             self.db.executescript(SCHEMA)
             self._migrate()
+            # Made once, when the store is: what says, on the broker, which
+            # store a namespace's dispatcher keeps its jobs in.
+            # (Read first: a write would wait on the dispatcher that has it open.)
+            row = self.db.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
+            if row is None:
+                self.db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?)", (uuid.uuid4().hex,))
+                row = self.db.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
+            self.store_id = str(row[0])
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the store {self.path}: {exc}") from None
         self._identity = _file_identity(self.path)

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from common import naming
-from common.broker import _RUNNER_EXCHANGES, DEAD_LETTER_MAX_LENGTH, RUNNER_QUEUE_EXPIRES_MS
+from common.broker import _RUNNER_EXCHANGES, DEAD_LETTER_MAX_LENGTH, OWNER_QUEUE_ARGS, RUNNER_QUEUE_EXPIRES_MS
 from runner.sandbox import hidden_paths
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,6 +50,7 @@ QUEUES = {
     "volt.dispatcher.results": DLX,
     "volt.jobs.backlog": DLX,
     "volt.dispatcher.rpc": {},
+    "volt.dispatcher.owner": OWNER_QUEUE_ARGS,
     "volt.dead-letter": {"x-max-length": DEAD_LETTER_MAX_LENGTH},
 }
 # (exchange, queue, routing key). pika binds with routing key = queue name when
@@ -75,6 +76,7 @@ DISPATCHER_QUEUES = (
     "volt.dispatcher.control",
     "volt.dispatcher.results",
     "volt.dispatcher.rpc",
+    "volt.dispatcher.owner",
 )
 
 

@@ -27,7 +27,7 @@ from common.messages import (
     Message,
     decode,
 )
-from common.settings import BrokerSettings
+from common.settings import BrokerSettings, SettingsError
 from dispatcher.service import Dispatcher, DispatcherSettings
 from dispatcher.store import Store, StoreError
 
@@ -282,7 +282,10 @@ def test_an_empty_store_adopts_the_jobs_waiting_in_the_backlog(
     rounds(d, clock, 2)  # no runner: the jobs wait in the backlog queue
     assert rabbit.depth(naming.backlog_queue(NS)) == 3
     kill(d)
-    fresh = start(tmp_path / "second", clock)
+    # Another store on the namespace: refused, unless told its owner is gone for good.
+    with pytest.raises(SettingsError, match="belongs to another dispatcher's store"):
+        start(tmp_path / "second", clock)
+    fresh = start(tmp_path / "second", clock, take_over=True)
     runner_queue(rabbit, "r1")
     done = 0
     for _ in range(20):
@@ -297,6 +300,22 @@ def test_an_empty_store_adopts_the_jobs_waiting_in_the_backlog(
 
 
 # -- one owner ----------------------------------------------------------------
+
+
+def test_a_dispatcher_with_another_store_cannot_take_the_namespace_while_its_owner_is_away(
+    rabbit: FakeRabbit, peer: Peer, tmp_path: Path, clock: Clock
+) -> None:
+    first = start(tmp_path / "a", clock)
+    assert first.broker._conn is not None
+    first.broker._conn.close()  # a network blip: its exclusive consumers are gone
+    peer.commit(1)
+    with pytest.raises(SettingsError, match="belongs to another dispatcher's store"):
+        start(tmp_path / "b", clock)
+    assert rabbit.depth(naming.dispatcher_commits_queue(NS)) == 1  # the other took nothing
+    first.broker.connect()
+    first.setup()  # back: the namespace is still its own
+    rounds(first, clock, 1)
+    assert len(first.store.find()) == 1
 
 
 def test_a_second_dispatcher_on_the_namespace_is_refused_before_it_takes_anything(
