@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 # A round that took longer than this means the dispatcher itself stalled
 # (paused, swapped out, a slow disk): nobody was heard meanwhile.
 STALL_AFTER = 2.0
+# How long after a probe for a blocking broker the dispatcher waits for RabbitMQ's word.
+PROBE_ANSWER = 1.0
 # How often parked jobs are checked against --park-timeout.
 PARK_CHECK_EVERY = 5.0
 
@@ -614,9 +616,14 @@ class Dispatcher:
         now = self.clock()
         if self.broker.blocked_since is not None:
             return False
-        if not 0.2 <= now - self._probed_at <= 2.0:
+        # A loaded broker may take a while to say so: decide a second after the
+        # probe at the earliest (lost runners are found that much later).
+        since = now - self._probed_at
+        if since > PROBE_ANSWER + 3.0:
             self.broker.probe_blocked()
             self._probed_at = now
+            return False
+        if since < PROBE_ANSWER:
             return False
         depth = self.broker.queue_depth(naming.dispatcher_control_queue(self.ns))
         if depth is not None and depth[0] > 0:

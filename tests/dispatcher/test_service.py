@@ -355,7 +355,7 @@ def test_a_job_whose_runner_stops_echoing_its_lease_is_taken_back_with_the_reaso
     job = running(rabbit, peer, d, clock)
     rounds(d, clock, 1)
     # The runner lives on but its job thread died: its heartbeats say no job.
-    for _ in range(12):
+    for _ in range(20):
         peer.hello("r1")
         rounds(d, clock, 1)
     row = d.store.get(job.job_id)
