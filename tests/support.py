@@ -25,6 +25,33 @@ from common.settings import BrokerSettings
 from dispatcher.client import QueryFailed, ask
 from dispatcher.registry import RunnerInfo
 
+# PostgreSQL for the store's tests and the cluster test: a server that lets this
+# user create databases (the machine's own on 127.0.0.1:5432 by default).
+PG_ADMIN_URL = os.environ.get("VOLT_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@contextmanager
+def pg_database() -> Iterator[str]:
+    """A new, empty PostgreSQL database; its URL. Dropped afterwards."""
+    import psycopg
+
+    name = f"volt_test_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.fail(
+            f"no PostgreSQL for the tests at {PG_ADMIN_URL} (set VOLT_TEST_PG_URL, or start it: "
+            f"`pg_ctlcluster --skip-systemctl-redirect VERSION main start`): {exc}"
+        )
+    try:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        base, _, _ = PG_ADMIN_URL.rpartition("/")
+        yield f"{base}/{name}"
+    finally:
+        # WITH (FORCE): a dispatcher a test killed may still hold a session.
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
 
 def runner_info(
     runner_id: str, state: str = "idle", labels: tuple[str, ...] = ("linux",), last_seen: float = 50.0
