@@ -240,7 +240,7 @@ def split_urls(raw: str) -> list[str]:
     written %2C, as any URL writes it)."""
     urls = [u.strip() for u in raw.split(",") if u.strip()]
     if not urls:
-        raise SettingsError("no AMQP URL given")
+        raise SettingsError("not an AMQP URL: none given")
     return urls
 
 

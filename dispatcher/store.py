@@ -471,6 +471,19 @@ class Store:
                 self._x(f"ALTER TABLE jobs ADD COLUMN {name} {kind.format(**self.dialect.types)}")
 
     @_store_op
+    def probe(self) -> None:
+        """A write that changes nothing, committed: StoreError now if the store
+        cannot take writes (a full disk, a database that is down or read-only)."""
+        self._reopen_if_broken()
+        self._x(self.dialect.begin)
+        try:
+            self._x("UPDATE schema_version SET version = version")
+            self._x("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+
+    @_store_op
     def schema_version(self) -> int:
         return int(self._x("SELECT MAX(version) FROM schema_version").fetchone()[0])
 
