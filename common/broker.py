@@ -506,20 +506,26 @@ class Broker:
             self._ch.confirm_delivery()
 
     def declare_runner_queue(self, runner_id: str) -> str:
-        """Declare a runner's own queue. One left by the same runner as the other
-        queue type is moved over to this one, messages and all: it is no one
-        else's, and an operator should not have to do it for every runner."""
+        """Declare a runner's own queue. One the same runner left as the other
+        queue type is declared anew: it is no one else's, and what it held (a
+        job not started yet, a command) the dispatcher sends again once the
+        job's start timeout passes."""
         queue = naming.runner_queue(self.ns, runner_id)
         args = runner_queue_arguments(self.ns, self.queue_type)
-        binding = (naming.jobs_exchange(self.ns), naming.runner_routing_key(runner_id))
         with _translated():
             try:
                 self._declare_queue(queue, args)
             except QueueMismatch:
                 self._reopen_channel()
-                moved = migrate_queue(self, queue, args, [binding])
-                log.warning("runner queue %s was of another type; declared it anew (%d message(s) kept)", queue, moved)
-            self._channel().queue_bind(queue, *binding)
+                dropped = self._channel().queue_delete(queue).method.message_count
+                self._declare_queue(queue, args)
+                log.warning(
+                    "runner queue %s was of another type; declared it anew as %s (%d message(s) dropped, sent again)",
+                    queue,
+                    self.queue_type,
+                    dropped,
+                )
+            self._channel().queue_bind(queue, naming.jobs_exchange(self.ns), naming.runner_routing_key(runner_id))
         return queue
 
     def queue_depth(self, queue: str) -> tuple[int, int] | None:

@@ -294,9 +294,10 @@ class FakeChannel:
         self._check()
         self.rabbit.bindings = [b for b in self.rabbit.bindings if b != (queue, exchange, routing_key or "")]
 
-    def queue_delete(self, queue: str) -> None:
-        self.rabbit.queues.pop(queue, None)
+    def queue_delete(self, queue: str) -> Any:
+        q = self.rabbit.queues.pop(queue, None)
         self.rabbit.bindings = [b for b in self.rabbit.bindings if b[0] != queue]
+        return SimpleNamespace(method=SimpleNamespace(message_count=len(q.messages) if q else 0))
 
     def queue_purge(self, queue: str) -> None:
         self.rabbit.queues[queue].messages.clear()

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from common import naming
-from common.broker import _RUNNER_EXCHANGES, DEAD_LETTER_MAX_LENGTH, RUNNER_QUEUE_EXPIRES_MS
+from common.broker import _RUNNER_EXCHANGES, DELIVERY_LIMIT, runner_queue_arguments, shared_queue_arguments
 from runner.sandbox import hidden_paths
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,15 +43,9 @@ EXCHANGES = {
     "volt.dead": "fanout",
     "volt.rpc": "fanout",
 }
-DLX = {"x-dead-letter-exchange": "volt.dead"}
-QUEUES = {
-    "volt.dispatcher.commits": DLX,
-    "volt.dispatcher.control": DLX,
-    "volt.dispatcher.results": DLX,
-    "volt.jobs.backlog": DLX,
-    "volt.dispatcher.rpc": {},
-    "volt.dead-letter": {"x-max-length": DEAD_LETTER_MAX_LENGTH},
-}
+# The deployment runs quorum queues (the default --queue-type), whose
+# arguments the code declares: definitions.json must say them exactly.
+QUEUES = shared_queue_arguments(NS, "quorum")
 # (exchange, queue, routing key). pika binds with routing key = queue name when
 # given none, which is what the code does for the rpc queue (the dead-letter
 # queue names it explicitly). Both exchanges are fanouts, so the key only has
@@ -66,7 +60,7 @@ BINDINGS = {
 }
 RUNNER_QUEUE = "volt.runner.host-1"
 # A runner queue's arguments (Broker.declare_runner_queue).
-RUNNER_QUEUE_ARGS = {**DLX, "x-expires": 900000}
+RUNNER_QUEUE_ARGS = runner_queue_arguments(NS, "quorum")
 RUNNER_EXCHANGES = ("volt.control", "volt.results", "volt.jobs", "volt.dead")
 # Requests to the dispatcher (`volt status`, `results`, `log`, `check`).
 RPC_EXCHANGE = "volt.rpc"
@@ -252,6 +246,17 @@ def test_exchanges_match_topology(definitions: dict[str, Any]) -> None:
         assert x["arguments"] == {}, name
 
 
+def test_every_durable_queue_is_a_quorum_queue_with_a_poison_message_guard() -> None:
+    assert all(args["x-queue-type"] == "quorum" for args in (*QUEUES.values(), RUNNER_QUEUE_ARGS))
+    guarded = {q for q, args in QUEUES.items() if args.get("x-delivery-limit") == DELIVERY_LIMIT}
+    # Not the requests (they expire) nor the dead letters (listing them takes and returns them).
+    assert guarded == {*DISPATCHER_QUEUES, "volt.jobs.backlog"} - {"volt.dispatcher.rpc"}
+    assert RUNNER_QUEUE_ARGS["x-delivery-limit"] == DELIVERY_LIMIT
+    assert RUNNER_QUEUE_ARGS["x-expires"] == 15 * 60 * 1000  # a retired runner's queue goes
+    single = {q for q, args in QUEUES.items() if args.get("x-single-active-consumer")}
+    assert single == {"volt.dispatcher.commits", "volt.dispatcher.control", "volt.dispatcher.results"}
+
+
 def test_queues_match_topology_including_arguments(definitions: dict[str, Any]) -> None:
     got = {q["name"]: q for q in definitions["queues"]}
     assert set(got) == set(QUEUES)
@@ -274,10 +279,9 @@ def test_definitions_use_the_codes_names() -> None:
     """definitions.json names what common.naming names, for namespace volt."""
     assert set(naming.exchanges(NS)) == set(EXCHANGES)
     assert set(naming.shared_queues(NS)) == set(QUEUES)
-    assert naming.dead_letter_exchange(NS) == DLX["x-dead-letter-exchange"]
+    assert naming.dead_letter_exchange(NS) == QUEUES["volt.jobs.backlog"]["x-dead-letter-exchange"] == "volt.dead"
     assert (naming.jobs_exchange(NS), naming.backlog_queue(NS), naming.BACKLOG_ROUTING_KEY) in BINDINGS
     assert naming.runner_queue(NS, "host-1") == RUNNER_QUEUE
-    assert RUNNER_QUEUE_ARGS["x-expires"] == RUNNER_QUEUE_EXPIRES_MS
     assert set(RUNNER_EXCHANGES) == {name(NS) for name in _RUNNER_EXCHANGES}
     assert set(RUNNER_EXCHANGES) == set(naming.exchanges(NS)) - {naming.commits_exchange(NS), naming.rpc_exchange(NS)}
     assert naming.rpc_exchange(NS) == RPC_EXCHANGE
@@ -337,6 +341,7 @@ def test_runner_can_do_its_work(definitions: dict[str, Any]) -> None:
     assert can_declare_runner_exchanges(perm)
     # Its own queue: create (with a DLX), bind to the jobs exchange, consume.
     assert can_create_queue(perm, RUNNER_QUEUE, RUNNER_QUEUE_ARGS)
+    assert allowed(perm, "configure", naming.lock_queue(RUNNER_QUEUE))  # one runner process per id
     assert can_bind(perm, RUNNER_QUEUE, "volt.jobs")
     assert can_consume(perm, RUNNER_QUEUE)
     for exchange in ("volt.control", "volt.results", "volt.dead"):
@@ -346,6 +351,10 @@ def test_runner_can_do_its_work(definitions: dict[str, Any]) -> None:
 def test_dispatcher_can_do_its_work_and_no_more(definitions: dict[str, Any]) -> None:
     perm = permissions_of(definitions, "volt-dispatcher")
     assert can_declare_topology(perm)
+    # One dispatcher with SQLite: its consumers hold their queues' locks.
+    for queue in DISPATCHER_QUEUES:
+        assert allowed(perm, "configure", naming.lock_queue(queue)), queue
+    assert not allowed(perm, "configure", naming.lock_queue(RUNNER_QUEUE))
     for queue in (*DISPATCHER_QUEUES, "volt.jobs.backlog"):
         assert can_consume(perm, queue), queue  # consume, and basic.get on the backlog
     # Jobs (backlog and runner.* keys), dead letters, and replies through the
