@@ -337,17 +337,45 @@ class Node:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        self.launch()
+        self.wait_listening()
+
+    def launch(self) -> None:
+        """Start the node's process without waiting for it (see wait_listening)."""
         out = open(self.base / "server.out", "ab")  # noqa: SIM115 - lives with the node
         self.proc = subprocess.Popen(
             ["rabbitmq-server"], env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
-        deadline = time.monotonic() + 90
+
+    def wait_listening(self, timeout: float = 90) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
         while not _listening(self.port):
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"second RabbitMQ node did not start:\n{(self.base / 'server.out').read_text()[-2000:]}")
+                pytest.fail(f"RabbitMQ node {self.name} did not start:\n{(self.base / 'server.out').read_text()[-2000:]}")
             time.sleep(0.2)
 
+    def ctl(self, *args: str, timeout: float = 120) -> str:
+        """rabbitmqctl on this node; fails the test with its output if it fails."""
+        out = subprocess.run(
+            ["rabbitmqctl", "-n", self.name, *args], capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if out.returncode != 0:
+            pytest.fail(f"rabbitmqctl -n {self.name} {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}")
+        return out.stdout
+
+    def kill(self) -> None:
+        """kill -9 of the node (its whole process group): what a crashed machine looks like."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while _listening(self.port) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
     def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            return  # killed, or never came up
         subprocess.run(["rabbitmqctl", "-n", self.name, "stop"], capture_output=True, timeout=60, check=False)
         if self.proc is not None:
             try:
@@ -368,6 +396,35 @@ def rabbit_node(config: str = "", advanced: str = "") -> Iterator[Node]:
         yield node
     finally:
         node.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@contextmanager
+def rabbit_cluster(size: int = 3) -> Iterator[list[Node]]:
+    """`size` private RabbitMQ nodes (own names, ports and data folders) joined
+    into one cluster; all stopped and removed afterwards, whatever happens."""
+    base = Path(tempfile.mkdtemp(prefix="volt-cluster-"))
+    nodes = [Node(base / f"node{i}") for i in range(size)]
+    # Started as root, each node drops to the rabbitmq user, which must own the folders.
+    subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", str(base)], check=False, capture_output=True)
+    try:
+        for node in nodes:
+            node.launch()  # all at once: a node takes seconds to boot
+        for node in nodes:
+            node.wait_listening()
+        for node in nodes[1:]:
+            node.ctl("stop_app")
+            node.ctl("join_cluster", nodes[0].name)
+            node.ctl("start_app")
+        nodes[0].ctl("await_online_nodes", str(size))
+        yield nodes
+    finally:
+        for node in nodes:
+            try:
+                node.stop()
+            except (subprocess.TimeoutExpired, AssertionError, OSError):
+                if node.proc is not None and node.proc.poll() is None:
+                    os.killpg(node.proc.pid, signal.SIGKILL)
         shutil.rmtree(base, ignore_errors=True)
 
 
