@@ -352,7 +352,9 @@ class Node:
         deadline = time.monotonic() + timeout
         while not _listening(self.port):
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"RabbitMQ node {self.name} did not start:\n{(self.base / 'server.out').read_text()[-2000:]}")
+                pytest.fail(
+                    f"RabbitMQ node {self.name} did not start:\n{(self.base / 'server.out').read_text()[-2000:]}"
+                )
             time.sleep(0.2)
 
     def ctl(self, *args: str, timeout: float = 120) -> str:
@@ -365,12 +367,16 @@ class Node:
         return out.stdout
 
     def kill(self) -> None:
-        """kill -9 of the node (its whole process group): what a crashed machine looks like."""
+        """kill -9 of the node's Erlang VM: what a crashed machine looks like. (It
+        runs in a session of its own, under su, so it is found by asking it.)"""
         assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGKILL)
+        beam = int("".join(c for c in self.ctl("eval", "os:getpid().") if c.isdigit()))
+        os.kill(beam, signal.SIGKILL)
         self.proc.wait(timeout=30)
         deadline = time.monotonic() + 30
-        while _listening(self.port) and time.monotonic() < deadline:
+        while _listening(self.port):
+            if time.monotonic() > deadline:
+                pytest.fail(f"RabbitMQ node {self.name} still listens after kill -9")
             time.sleep(0.1)
 
     def stop(self) -> None:

@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from support import GitRepo, Volt, many_commits, pg_database, rabbit_cluster
+from support import GitRepo, Node, Volt, many_commits, pg_database, rabbit_cluster
 
 from dispatcher.client import QueryFailed
 
@@ -59,6 +59,12 @@ def active_one(volt: Volt, names: tuple[str, ...]) -> str:
         return None
 
     return volt.wait_for("an active dispatcher", which, timeout=30)
+
+
+def node_of(volt: Volt, name: str, nodes: list[Node]) -> Node:
+    """The node a worker connected to last (its log says so)."""
+    line = [ln for ln in volt.log_of(name).splitlines() if "connected to amqp://" in ln][-1]
+    return next(n for n in nodes if f":{n.port}/" in line)
 
 
 def wait_answering(volt: Volt, since: float, timeout: float = 30) -> tuple[float, list[str]]:
@@ -170,14 +176,14 @@ def test_a_cluster_loses_a_node_and_the_active_dispatcher_and_every_commit_gets_
             took, _ = wait_answering(volt, killed)
             print(f"takeover after kill -9 of the active dispatcher: {took:.2f}s")
             assert took < 10
-            # Then a broker node goes (the one whose queue leaders and clients
-            # are hit hardest is as good as any) and comes back.
-            victim = nodes[1]
+            # Then a broker node goes, the one runner r1 is connected to, and comes back.
+            victim = node_of(volt, "r1", nodes)
             victim.kill()
             volt.wait_results(15, timeout=90)
             victim.launch()
             volt.wait_results(31, timeout=120)
             victim.wait_listening()
+            assert node_of(volt, "r1", nodes) is not victim  # r1 failed over to another node
             exactly_one_result_each(volt, [first, *commits])
             assert overlapping(runs) == []
             durations = [r["duration_s"] for r in volt.results() if r["duration_s"] is not None]
