@@ -324,8 +324,19 @@ class BrokerSettings:
 
     @property
     def amqp_urls(self) -> list[str]:
-        """The broker's nodes, as given."""
-        return split_urls(self.amqp_url)
+        """The broker's nodes. A URL after the first that names no user takes the
+        first one's user and password, so a cluster's login is written once:
+        `amqp://ci:SECRET@mq-1/%2F,amqp://mq-2/%2F,amqp://mq-3/%2F`."""
+        urls = split_urls(self.amqp_url)
+        first = urllib.parse.urlsplit(urls[0])
+        login, at, _ = first.netloc.rpartition("@")
+        if not at:
+            return urls
+        out = [urls[0]]
+        for url in urls[1:]:
+            parsed = urllib.parse.urlsplit(url)
+            out.append(url if "@" in parsed.netloc else urllib.parse.urlunsplit(parsed._replace(netloc=f"{login}@{parsed.netloc}")))
+        return out
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> BrokerSettings:

@@ -476,7 +476,8 @@ def test_dockerfile() -> None:
 
 def test_compose_services(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {"rabbitmq", "dispatcher", "observer", "runner"}
+    assert set(services) == {"rabbitmq", "dispatcher", "observer", "runner", *CLUSTER_PROFILE}
+    assert {name for name, service in services.items() if service.get("profiles")} == CLUSTER_PROFILE
     rabbit = services["rabbitmq"]
     image, _, tag = rabbit["image"].partition(":")
     assert image == "rabbitmq" and "management" in tag and re.match(r"\d+\.\d+", tag), "pinned tag"
@@ -486,6 +487,48 @@ def test_compose_services(compose: dict[str, Any]) -> None:
     assert (DEPLOY / mounts["/etc/rabbitmq/definitions.json"]).resolve() == DEPLOY / "rabbitmq" / "definitions.json"
     assert (DEPLOY / mounts["/etc/rabbitmq/rabbitmq.conf"]).resolve() == DEPLOY / "rabbitmq" / "rabbitmq.conf"
     assert rabbit["healthcheck"]["test"] == ["CMD", "rabbitmq-diagnostics", "-q", "ping"]
+
+
+CLUSTER_PROFILE = {"rabbitmq-2", "rabbitmq-3", "postgres", "dispatcher-standby"}
+
+
+def test_compose_cluster_profile_is_three_nodes_postgresql_and_two_dispatchers(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name in CLUSTER_PROFILE:
+        assert services[name]["profiles"] == ["cluster"], name
+    nodes = ["rabbitmq", "rabbitmq-2", "rabbitmq-3"]
+    assert [services[n]["hostname"] for n in nodes] == nodes
+    assert len({services[n]["image"] for n in nodes}) == 1
+    cookies = {interpolate(services[n]["environment"]["RABBITMQ_ERLANG_COOKIE"]) for n in nodes}
+    assert len(cookies) == 1  # one cluster needs one cookie
+    conf = dict(
+        line.split(" = ", 1)
+        for line in (DEPLOY / "rabbitmq" / "cluster.conf").read_text().splitlines()
+        if " = " in line and not line.startswith("#")
+    )
+    assert conf["cluster_formation.peer_discovery_backend"] == "classic_config"
+    assert {v for k, v in conf.items() if k.startswith("cluster_formation.classic_config.nodes.")} == {
+        f"rabbit@{n}" for n in nodes
+    }
+    for name in ("rabbitmq-2", "rabbitmq-3"):
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in services[name]["volumes"]}
+        assert (DEPLOY / mounts["/etc/rabbitmq/rabbitmq.conf"]).resolve() == DEPLOY / "rabbitmq" / "cluster.conf"
+    # Both dispatchers on the one PostgreSQL database (the first once VOLT_DB says so).
+    standby = services["dispatcher-standby"]
+    assert standby["command"] == services["dispatcher"]["command"] == ["dispatcher"]
+    db = urllib.parse.urlsplit(interpolate(standby["environment"]["VOLT_DB"]))
+    pg = services["postgres"]["environment"]
+    assert (db.scheme, db.hostname, db.username, db.path) == (
+        "postgresql",
+        "postgres",
+        pg["POSTGRES_USER"],
+        f"/{pg['POSTGRES_DB']}",
+    )
+    assert db.password == interpolate(pg["POSTGRES_PASSWORD"])
+    assert "postgresql://" in (DEPLOY / "compose.yaml").read_text().split("name: volt-ci")[0]  # how to switch the first
+    assert interpolate(services["dispatcher"]["environment"]["VOLT_DB"]) == "/var/lib/volt/dispatcher/volt.db"
+    assert standby["environment"]["VOLT_AMQP_URL"] == services["dispatcher"]["environment"]["VOLT_AMQP_URL"]
+    assert "postgres" in standby["depends_on"]
 
 
 def test_compose_workers_share_one_image_built_from_the_repo(compose: dict[str, Any]) -> None:
@@ -529,9 +572,12 @@ def test_compose_workers_use_their_roles_user(compose: dict[str, Any]) -> None:
     for role in ("dispatcher", "observer", "runner"):
         service = compose["services"][role]
         assert service["command"][0] == role
-        url = urllib.parse.urlsplit(interpolate(service["environment"]["VOLT_AMQP_URL"]))
+        first, *others = interpolate(service["environment"]["VOLT_AMQP_URL"]).split(",")
+        url = urllib.parse.urlsplit(first)
         assert (url.scheme, url.username, url.password) == ("amqp", f"volt-{role}", f"change-me-{role}")
         assert (url.hostname, url.port, url.path) == ("rabbitmq", 5672, "/%2F")
+        # The cluster's other nodes, which take the first URL's login.
+        assert others == ["amqp://rabbitmq-2:5672/%2F", "amqp://rabbitmq-3:5672/%2F"]
         assert service["environment"]["VOLT_NAMESPACE"] == NS
 
 
@@ -637,9 +683,7 @@ def test_systemd_runner_can_write_only_its_own_workdir() -> None:
     assert service["PrivateTmp"] == ["yes"] and service["ProtectHome"] == ["yes"]
     # The store and the observer's state belong to other users, and are not
     # even there for the runner; nor is any role's broker password.
-    dispatcher_argv = shlex.split(_service("dispatcher")["ExecStart"][0])
-    store = Path(dispatcher_argv[dispatcher_argv.index("--db") + 1])
-    assert store.parent == _state_directory("dispatcher")
+    assert _sqlite_store().parent == _state_directory("dispatcher")
     inaccessible = {Path(p.lstrip("-")) for p in service["InaccessiblePaths"]}
     assert {_state_directory("dispatcher"), _state_directory("observer"), Path("/etc/volt")} <= inaccessible
     for role in ("dispatcher", "observer"):
@@ -723,8 +767,24 @@ def test_systemd_dispatcher_and_observer_are_locked_down(role: str) -> None:
     for directive in ("ReadWritePaths", "InaccessiblePaths"):
         assert directive not in service, directive
     argv = shlex.split(service["ExecStart"][0])
-    state = argv[argv.index("--db" if role == "dispatcher" else "--state-dir") + 1]
-    assert Path(state).is_relative_to(_state_directory(role))
+    state = _sqlite_store() if role == "dispatcher" else Path(argv[argv.index("--state-dir") + 1])
+    assert state.is_relative_to(_state_directory(role))
+
+
+def _sqlite_store() -> Path:
+    """The dispatcher unit's store unless its env file names a PostgreSQL database."""
+    [default] = [e for e in _service("dispatcher")["Environment"] if e.startswith("VOLT_DB=")]
+    return Path(default.split("=", 1)[1])
+
+
+def test_systemd_dispatcher_can_run_on_several_hosts_on_postgresql() -> None:
+    unit = (DEPLOY / "systemd" / "volt-dispatcher.service").read_text()
+    assert "Run exactly one" not in unit and "two or more hosts" in unit
+    argv = shlex.split(_service("dispatcher")["ExecStart"][0])
+    assert "--db" not in argv  # VOLT_DB: the default in the unit, or an env file's postgresql:// URL
+    env_file = (DEPLOY / "systemd" / "volt.env").read_text()
+    assert "VOLT_DB=postgresql://" in env_file
+    assert "VOLT_QUEUE_TYPE=quorum" in env_file.splitlines()
 
 
 def test_systemd_env_file_is_key_value() -> None:
@@ -739,9 +799,10 @@ def test_systemd_env_file_is_key_value() -> None:
 
 K8S_KINDS = {
     "namespace.yaml": ["Namespace"],
-    "secret.example.yaml": ["Secret", "Secret"],
+    "secret.example.yaml": ["Secret", "Secret", "Secret"],
     "config.yaml": ["ConfigMap"],
     "dispatcher.yaml": ["PersistentVolumeClaim", "Deployment", "Service"],
+    "dispatcher-ha.yaml": ["Deployment"],
     "observer.yaml": ["PersistentVolumeClaim", "Deployment"],
     "runner.yaml": ["Deployment", "NetworkPolicy"],
     "keda-scaledobject.yaml": ["TriggerAuthentication", "ScaledObject"],
@@ -926,6 +987,24 @@ def test_k8s_workers_use_their_roles_secret(role: str) -> None:
     assert len(images) == 1
 
 
+def test_k8s_dispatcher_on_postgresql_runs_two_replicas_without_a_volume() -> None:
+    deployment, _ = _deployment("dispatcher-ha.yaml")
+    sqlite, _ = _deployment("dispatcher.yaml")
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["metadata"]["name"] == sqlite["metadata"]["name"]  # one or the other
+    assert deployment["spec"]["selector"] == sqlite["spec"]["selector"]  # the Service finds either
+    pod = deployment["spec"]["template"]["spec"]
+    assert "volumes" not in pod
+    [container] = pod["containers"]
+    assert container["args"] == ["dispatcher"]
+    assert _env(container)["VOLT_DB"]["valueFrom"]["secretKeyRef"] == {"name": "volt-db", "key": "url"}
+    assert urllib.parse.urlsplit(_secrets()["volt-db"]["stringData"]["url"]).scheme == "postgresql"
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["exec"]["command"] == ["volt", "check"]
+    [kustomization] = k8s_docs("kustomization.yaml")
+    assert "dispatcher.yaml" in kustomization["resources"] and "dispatcher-ha.yaml" not in kustomization["resources"]
+
+
 def test_k8s_dispatcher_probes_use_volt_check() -> None:
     deployment, _ = _deployment("dispatcher.yaml")
     [container] = containers(deployment)
@@ -937,8 +1016,12 @@ def test_keda_scales_runners_on_the_backlog() -> None:
     docs = {d["kind"]: d for d in k8s_docs("keda-scaledobject.yaml")}
     scaled = docs["ScaledObject"]
     assert scaled["spec"]["scaleTargetRef"]["name"] == "volt-runner"
-    [trigger] = scaled["spec"]["triggers"]
+    trigger, store = scaled["spec"]["triggers"]
     assert trigger["type"] == "rabbitmq"
+    # Also the jobs waiting in the store (parked for labels, assigned, running).
+    assert store["type"] == "prometheus"
+    assert "volt_jobs_by_state" in store["metadata"]["query"] and "parked" in store["metadata"]["query"]
+    assert store["metadata"]["query"].startswith("max(")  # standby replicas report the same store
     assert trigger["metadata"]["queueName"] == naming.backlog_queue(NS)
     assert trigger["metadata"]["mode"] == "QueueLength"
     assert trigger["authenticationRef"]["name"] == docs["TriggerAuthentication"]["metadata"]["name"]
