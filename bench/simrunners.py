@@ -115,7 +115,10 @@ def main() -> None:
     p.add_argument("--amqp-url", required=True)
     p.add_argument("--namespace", required=True)
     args = p.parse_args()
-    broker = Broker(BrokerSettings(amqp_url=args.amqp_url, namespace=args.namespace), "volt-bench-simrunners")
+    settings = BrokerSettings(
+        amqp_url=args.amqp_url, namespace=args.namespace, queue_type=os.environ.get("VOLT_QUEUE_TYPE", "quorum")
+    )
+    broker = Broker(settings, "volt-bench-simrunners")
     broker.connect(give_up_after=10)
     sim = Simulated(broker, [f"{args.prefix}{i}" for i in range(args.count)], args.interval)
 
