@@ -456,9 +456,8 @@ class Broker:
         QueueMismatch if a queue exists with another type than --queue-type."""
         ns = self.ns
         arguments = shared_queue_arguments(ns, self.queue_type)
+        self.declare_exchanges()
         with _translated():
-            for name, kind in _EXCHANGES:
-                self._channel().exchange_declare(name(ns), exchange_type=kind, durable=True)
             for queue, exchange, key in _bindings(ns):
                 self._declare_bound_queue(queue, exchange, key)
             rpc = naming.dispatcher_rpc_queue(ns)
@@ -467,6 +466,11 @@ class Broker:
             dead = naming.dead_letter_queue(ns)
             _declare_dead_letter_queue(self, dead)
             self._channel().queue_bind(dead, naming.dead_letter_exchange(ns), routing_key=dead)
+
+    def declare_exchanges(self) -> None:
+        with _translated():
+            for name, kind in _EXCHANGES:
+                self._channel().exchange_declare(name(self.ns), exchange_type=kind, durable=True)
 
     def declare_commit_path(self) -> None:
         """What an observer or `volt notify` needs: the commits exchange and the
@@ -986,10 +990,38 @@ def mismatch_line(ns: str, queue: str, wanted: str, reply_text: str) -> str:
             f"{migrate} once (it declares the namespace's queues anew and keeps their messages), "
             f"or keep them with --queue-type {current}"
         )
+    other = "classic" if wanted == "quorum" else "quorum"
     return (
-        f"queue {queue} exists with other arguments than this Volt CI declares ({arg}): "
-        f"stop the dispatcher and run {migrate} once (it declares the namespace's queues anew and keeps their messages)"
+        f"queue {queue} exists with other arguments than this Volt CI declares ({arg}; say, as a {other} queue): "
+        f"stop the dispatcher and run {migrate} once (it declares the namespace's queues anew and keeps their "
+        f"messages), or start with the --queue-type it was declared with"
     )
+
+
+def shared_bindings(ns: str) -> dict[str, list[tuple[str, str]]]:
+    """Each shared queue's bindings, as (exchange, routing key), for migrate_queue."""
+    out: dict[str, list[tuple[str, str]]] = {q: [(x, k)] for q, x, k in _bindings(ns)}
+    rpc, dead = naming.dispatcher_rpc_queue(ns), naming.dead_letter_queue(ns)
+    out[rpc] = [(naming.rpc_exchange(ns), rpc)]
+    out[dead] = [(naming.dead_letter_exchange(ns), dead)]
+    return out
+
+
+def declares_as(broker: Broker, queue: str, arguments: dict[str, Any]) -> bool:
+    """Whether `queue` exists with exactly these arguments (a redeclare on a throwaway channel)."""
+    with _translated():
+        ch = broker._connection().channel()
+    try:
+        ch.queue_declare(queue, durable=True, arguments=arguments)
+        return True
+    except pika.exceptions.ChannelClosedByBroker:
+        return False
+    except (pika.exceptions.AMQPError, OSError) as exc:
+        raise BrokerUnavailable(_describe(exc)) from None
+    finally:
+        if ch.is_open:
+            with _translated():
+                ch.close()
 
 
 def migrate_queue(broker: Broker, queue: str, arguments: dict[str, Any], bindings: list[tuple[str, str]]) -> int:
@@ -1024,13 +1056,22 @@ def migrate_queue(broker: Broker, queue: str, arguments: dict[str, Any], binding
 
 
 def _move(broker: Broker, source: str, target: str) -> int:
-    """Move every message of `source` to `target`, each acked only once its copy is confirmed."""
+    """Move every message of `source` to `target`, each acked only once its copy
+    is confirmed. By consuming: a quorum queue with a single active consumer
+    refuses basic.get."""
     ch = broker._channel()
-    count = 0
-    while True:
-        method, props, body = ch.basic_get(source, auto_ack=False)
-        if method is None:
-            return count
-        ch.basic_publish("", target, body, properties=props, mandatory=True)
-        ch.basic_ack(method.delivery_tag)
-        count += 1
+    taken: list[tuple[int, Any, bytes]] = []
+    ch.basic_qos(prefetch_count=500)
+    tag = ch.basic_consume(source, lambda _c, m, p, b: taken.append((m.delivery_tag, p, b)))
+    count, idle_since = 0, time.monotonic()
+    while time.monotonic() - idle_since < 1.0:
+        broker._connection().process_data_events(time_limit=0.1)
+        if taken:
+            idle_since = time.monotonic()
+        while taken:
+            delivery_tag, props, body = taken.pop(0)
+            ch.basic_publish("", target, body, properties=props, mandatory=True)
+            ch.basic_ack(delivery_tag)
+            count += 1
+    ch.basic_cancel(tag)
+    return count

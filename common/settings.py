@@ -335,7 +335,11 @@ class BrokerSettings:
         out = [urls[0]]
         for url in urls[1:]:
             parsed = urllib.parse.urlsplit(url)
-            out.append(url if "@" in parsed.netloc else urllib.parse.urlunsplit(parsed._replace(netloc=f"{login}@{parsed.netloc}")))
+            out.append(
+                url
+                if "@" in parsed.netloc
+                else urllib.parse.urlunsplit(parsed._replace(netloc=f"{login}@{parsed.netloc}"))
+            )
         return out
 
     @classmethod

@@ -190,3 +190,36 @@ def test_a_cluster_loses_a_node_and_the_active_dispatcher_and_every_commit_gets_
             print(f"31 results; median test run {statistics.median(durations):.2f}s")
         finally:
             volt.stop_all()
+
+
+def test_a_namespace_of_classic_queues_says_how_to_migrate_and_migrate_queues_keeps_the_messages(volt: Volt) -> None:
+    from common import naming
+    from common.broker import Broker
+    from common.messages import CommitSeen
+    from common.settings import BrokerSettings
+
+    old = Broker(BrokerSettings(amqp_url=volt.amqp_url, namespace=volt.ns, queue_type="classic"), "volt-test-old")
+    old.connect(give_up_after=10)
+    old.declare_topology()  # as a Volt CI of classic queues left it, with two commits waiting
+    for i in range(2):
+        seen = CommitSeen(repo="/srv/app", branch="main", commit=f"{i:040x}", seen_at=1.0)
+        old.publish(naming.commits_exchange(volt.ns), "", seen)
+    old.close()
+
+    refused = volt.run("dispatcher", "--db", str(volt.tmp / "d.db"), timeout=60)
+    assert refused.returncode == 2, refused.stderr
+    line = refused.stderr.strip().splitlines()[-1]
+    # RabbitMQ names the first argument that differs; which one depends on its version.
+    assert "is a classic queue, but --queue-type is quorum" in line or "say, as a classic queue" in line, line
+    assert f"volt migrate-queues --namespace {volt.ns} --queue-type quorum" in line
+    assert "Traceback" not in refused.stderr
+
+    moved = volt.run("migrate-queues")
+    assert moved.returncode == 0, moved.stderr
+    assert f"{naming.dispatcher_commits_queue(volt.ns)}: declared as a quorum queue, 2 message(s) kept" in moved.stdout
+    again = volt.run("migrate-queues")
+    assert again.stdout.count("already a quorum queue") == len(naming.shared_queues(volt.ns))
+
+    volt.dispatcher()
+    rows = volt.wait_for("the two jobs", lambda: len(r := volt.results(done_only=False)) == 2 and r)
+    assert sorted(r["commit"] for r in rows) == [f"{i:040x}" for i in range(2)]
