@@ -63,7 +63,12 @@ class Simulated:
             results,
             "",
             JobStarted(
-                job_id=msg.job_id, attempt=msg.attempt, runner_id=rid, session=self.sessions[rid], started_at=started
+                job_id=msg.job_id,
+                attempt=msg.attempt,
+                runner_id=rid,
+                session=self.sessions[rid],
+                started_at=started,
+                lease=msg.lease,
             ),
         )
         d.ack()
@@ -80,6 +85,7 @@ class Simulated:
                 duration_s=0.0,
                 started_at=started,
                 finished_at=time.time(),
+                lease=msg.lease,  # only the assignment's own lease counts
             ),
         )
         self.jobs += 1
