@@ -374,19 +374,43 @@ def _fast_import_stream(
 
 # -- the system under test ----------------------------------------------------
 
+PG_ADMIN_URL = os.environ.get("VOLT_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def _create_pg_database(ns: str) -> str:
+    import psycopg
+
+    name = "volt_" + ns.replace("-", "_")
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    return f"{PG_ADMIN_URL.rpartition('/')[0]}/{name}"
+
+
+def _drop_pg_database(url: str) -> None:
+    import psycopg
+
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{url.rpartition("/")[2]}" WITH (FORCE)')
+
 
 class System:
     """Dispatcher, runners and observer as real processes in a fresh namespace."""
 
-    def __init__(self, amqp_url: str = AMQP_URL, tag: str = "bench") -> None:
+    def __init__(
+        self, amqp_url: str = AMQP_URL, tag: str = "bench", store: str = "sqlite", queue_type: str = "quorum"
+    ) -> None:
+        """store: sqlite (a file in the run's folder) or postgresql (a database of
+        the run's own on VOLT_BENCH_PG_URL's server, dropped at the end)."""
         self.tmp = Path(tempfile.mkdtemp(prefix=f"volt-{tag}-"))
         self.ns = f"{tag}-{uuid.uuid4().hex[:8]}"
         self.amqp_url = amqp_url
-        self.settings = BrokerSettings(amqp_url=amqp_url, namespace=self.ns)
+        self.queue_type = queue_type
+        self.settings = BrokerSettings(amqp_url=amqp_url, namespace=self.ns, queue_type=queue_type)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.runner_ids: list[str] = []
         self.db_path = self.tmp / "dispatcher.db"
-        self._db: sqlite3.Connection | None = None
+        self.pg_url = _create_pg_database(self.ns) if store == "postgresql" else ""
+        self._db: Any = None
         self.broker = Broker(self.settings, "volt-bench")
         self.broker.connect(give_up_after=10)
         self.broker.declare_topology()
@@ -398,16 +422,23 @@ class System:
     ) -> subprocess.Popen[bytes]:
         argv = [sys.executable, *python_args, *args, "--amqp-url", self.amqp_url, "--namespace", self.ns]
         log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        env = {**os.environ, "VOLT_QUEUE_TYPE": self.queue_type}
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         self.procs[name] = proc
         return proc
 
     def pid(self, name: str) -> int:
         return self.procs[name].pid
 
-    def dispatcher(self, *extra: str) -> None:
-        self.start("dispatcher", "dispatcher", "--db", str(self.db_path), *extra)
-        ask(self.settings, "ping", timeout=30)  # answers once it consumes
+    @property
+    def store(self) -> str:
+        """The dispatcher's --db."""
+        return self.pg_url or str(self.db_path)
+
+    def dispatcher(self, *extra: str, name: str = "dispatcher", wait_ready: bool = True) -> None:
+        self.start(name, "dispatcher", "--db", self.store, *extra)
+        if wait_ready:
+            ask(self.settings, "ping", timeout=30)  # answers once it consumes
 
     def runners(self, count: int, *extra: str) -> None:
         for _ in range(count):
@@ -447,27 +478,39 @@ class System:
 
     # -- results, read from the dispatcher's store (read-only: no load on the dispatcher)
 
-    def db(self) -> sqlite3.Connection:
+    def db(self) -> Any:
         if self._db is None:
-            self._db = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, isolation_level=None)
-            self._db.row_factory = sqlite3.Row
+            if self.pg_url:
+                import psycopg
+                from psycopg.rows import dict_row
+
+                self._db = psycopg.connect(self.pg_url, autocommit=True, row_factory=dict_row)
+            else:
+                self._db = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, isolation_level=None)
+                self._db.row_factory = sqlite3.Row
         return self._db
 
+    def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        """Rows of the store (sql with ? marks) as dicts, on either database."""
+        if self.pg_url:
+            sql = sql.replace("?", "%s")
+        return [dict(r) for r in self.db().execute(sql, args).fetchall()]
+
     def done_count(self) -> int:
-        return int(self.db().execute("SELECT COUNT(*) FROM jobs WHERE state = 'done'").fetchone()[0])
+        return int(next(iter(self.query("SELECT COUNT(*) AS n FROM jobs WHERE state = 'done'")[0].values())))
 
     def done_rows(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in self.db().execute("SELECT * FROM jobs WHERE state = 'done' ORDER BY finished_at")]
+        return self.query("SELECT * FROM jobs WHERE state = 'done' ORDER BY finished_at")
 
     def result_for(self, commit: str, timeout: float = 120) -> dict[str, Any]:
         """The recorded result of a commit (times as epoch seconds), once it is there."""
         found: dict[str, Any] = {}
 
         def done() -> bool:
-            row = self.db().execute("SELECT * FROM jobs WHERE commit_sha = ? AND state = 'done'", (commit,)).fetchone()
-            if row is not None:
-                found.update(dict(row))
-            return row is not None
+            rows = self.query("SELECT * FROM jobs WHERE commit_sha = ? AND state = 'done'", (commit,))
+            if rows:
+                found.update(rows[0])
+            return bool(rows)
 
         wait(done, timeout, every=0.01, what=f"result of {commit[:12]}")
         return found
@@ -501,6 +544,8 @@ class System:
         for exchange in naming.exchanges(self.ns):
             self.broker.delete_exchange(exchange)
         self.broker.close()
+        if self.pg_url:
+            _drop_pg_database(self.pg_url)
         if os.environ.get("VOLT_BENCH_KEEP"):
             progress(f"kept {self.tmp} (logs of every process)")
         else:

@@ -63,7 +63,12 @@ class Simulated:
             results,
             "",
             JobStarted(
-                job_id=msg.job_id, attempt=msg.attempt, runner_id=rid, session=self.sessions[rid], started_at=started
+                job_id=msg.job_id,
+                attempt=msg.attempt,
+                runner_id=rid,
+                session=self.sessions[rid],
+                started_at=started,
+                lease=msg.lease,
             ),
         )
         d.ack()
@@ -80,6 +85,7 @@ class Simulated:
                 duration_s=0.0,
                 started_at=started,
                 finished_at=time.time(),
+                lease=msg.lease,  # only the assignment's own lease counts
             ),
         )
         self.jobs += 1
@@ -115,7 +121,10 @@ def main() -> None:
     p.add_argument("--amqp-url", required=True)
     p.add_argument("--namespace", required=True)
     args = p.parse_args()
-    broker = Broker(BrokerSettings(amqp_url=args.amqp_url, namespace=args.namespace), "volt-bench-simrunners")
+    settings = BrokerSettings(
+        amqp_url=args.amqp_url, namespace=args.namespace, queue_type=os.environ.get("VOLT_QUEUE_TYPE", "quorum")
+    )
+    broker = Broker(settings, "volt-bench-simrunners")
     broker.connect(give_up_after=10)
     sim = Simulated(broker, [f"{args.prefix}{i}" for i in range(args.count)], args.interval)
 

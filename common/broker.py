@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from common import naming
 from common.messages import Message
-from common.settings import BrokerSettings, redact_url
+from common.settings import BrokerSettings, SettingsError, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,15 @@ OWNER_QUEUE_ARGS = {"x-max-length": 1, "x-overflow": "reject-publish"}
 # A runner queue whose runner has been gone this long is deleted by the broker,
 # so the management UI does not fill with queues of runners long retired.
 RUNNER_QUEUE_EXPIRES_MS = 15 * 60 * 1000
+# The poison-message guard of quorum queues: a message delivered this many
+# times without an ack (it kills its consumer, say) is dead-lettered by the
+# broker, with reason `delivery_limit` in its x-death header. Every return
+# counts, a consumer's crash too (RabbitMQ 3.10 and later), so it is set well
+# above the redeliveries a few restarts cause. Dead-lettering stays the
+# broker's default at-most-once: at-least-once would need reject-publish
+# overflow on every source queue, for the rare message lost with a node while
+# it moves to the dead-letter queue, which keeps only what no one could use.
+DELIVERY_LIMIT = 20
 
 
 _EXCHANGES = (
@@ -48,6 +58,43 @@ _RUNNER_EXCHANGES = (
     naming.jobs_exchange,
     naming.dead_letter_exchange,
 )
+
+
+def shared_queue_arguments(ns: str, queue_type: str) -> dict[str, dict[str, Any]]:
+    """Every shared queue's declare arguments, by name: what declare_topology
+    declares, and what deploy/rabbitmq/definitions.json must say exactly
+    (RabbitMQ refuses a redeclare whose arguments differ).
+
+    Quorum queues are replicated over the cluster's nodes. The dispatcher's
+    inputs have a single active consumer: standby dispatchers wait behind the
+    active one, and take over the moment its connection is gone. The requests
+    queue does not, so a standby can answer `volt check` (at a lower consumer
+    priority than the active one's); the dead-letter queue has no delivery
+    limit, since `volt dead-letters list` takes and returns its messages.
+    """
+    dlx = {"x-dead-letter-exchange": naming.dead_letter_exchange(ns)}
+    quorum = {"x-queue-type": "quorum"} if queue_type == "quorum" else {}
+    guard = {"x-delivery-limit": DELIVERY_LIMIT} if quorum else {}
+    single = {"x-single-active-consumer": True} if quorum else {}
+    inputs = {**quorum, **dlx, **guard, **single}
+    return {
+        naming.dispatcher_commits_queue(ns): inputs,
+        naming.dispatcher_control_queue(ns): inputs,
+        naming.dispatcher_results_queue(ns): inputs,
+        naming.backlog_queue(ns): {**quorum, **dlx, **guard},
+        # Requests expire rather than pile up while the dispatcher is down,
+        # and an expired request is not worth a dead letter.
+        naming.dispatcher_rpc_queue(ns): {**quorum},
+        naming.dead_letter_queue(ns): {**quorum, "x-max-length": DEAD_LETTER_MAX_LENGTH},
+        # One message, the owning store's id; a second claim is refused (nacked), not kept.
+        naming.dispatcher_owner_queue(ns): {**quorum, **OWNER_QUEUE_ARGS},
+    }
+
+
+def runner_queue_arguments(ns: str, queue_type: str) -> dict[str, Any]:
+    """A runner queue's: it expires once its runner has been gone RUNNER_QUEUE_EXPIRES_MS."""
+    quorum = {"x-queue-type": "quorum", "x-delivery-limit": DELIVERY_LIMIT} if queue_type == "quorum" else {}
+    return {**quorum, "x-dead-letter-exchange": naming.dead_letter_exchange(ns), "x-expires": RUNNER_QUEUE_EXPIRES_MS}
 
 
 def _bindings(ns: str) -> tuple[tuple[str, str, str], ...]:
@@ -79,6 +126,11 @@ class RpcTimeout(BrokerError):
 class InUse(BrokerError):
     """An exclusive consumer already holds the queue: another process has this
     worker's identity (a second dispatcher on a namespace, a runner id twice)."""
+
+
+class QueueMismatch(SettingsError):
+    """A queue exists with another type or other arguments than this Volt CI
+    declares (RabbitMQ cannot change them in place); one line says how to migrate."""
 
 
 class AckLedger:
@@ -186,6 +238,8 @@ class Broker:
         self.client_name = client_name
         self._conn: pika.BlockingConnection | None = None
         self._ch: BlockingChannel | None = None
+        # The node (one of settings.amqp_urls) connected to last.
+        self.url = ""
         # Unconfirmed publishes (probes, replies) go on a channel of their own,
         # so they never wait on the broker, even while it blocks publishers.
         self._fire_ch: BlockingChannel | None = None
@@ -209,66 +263,87 @@ class Broker:
         return bool(self._conn and self._conn.is_open and self._ch and self._ch.is_open)
 
     def connect(self, give_up_after: float | None = None, stopping: Callable[[], bool] = lambda: False) -> None:
-        """Connect, retrying with capped exponential backoff and full jitter.
+        """Connect to one of the broker's nodes, retrying with capped exponential
+        backoff and full jitter once every node has failed.
 
-        With give_up_after, raise BrokerUnavailable once that many seconds pass;
-        and raise it at once when `stopping()` turns true.
+        Several URLs (a cluster) are tried in random order, so workers spread
+        over the nodes; the node last connected to goes last, so a worker that
+        lost its node tries the others first. With give_up_after, raise
+        BrokerUnavailable once that many seconds pass; and raise it at once
+        when `stopping()` turns true.
         """
-        params = pika.URLParameters(self.settings.amqp_url)
-        params.client_properties = {"connection_name": self.client_name}
-        params.connection_attempts = 1
-        params.socket_timeout = 5
-        params.blocked_connection_timeout = self.blocked_timeout
-        params.heartbeat = 30
         started = time.monotonic()
         attempt = 0
         while True:
             if stopping():
                 raise BrokerUnavailable("stopping")
-            try:
-                self._conn = type(self).connection_factory(params)
-                # BlockingConnection hands Connection.Blocked to its callbacks only
-                # once the call that waits returns, and the call that waits is the
-                # blocked publish itself: a runner would learn of an alarm only as
-                # it ends, and stop its run for want of lease renewals meanwhile.
-                # The adapter underneath calls at once, from inside that wait.
-                told = getattr(self._conn, "_impl", self._conn)
-                told.add_on_connection_blocked_callback(lambda *_: self._set_blocked(True))
-                told.add_on_connection_unblocked_callback(lambda *_: self._set_blocked(False))
-                self._ch = self._conn.channel()
-                self._ch.confirm_delivery()
-                self._fire_ch = None
-                self._consumers = []
-                self._rpc_consuming = False
-                # Tags of the old channel mean nothing on this one; what they
-                # covered and was not acked, the broker delivers again.
-                self._ledger = AckLedger()
-                self.blocked_since = None
-                log.info("connected to %s as %s", redact_url(self.settings.amqp_url), self.client_name)
-                return
-            except (pika.exceptions.AMQPError, OSError) as exc:
-                self.close()
-                reason = _describe(exc)
-                waited = time.monotonic() - started
-                if give_up_after is not None and waited >= give_up_after:
-                    raise BrokerUnavailable(
-                        f"cannot reach RabbitMQ at {redact_url(self.settings.amqp_url)}: {reason}"
-                    ) from None
-                # Capped at 5 s so that, after an outage, every worker is back
-                # well within the dispatcher's 10 s restart grace.
-                delay = random.uniform(0, min(5.0, 0.25 * 2**attempt))
-                if give_up_after is not None:
-                    delay = min(delay, max(0.0, give_up_after - waited))
-                attempt += 1
-                # A worker retries for ever and says so; a one-shot command
-                # reports once, when it gives up.
-                log.log(
-                    logging.WARNING if give_up_after is None else logging.DEBUG,
-                    "broker unavailable (%s); retrying in %.1fs",
-                    reason,
-                    delay,
-                )
-                _sleep(delay, stopping)
+            failures: list[tuple[str, str]] = []
+            for url in self._connect_order():
+                try:
+                    self._open(url)
+                    return
+                except (pika.exceptions.AMQPError, OSError) as exc:
+                    self.close()
+                    failures.append((url, _describe(exc)))
+                    if stopping():
+                        raise BrokerUnavailable("stopping") from None
+            reason = _failures(failures)
+            waited = time.monotonic() - started
+            if give_up_after is not None and waited >= give_up_after:
+                raise BrokerUnavailable(f"cannot reach RabbitMQ at {_where(failures)}: {reason}") from None
+            # Capped at 5 s so that, after an outage, every worker is back
+            # well within the dispatcher's 10 s restart grace.
+            delay = random.uniform(0, min(5.0, 0.25 * 2**attempt))
+            if give_up_after is not None:
+                delay = min(delay, max(0.0, give_up_after - waited))
+            attempt += 1
+            # A worker retries for ever and says so; a one-shot command
+            # reports once, when it gives up.
+            log.log(
+                logging.WARNING if give_up_after is None else logging.DEBUG,
+                "broker unavailable (%s); retrying in %.1fs",
+                reason,
+                delay,
+            )
+            _sleep(delay, stopping)
+
+    def _connect_order(self) -> list[str]:
+        urls = self.settings.amqp_urls
+        if len(urls) == 1:
+            return urls
+        order = random.sample(urls, len(urls))
+        if self.url in order:
+            order.remove(self.url)
+            order.append(self.url)
+        return order
+
+    def _open(self, url: str) -> None:
+        params = pika.URLParameters(url)
+        params.client_properties = {"connection_name": self.client_name}
+        params.connection_attempts = 1
+        params.socket_timeout = 5
+        params.blocked_connection_timeout = self.blocked_timeout
+        params.heartbeat = 30
+        self._conn = type(self).connection_factory(params)
+        # BlockingConnection hands Connection.Blocked to its callbacks only
+        # once the call that waits returns, and the call that waits is the
+        # blocked publish itself: a runner would learn of an alarm only as
+        # it ends, and stop its run for want of lease renewals meanwhile.
+        # The adapter underneath calls at once, from inside that wait.
+        told = getattr(self._conn, "_impl", self._conn)
+        told.add_on_connection_blocked_callback(lambda *_: self._set_blocked(True))
+        told.add_on_connection_unblocked_callback(lambda *_: self._set_blocked(False))
+        self._ch = self._conn.channel()
+        self._ch.confirm_delivery()
+        self._fire_ch = None
+        self._consumers = []
+        self._rpc_consuming = False
+        # Tags of the old channel mean nothing on this one; what they
+        # covered and was not acked, the broker delivers again.
+        self._ledger = AckLedger()
+        self.blocked_since = None
+        self.url = url
+        log.info("connected to %s as %s", redact_url(url), self.client_name)
 
     def _set_blocked(self, blocked: bool) -> None:
         if blocked == (self.blocked_since is not None):
@@ -381,23 +456,32 @@ class Broker:
 
     # -- topology ---------------------------------------------------------
 
+    @property
+    def queue_type(self) -> str:
+        return self.settings.queue_type
+
     def declare_topology(self) -> None:
-        """Declare every shared exchange and queue (the dispatcher's job); idempotent."""
+        """Declare every shared exchange and queue (the dispatcher's job); idempotent.
+        QueueMismatch if a queue exists with another type than --queue-type."""
         ns = self.ns
+        arguments = shared_queue_arguments(ns, self.queue_type)
+        self.declare_exchanges()
         with _translated():
-            for name, kind in _EXCHANGES:
-                self._channel().exchange_declare(name(ns), exchange_type=kind, durable=True)
             for queue, exchange, key in _bindings(ns):
                 self._declare_bound_queue(queue, exchange, key)
-            # Requests expire rather than pile up while the dispatcher is down,
-            # and an expired request is not worth a dead letter.
-            self._channel().queue_declare(naming.dispatcher_rpc_queue(ns), durable=True)
-            self._channel().queue_bind(naming.dispatcher_rpc_queue(ns), naming.rpc_exchange(ns))
+            rpc = naming.dispatcher_rpc_queue(ns)
+            self._declare_queue(rpc, arguments[rpc])
+            self._channel().queue_bind(rpc, naming.rpc_exchange(ns))
             dead = naming.dead_letter_queue(ns)
             _declare_dead_letter_queue(self, dead)
             self._channel().queue_bind(dead, naming.dead_letter_exchange(ns), routing_key=dead)
-            # One message at most, and a second claim is refused (nacked), not kept.
-            self._channel().queue_declare(naming.dispatcher_owner_queue(ns), durable=True, arguments=OWNER_QUEUE_ARGS)
+            owner = naming.dispatcher_owner_queue(ns)
+            self._declare_queue(owner, arguments[owner])
+
+    def declare_exchanges(self) -> None:
+        with _translated():
+            for name, kind in _EXCHANGES:
+                self._channel().exchange_declare(name(self.ns), exchange_type=kind, durable=True)
 
     def declare_commit_path(self) -> None:
         """What an observer or `volt notify` needs: the commits exchange and the
@@ -417,21 +501,46 @@ class Broker:
                     self._channel().exchange_declare(name(self.ns), exchange_type=kind, durable=True)
 
     def _declare_bound_queue(self, queue: str, exchange: str, key: str) -> None:
-        dlx = {"x-dead-letter-exchange": naming.dead_letter_exchange(self.ns)}
-        ch = self._channel()
-        ch.queue_declare(queue, durable=True, arguments=dlx)
-        ch.queue_bind(queue, exchange, routing_key=key)
+        self._declare_queue(queue, shared_queue_arguments(self.ns, self.queue_type)[queue])
+        self._channel().queue_bind(queue, exchange, routing_key=key)
+
+    def _declare_queue(self, queue: str, arguments: dict[str, Any]) -> None:
+        """queue.declare on the main channel; QueueMismatch (the connection closed)
+        if the queue exists with other arguments."""
+        try:
+            self._channel().queue_declare(queue, durable=True, arguments=arguments)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code != 406:  # PRECONDITION_FAILED: other arguments
+                raise
+            raise QueueMismatch(mismatch_line(self.ns, queue, self.queue_type, exc.reply_text)) from None
+
+    def _reopen_channel(self) -> None:
+        """A new main channel after the broker closed the old one (a refused declare)."""
+        with _translated():
+            self._ch = self._connection().channel()
+            self._ch.confirm_delivery()
 
     def declare_runner_queue(self, runner_id: str) -> str:
+        """Declare a runner's own queue. One the same runner left as the other
+        queue type is declared anew: it is no one else's, and what it held (a
+        job not started yet, a command) the dispatcher sends again once the
+        job's start timeout passes."""
         queue = naming.runner_queue(self.ns, runner_id)
-        args = {
-            "x-dead-letter-exchange": naming.dead_letter_exchange(self.ns),
-            "x-expires": RUNNER_QUEUE_EXPIRES_MS,
-        }
+        args = runner_queue_arguments(self.ns, self.queue_type)
         with _translated():
-            ch = self._channel()
-            ch.queue_declare(queue, durable=True, arguments=args)
-            ch.queue_bind(queue, naming.jobs_exchange(self.ns), naming.runner_routing_key(runner_id))
+            try:
+                self._declare_queue(queue, args)
+            except QueueMismatch:
+                self._reopen_channel()
+                dropped = self._channel().queue_delete(queue).method.message_count
+                self._declare_queue(queue, args)
+                log.warning(
+                    "runner queue %s was of another type; declared it anew as %s (%d message(s) dropped, sent again)",
+                    queue,
+                    self.queue_type,
+                    dropped,
+                )
+            self._channel().queue_bind(queue, naming.jobs_exchange(self.ns), naming.runner_routing_key(runner_id))
         return queue
 
     def queue_depth(self, queue: str) -> tuple[int, int] | None:
@@ -524,9 +633,21 @@ class Broker:
 
     # -- consuming --------------------------------------------------------
 
-    def consume(self, queue: str, handler: Handler, prefetch: int = 1, exclusive: bool = False) -> None:
+    def consume(
+        self,
+        queue: str,
+        handler: Handler,
+        prefetch: int = 1,
+        exclusive: bool = False,
+        priority: int | None = None,
+    ) -> str:
         """Deliver `queue`'s messages to handler; with `exclusive`, raise InUse if
-        another connection consumes it, and keep everyone else out while we do."""
+        another connection consumes it that way, and keep everyone else who asks
+        for it out while we do. `priority`: the broker delivers to the highest
+        consumers that have room, to lower ones only when there are none.
+        Returns the consumer's tag, for cancel()."""
+        if exclusive:
+            self.lock(queue)
         ch = self._channel()
 
         def on_message(
@@ -537,15 +658,52 @@ class Broker:
         ) -> None:
             handler(self._delivery(queue, channel, method, props, body))
 
+        arguments = {"x-priority": priority} if priority is not None else None
         with _translated():
+            # Per consumer (quorum queues have no global QoS).
             ch.basic_qos(prefetch_count=prefetch)
             try:
-                self._consumers.append(ch.basic_consume(queue, on_message, exclusive=exclusive))
+                # A classic queue also refuses a second consumer itself.
+                tag = ch.basic_consume(
+                    queue, on_message, exclusive=exclusive and self.queue_type == "classic", arguments=arguments
+                )
+                self._consumers.append(tag)
             except pika.exceptions.ChannelClosedByBroker as exc:
                 if exc.reply_code == 403 and "exclusive" in exc.reply_text:
                     self.close()
                     raise InUse(f"queue {queue} is in use by another consumer") from None
                 raise
+        return str(tag)
+
+    def cancel(self, tag: str) -> None:
+        """Cancel one consumer (consume()'s tag); messages not yet taken stay in its queue."""
+        with _translated():
+            self._channel().basic_cancel(tag)
+        self._consumers = [t for t in self._consumers if t != tag]
+
+    def lock(self, queue: str) -> None:
+        """Hold `queue`'s lock (an exclusive queue of this connection's, gone with
+        it), or raise InUse if another connection holds it. On a throwaway
+        channel: the refusal closes the channel it comes on."""
+        name = naming.lock_queue(queue)
+        with _translated():
+            ch = self._connection().channel()
+        try:
+            ch.queue_declare(name, exclusive=True)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code == 405:  # RESOURCE_LOCKED
+                raise InUse(f"queue {queue} is in use by another consumer") from None
+            raise BrokerUnavailable(f"cannot lock {queue}: {exc.reply_text}") from None
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            raise BrokerUnavailable(_describe(exc)) from None
+        finally:
+            if ch.is_open:
+                with _translated():
+                    ch.close()
+
+    def locked(self, queue: str) -> bool:
+        """Whether some connection holds `queue`'s lock."""
+        return self.queue_depth(naming.lock_queue(queue)) is not None
 
     def _delivery(self, queue: str, channel: BlockingChannel, method: Any, props: Any, body: bytes) -> Delivery:
         return Delivery(
@@ -643,7 +801,7 @@ class Broker:
             correlation_id=corr,
             expiration_ms=int(timeout * 1000),
             # Says who asks; RabbitMQ checks it is this connection's login.
-            user_id=pika.URLParameters(self.settings.amqp_url).credentials.username,
+            user_id=pika.URLParameters(self.url or self.settings.amqp_urls[0]).credentials.username,
         )
         deadline = time.monotonic() + timeout
         while corr not in self._rpc_replies:
@@ -694,38 +852,53 @@ _warned_dead_letter_args: set[str] = set()
 def connect_once(broker: Broker, timeout: float) -> None:
     """Connect `broker` for a one-shot command (`volt status`, `check`, ...).
 
-    A refused connection or login fails at once; other failures are retried
-    until `timeout`. A publish the broker blocks (memory or disk alarm) fails
-    after `timeout` instead of pika's minute: see was_blocked().
+    A refused connection or login fails at once (once every node refused);
+    other failures are retried until `timeout`. A publish the broker blocks
+    (memory or disk alarm) fails after `timeout` instead of pika's minute:
+    see was_blocked().
     """
-    params = pika.URLParameters(broker.settings.amqp_url)
-    params.client_properties = {"connection_name": broker.client_name}
-    params.connection_attempts = 1
-    params.socket_timeout = max(0.1, min(5.0, timeout))
-    params.stack_timeout = max(0.1, timeout)
-    params.blocked_connection_timeout = max(0.1, timeout)
-    params.heartbeat = 30
     deadline = time.monotonic() + timeout
     while True:
-        conn: pika.BlockingConnection | None = None
-        try:
-            conn = pika.BlockingConnection(params)
-            ch = conn.channel()
-            ch.confirm_delivery()
-            broker._conn, broker._ch = conn, ch
-            log.info("connected to %s as %s", redact_url(broker.settings.amqp_url), broker.client_name)
-            return
-        except (pika.exceptions.AMQPError, OSError) as exc:
-            if conn is not None and conn.is_open:
-                try:
-                    conn.close()
-                except (pika.exceptions.AMQPError, OSError):
-                    pass
-            if _refused(exc) or time.monotonic() >= deadline:
-                raise BrokerUnavailable(
-                    f"cannot reach RabbitMQ at {redact_url(broker.settings.amqp_url)}: {_describe(exc)}"
-                ) from None
-            time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
+        failures: list[tuple[str, str]] = []
+        answered = True
+        for url in broker._connect_order():
+            params = pika.URLParameters(url)
+            params.client_properties = {"connection_name": broker.client_name}
+            params.connection_attempts = 1
+            params.socket_timeout = max(0.1, min(5.0, timeout))
+            params.stack_timeout = max(0.1, timeout)
+            params.blocked_connection_timeout = max(0.1, timeout)
+            params.heartbeat = 30
+            conn: pika.BlockingConnection | None = None
+            try:
+                conn = pika.BlockingConnection(params)
+                ch = conn.channel()
+                ch.confirm_delivery()
+                broker._conn, broker._ch, broker.url = conn, ch, url
+                log.info("connected to %s as %s", redact_url(url), broker.client_name)
+                return
+            except (pika.exceptions.AMQPError, OSError) as exc:
+                if conn is not None and conn.is_open:
+                    try:
+                        conn.close()
+                    except (pika.exceptions.AMQPError, OSError):
+                        pass
+                failures.append((url, _describe(exc)))
+                answered = answered and _refused(exc)
+        if answered or time.monotonic() >= deadline:
+            raise BrokerUnavailable(f"cannot reach RabbitMQ at {_where(failures)}: {_failures(failures)}") from None
+        time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
+
+
+def _where(failures: list[tuple[str, str]]) -> str:
+    return redact_url(failures[0][0]) if len(failures) == 1 else f"any of {len(failures)} nodes"
+
+
+def _failures(failures: list[tuple[str, str]]) -> str:
+    """Why each node failed, in one line."""
+    if len(failures) == 1:
+        return failures[0][1]
+    return "; ".join(f"{redact_url(url)}: {why}" for url, why in failures)
 
 
 def _refused(exc: BaseException) -> bool:
@@ -795,10 +968,12 @@ def _declare_dead_letter_queue(broker: Broker, queue: str) -> None:
     with _translated():
         ch = broker._connection().channel()
     try:
-        ch.queue_declare(queue, durable=True, arguments={"x-max-length": DEAD_LETTER_MAX_LENGTH})
+        ch.queue_declare(queue, durable=True, arguments=shared_queue_arguments(broker.ns, broker.queue_type)[queue])
     except pika.exceptions.ChannelClosedByBroker as exc:
         if exc.reply_code != 406:  # PRECONDITION_FAILED: other arguments
             raise BrokerUnavailable(f"cannot declare {queue}: {exc.reply_text}") from None
+        if "x-queue-type" in exc.reply_text:
+            raise QueueMismatch(mismatch_line(broker.ns, queue, broker.queue_type, exc.reply_text)) from None
         if queue not in _warned_dead_letter_args:
             _warned_dead_letter_args.add(queue)
             log.warning(
@@ -813,3 +988,109 @@ def _declare_dead_letter_queue(broker: Broker, queue: str) -> None:
         if ch.is_open:
             with _translated():
                 ch.close()
+
+
+# -- queues of the other type -------------------------------------------------
+
+_INEQUIVALENT = re.compile(
+    r"inequivalent arg '([^']+)'.*?received (?:the value )?'?([^' ]*)'?.*current is (?:the value )?'?([^' ]*)'?"
+)
+
+
+def mismatch_line(ns: str, queue: str, wanted: str, reply_text: str) -> str:
+    """One line for a queue that exists with other arguments: what differs and how to migrate."""
+    found = _INEQUIVALENT.search(reply_text)
+    arg = found.group(1) if found else "arguments"
+    migrate = f"`volt migrate-queues --namespace {ns} --queue-type {wanted}`"
+    if arg == "x-queue-type":
+        current = found.group(3) if found and found.group(3) not in ("", "none") else "classic"
+        return (
+            f"queue {queue} is a {current} queue, but --queue-type is {wanted}: stop the dispatcher and run "
+            f"{migrate} once (it declares the namespace's queues anew and keeps their messages), "
+            f"or keep them with --queue-type {current}"
+        )
+    other = "classic" if wanted == "quorum" else "quorum"
+    return (
+        f"queue {queue} exists with other arguments than this Volt CI declares ({arg}; say, as a {other} queue): "
+        f"stop the dispatcher and run {migrate} once (it declares the namespace's queues anew and keeps their "
+        f"messages), or start with the --queue-type it was declared with"
+    )
+
+
+def shared_bindings(ns: str) -> dict[str, list[tuple[str, str]]]:
+    """Each shared queue's bindings, as (exchange, routing key), for migrate_queue."""
+    out: dict[str, list[tuple[str, str]]] = {q: [(x, k)] for q, x, k in _bindings(ns)}
+    rpc, dead = naming.dispatcher_rpc_queue(ns), naming.dead_letter_queue(ns)
+    out[rpc] = [(naming.rpc_exchange(ns), rpc)]
+    out[dead] = [(naming.dead_letter_exchange(ns), dead)]
+    return out
+
+
+def declares_as(broker: Broker, queue: str, arguments: dict[str, Any]) -> bool:
+    """Whether `queue` exists with exactly these arguments (a redeclare on a throwaway channel)."""
+    with _translated():
+        ch = broker._connection().channel()
+    try:
+        ch.queue_declare(queue, durable=True, arguments=arguments)
+        return True
+    except pika.exceptions.ChannelClosedByBroker:
+        return False
+    except (pika.exceptions.AMQPError, OSError) as exc:
+        raise BrokerUnavailable(_describe(exc)) from None
+    finally:
+        if ch.is_open:
+            with _translated():
+                ch.close()
+
+
+def migrate_queue(broker: Broker, queue: str, arguments: dict[str, Any], bindings: list[tuple[str, str]]) -> int:
+    """Declare `queue` anew with `arguments`, keeping its messages and its
+    `bindings` ((exchange, routing key) pairs); how many messages it moved.
+
+    The messages wait in a queue of the new kind meanwhile, which takes the
+    bindings first, so what publishers send during the move is kept too
+    (a copy may arrive twice; every handler is idempotent). Nobody may
+    consume the queue meanwhile: the caller has checked that.
+    """
+    temp = naming.migrating_queue(queue)
+    moved = 0
+    with _translated():
+        ch = broker._channel()
+        ch.queue_declare(temp, durable=True, arguments=arguments)
+        for exchange, key in bindings:
+            ch.queue_bind(temp, exchange, routing_key=key)
+        exists = broker.queue_depth(queue) is not None
+        if exists:
+            for exchange, key in bindings:
+                ch.queue_unbind(queue, exchange, routing_key=key)
+            moved = _move(broker, queue, temp)
+            ch.queue_delete(queue)
+        ch.queue_declare(queue, durable=True, arguments=arguments)
+        for exchange, key in bindings:
+            ch.queue_bind(queue, exchange, routing_key=key)
+            ch.queue_unbind(temp, exchange, routing_key=key)
+        _move(broker, temp, queue)
+        ch.queue_delete(temp)
+    return moved
+
+
+def _move(broker: Broker, source: str, target: str) -> int:
+    """Move every message of `source` to `target`, each acked only once its copy
+    is confirmed. By consuming: a quorum queue with a single active consumer
+    refuses basic.get."""
+    ch = broker._channel()
+    taken: list[tuple[int, Any, bytes]] = []
+    ch.basic_qos(prefetch_count=500)
+    tag = ch.basic_consume(source, lambda _c, m, p, b: taken.append((m.delivery_tag, p, b)))
+    count, idle_since = 0, time.monotonic()
+    while time.monotonic() - idle_since < 1.0:
+        broker._connection().process_data_events(time_limit=0.1)
+        if taken:
+            idle_since = time.monotonic()
+        while taken:
+            delivery_tag, props, body = taken.pop(0)
+            ch.basic_publish("", target, body, properties=props, mandatory=True)
+            ch.basic_ack(delivery_tag)
+            count += 1
+    ch.basic_cancel(tag)
+    return count

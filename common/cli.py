@@ -28,11 +28,12 @@ COMMANDS = {
     "runner-ctl": "dispatcher.client",
     "check": "dispatcher.client",
     "dead-letters": "dispatcher.deadletters",
+    "migrate-queues": "dispatcher.migrate",
     "demo": "common.demo",
 }
 # Commands that answer and end: their output is the answer, so they log only
 # warnings unless --log-level (or VOLT_LOG_LEVEL) asks for more.
-ONE_SHOT = {"status", "results", "log", "runner-ctl", "check", "dead-letters"}
+ONE_SHOT = {"status", "results", "log", "runner-ctl", "check", "dead-letters", "migrate-queues"}
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -81,6 +81,18 @@ def dead_letter_queue(ns: str) -> str:
     return f"{ns}.dead-letter"
 
 
+def lock_queue(queue: str) -> str:
+    """The exclusive queue whose holder alone may consume `queue`. Quorum queues
+    ignore an exclusive consumer, so the lock is a queue of its own, which the
+    broker lets one connection hold and drops with it. No runner id holds a ':'."""
+    return f"{queue}:lock"
+
+
+def migrating_queue(queue: str) -> str:
+    """Where `volt migrate-queues` keeps a queue's messages while it declares it anew."""
+    return f"{queue}:migrating"
+
+
 # Routing keys on the jobs exchange. Runners and the backlog live under
 # different prefixes so no runner id can collide with the backlog.
 def runner_routing_key(runner_id: str) -> str:

@@ -27,6 +27,9 @@ from common.naming import normalize_repo
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/%2F"
 DEFAULT_NAMESPACE = "volt"
+# Quorum queues are replicated over a cluster's nodes; classic ones live on one node.
+QUEUE_TYPES = ("quorum", "classic")
+DEFAULT_QUEUE_TYPE = "quorum"
 
 
 class SettingsError(ValueError):
@@ -225,8 +228,20 @@ def repo_pattern(raw: str) -> str:
 
 
 def amqp_url(raw: str) -> str:
-    check_amqp_url(raw)
-    return raw
+    """One URL, or a comma-separated list of a cluster's nodes (whitespace around
+    the commas is dropped)."""
+    urls = split_urls(raw)
+    check_amqp_urls(urls)
+    return ",".join(urls)
+
+
+def split_urls(raw: str) -> list[str]:
+    """The URLs of a comma-separated --amqp-url (a comma inside a password is
+    written %2C, as any URL writes it)."""
+    urls = [u.strip() for u in raw.split(",") if u.strip()]
+    if not urls:
+        raise SettingsError("not an AMQP URL: none given")
+    return urls
 
 
 def namespace(raw: str) -> str:
@@ -239,7 +254,15 @@ def namespace(raw: str) -> str:
 
 COMMON_OPTIONS = (
     # The default's password is the well-known guest one.
-    Option("amqp_url", "--amqp-url", "AMQP_URL", "RabbitMQ URL", DEFAULT_AMQP_URL, amqp_url, metavar="URL"),
+    Option(
+        "amqp_url",
+        "--amqp-url",
+        "AMQP_URL",
+        "RabbitMQ URL, or a comma-separated list of a cluster's nodes (tried in random order, failed over)",
+        DEFAULT_AMQP_URL,
+        amqp_url,
+        metavar="URL[,URL...]",
+    ),
     Option(
         "namespace",
         "--namespace",
@@ -248,6 +271,15 @@ COMMON_OPTIONS = (
         DEFAULT_NAMESPACE,
         namespace,
         metavar="NAME",
+    ),
+    Option(
+        "queue_type",
+        "--queue-type",
+        "QUEUE_TYPE",
+        "type of every durable queue Volt CI declares: quorum (replicated over a cluster) or classic",
+        DEFAULT_QUEUE_TYPE,
+        choice(*QUEUE_TYPES),
+        metavar="{quorum,classic}",
     ),
     Option(
         "log_level",
@@ -271,28 +303,55 @@ COMMON_OPTIONS = (
 )
 
 
+# The options BrokerSettings reads; the rest of COMMON_OPTIONS are the logs'.
+BROKER_FIELDS = ("amqp_url", "namespace", "queue_type")
+
+
 @dataclass(frozen=True)
 class BrokerSettings:
-    amqp_url: str = DEFAULT_AMQP_URL
+    amqp_url: str = DEFAULT_AMQP_URL  # one URL, or several separated by commas
     namespace: str = DEFAULT_NAMESPACE
+    queue_type: str = DEFAULT_QUEUE_TYPE
 
     def __post_init__(self) -> None:
-        check_amqp_url(self.amqp_url)
+        check_amqp_urls(split_urls(self.amqp_url))
         try:
             namespace(self.namespace)
         except ValueError as exc:
             raise SettingsError(f"namespace {exc}") from None
+        if self.queue_type not in QUEUE_TYPES:
+            raise SettingsError(f"queue type must be one of {', '.join(QUEUE_TYPES)}, got {self.queue_type!r:.80}")
+
+    @property
+    def amqp_urls(self) -> list[str]:
+        """The broker's nodes. A URL after the first that names no user takes the
+        first one's user and password, so a cluster's login is written once:
+        `amqp://ci:SECRET@mq-1/%2F,amqp://mq-2/%2F,amqp://mq-3/%2F`."""
+        urls = split_urls(self.amqp_url)
+        first = urllib.parse.urlsplit(urls[0])
+        login, at, _ = first.netloc.rpartition("@")
+        if not at:
+            return urls
+        out = [urls[0]]
+        for url in urls[1:]:
+            parsed = urllib.parse.urlsplit(url)
+            out.append(
+                url
+                if "@" in parsed.netloc
+                else urllib.parse.urlunsplit(parsed._replace(netloc=f"{login}@{parsed.netloc}"))
+            )
+        return out
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> BrokerSettings:
-        """Defaults, then VOLT_AMQP_URL and VOLT_NAMESPACE."""
+        """Defaults, then VOLT_AMQP_URL, VOLT_NAMESPACE and VOLT_QUEUE_TYPE."""
         return cls.from_args(None, environ)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace | None, environ: Mapping[str, str] | None = None) -> BrokerSettings:
-        """Defaults, then VOLT_*, then --amqp-url and --namespace as given in `args`."""
-        values = gather(COMMON_OPTIONS[:2], args, environ)
-        return cls(amqp_url=values["amqp_url"], namespace=values["namespace"])
+        """Defaults, then VOLT_*, then --amqp-url, --namespace and --queue-type as given in `args`."""
+        values = gather([o for o in COMMON_OPTIONS if o.field in BROKER_FIELDS], args, environ)
+        return cls(**values)
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
@@ -317,8 +376,25 @@ def check_amqp_url(url: str) -> None:
         raise SettingsError(f"not an AMQP URL: {redact_url(url)}")
 
 
+def check_amqp_urls(urls: list[str]) -> None:
+    if len(urls) == 1:
+        check_amqp_url(urls[0])
+        return
+    for n, url in enumerate(urls, 1):
+        try:
+            check_amqp_url(url)
+        except SettingsError:
+            # Not echoed: a piece of a list cut at a comma may be half a password.
+            raise SettingsError(
+                f"URL {n} of {len(urls)} is not an AMQP URL (a comma inside a password is written %2C)"
+            ) from None
+
+
 def redact_url(url: str) -> str:
-    """The URL with any password replaced, fit for logs and status output."""
+    """The URL (or comma-separated URLs) with any password replaced, fit for logs
+    and status output."""
+    if "," in url:
+        return ",".join(redact_url(u.strip()) for u in url.split(","))
     try:
         parsed = urllib.parse.urlsplit(url)
     except ValueError:  # e.g. an unbalanced "[": say nothing about it rather than leak it

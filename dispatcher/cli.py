@@ -24,6 +24,20 @@ if TYPE_CHECKING:
     from dispatcher.service import DispatcherSettings
 
 
+def store_location(raw: str) -> Path | str:
+    """--db: a postgresql:// URL as given, else a SQLite file's absolute path."""
+    from dispatcher.store import is_url
+
+    if is_url(raw):
+        import urllib.parse
+
+        parsed = urllib.parse.urlsplit(raw)
+        if not parsed.hostname and not parsed.path.strip("/"):
+            raise ValueError("a PostgreSQL URL needs a host or a database: postgresql://USER@HOST:PORT/DB")
+        return raw
+    return path(raw)
+
+
 def _user(raw: str) -> str:
     if not raw or any(c.isspace() or c in ",\0" for c in raw):
         raise ValueError(f"not a RabbitMQ user name: {raw!r:.80}")
@@ -32,7 +46,15 @@ def _user(raw: str) -> str:
 
 # The dispatcher's settings as flags and VOLT_* variables (DispatcherSettings.from_args reads them).
 OPTIONS = (
-    Option("db", "--db", "DB", "the SQLite store", Path(".volt/dispatcher.db"), path, metavar="PATH"),
+    Option(
+        "db",
+        "--db",
+        "DB",
+        "the store: a SQLite file, or postgresql://USER@HOST:PORT/DB (where standby dispatchers may run)",
+        Path(".volt/dispatcher.db"),
+        store_location,
+        metavar="PATH|URL",
+    ),
     Option(
         "max_attempts",
         "--max-attempts",
@@ -106,7 +128,8 @@ def settings_from(args: argparse.Namespace | None, environ: Mapping[str, str] | 
     from dispatcher.service import DispatcherSettings
 
     values = gather(OPTIONS, args, environ)
-    values["db"] = Path(values["db"]).resolve()
+    if isinstance(values["db"], Path):
+        values["db"] = values["db"].resolve()
     return DispatcherSettings(broker=BrokerSettings.from_args(args, environ), **values)
 
 
@@ -115,7 +138,8 @@ def main(args: argparse.Namespace) -> int:
     from dispatcher.store import StoreError
 
     settings = DispatcherSettings.from_args(args)
-    writable_dir(settings.db.parent, "--db")
+    if isinstance(settings.db, Path):
+        writable_dir(settings.db.parent, "--db")
     try:
         dispatcher = Dispatcher(settings)
     except StoreError as exc:

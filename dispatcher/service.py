@@ -11,6 +11,15 @@ stays with that runner while heartbeats echoing the lease arrive; when they
 stop for the runner's lease window, the job is taken back (delivery rule 5).
 Messages about a job count only with its current lease, so a runner that
 lost its job, or a forger, cannot start, finish or hand back someone else's.
+
+One dispatcher acts on a namespace. With SQLite it holds the store's file
+lock and its input queues' locks, so a second one refuses to start. With
+PostgreSQL any number may run: each waits, connected, until it holds the
+store's lease row (`Store.acquire_lease`), answering `volt check` meanwhile;
+the holder consumes the inputs (single-active-consumer queues, so one that
+registers while its paused predecessor still does waits behind it), and its
+every round checks and renews the lease in the round's own transaction, so a
+dispatcher that lost the lease commits, acks and assigns nothing more.
 """
 
 from __future__ import annotations
@@ -18,8 +27,11 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import signal
+import socket
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -50,7 +62,7 @@ from dispatcher.leases import Leases, why_gone
 from dispatcher.metrics import Metrics
 from dispatcher.registry import Registry, RunnerInfo, first_able
 from dispatcher.snapshot import Snapshot, take_snapshot
-from dispatcher.store import Store, StoreError, StoreGone
+from dispatcher.store import LeaseLost, Store, StoreError, StoreGone
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +73,19 @@ STALL_AFTER = 2.0
 PROBE_ANSWER = 1.0
 # How often parked jobs are checked against --park-timeout.
 PARK_CHECK_EVERY = 5.0
+# Standby dispatchers (PostgreSQL): the lease holds this long after its last
+# renewal (every round, a few times a second), and a standby asks for it this
+# often. A killed dispatcher's successor takes over within about their sum.
+LEASE_TTL = 5.0
+LEASE_POLL = 0.5
+# The active dispatcher takes requests before any standby does.
+ACTIVE_PRIORITY, STANDBY_PRIORITY = 10, 0
 
 
 @dataclass(frozen=True)
 class DispatcherSettings:
     broker: BrokerSettings
-    db: Path
+    db: Path | str  # a SQLite file, or a postgresql:// URL
     heartbeat_misses: int = 3
     max_attempts: int = 3
     # After a restart, how long runners get to report in before their jobs
@@ -78,6 +97,7 @@ class DispatcherSettings:
     # runner has them, before it ends as error.
     park_timeout: float = 3600.0
     prefetch: int = 100
+    lease_ttl: float = LEASE_TTL
     # The results page and /metrics (dispatcher/web.py); port 0: off.
     http_port: int = 0
     http_host: str = "127.0.0.1"
@@ -140,6 +160,9 @@ class Dispatcher:
         self.metrics = Metrics()
         # What the web server's threads may read: swapped in whole by this thread.
         self.snapshot = Snapshot()
+        # Standby dispatchers: who this one is to the lease, and its term once it holds it.
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.term: int | None = None
 
     # -- lifecycle --------------------------------------------------------
 
@@ -172,29 +195,72 @@ class Dispatcher:
         try:
             self.broker.run(self.setup, serve, stopping=lambda: self.stopping, retry_on=(StoreError,))
         except InUse:
-            raise SettingsError(
-                f"another dispatcher is running in namespace {self.ns!r} (its queues are in exclusive use); "
-                "stop it, or give this one another --namespace"
-            ) from None
+            raise SettingsError(self._in_use()) from None
         finally:
             self.broker.close()
+            self._let_go()
             self.store.close()
         log.info("dispatcher stopped")
         return 0
 
+    def _in_use(self) -> str:
+        if self.store.shared:
+            return (
+                f"a dispatcher with a SQLite store runs in namespace {self.ns!r} (it holds the queues' locks); "
+                "stop it, or give this one another --namespace"
+            )
+        return (
+            f"another dispatcher is running in namespace {self.ns!r} (its queues are in exclusive use); "
+            "stop it, or give this one another --namespace"
+        )
+
+    def _let_go(self) -> None:
+        """Give the lease up on the way out, so a standby need not wait it out."""
+        if self.term is None:
+            return
+        term, self.term, self.store.fence = self.term, None, None
+        try:
+            self.store.rollback_batch()
+            self.store.release_lease(self.holder, term)
+            log.info("dispatcher %s gave up the lease (term %d)", self.holder, term)
+        except StoreError as exc:
+            log.warning("could not give up the lease (%s); it expires by itself in %.0fs", exc, self.s.lease_ttl)
+
     def setup(self) -> None:
-        """Declare the topology, start consuming, and repair what a crash left."""
+        """Declare the topology, (with a shared store) wait for the lease, start
+        consuming, and repair what a crash left."""
         b = self.broker
         b.declare_topology()
-        # Exclusive consumers: a second dispatcher on this namespace is refused
-        # here, before it has taken anything.
+        # Before anything is delivered: a store that cannot be written now would
+        # send the deliveries back, and each return counts towards their
+        # delivery limit.
+        self.store.probe()
+        shared = self.store.shared
+        commits = naming.dispatcher_commits_queue(self.ns)
+        if shared:
+            if b.locked(commits):
+                raise InUse(f"queue {commits} is locked by a dispatcher with a SQLite store")
+            if not self._stand_by():
+                return  # stopping
+        else:
+            depth = b.queue_depth(commits)
+            if depth is not None and depth[1] > 0:
+                raise InUse(f"queue {commits} has a consumer already")
+        # SQLite: exclusive (locked) consumers, so a second dispatcher on this
+        # namespace is refused here, before it has taken anything.
         for queue, handler in (
-            (naming.dispatcher_commits_queue(self.ns), self.on_commit),
+            (commits, self.on_commit),
             (naming.dispatcher_control_queue(self.ns), self.on_control),
             (naming.dispatcher_results_queue(self.ns), self.on_result),
-            (naming.dispatcher_rpc_queue(self.ns), self.on_request),
         ):
-            b.consume(queue, self._guarded(handler), prefetch=self.s.prefetch, exclusive=True)
+            b.consume(queue, self._guarded(handler), prefetch=self.s.prefetch, exclusive=not shared)
+        b.consume(
+            naming.dispatcher_rpc_queue(self.ns),
+            self._guarded(self.on_request),
+            prefetch=self.s.prefetch,
+            exclusive=not shared,
+            priority=ACTIVE_PRIORITY if shared else None,
+        )
         self._claim_namespace()
         # Runners could not be heard while we were disconnected: give them a
         # full heartbeat timeout (and the restart grace) to report in.
@@ -213,7 +279,48 @@ class Dispatcher:
             self._abort_round()
             raise
         self._after_durable()
-        log.info("dispatcher ready: namespace=%s store=%s", self.ns, self.s.db)
+        log.info("dispatcher ready: namespace=%s store=%s", self.ns, self.store.path)
+
+    def _stand_by(self) -> bool:
+        """Wait, connected, until this dispatcher holds the lease, answering
+        requests that no active dispatcher takes; False if told to stop."""
+        b = self.broker
+        self.store.fence, self.term = None, None
+        b.consume(naming.dispatcher_rpc_queue(self.ns), self._standby_request, prefetch=10, priority=STANDBY_PRIORITY)
+        told = ""
+        while not self.stopping:
+            term = self.store.acquire_lease(self.holder, self.s.lease_ttl)
+            if term is not None:
+                b.stop_consuming()
+                self.term = term
+                self.store.fence, self.store.lease_ttl = (self.holder, term), self.s.lease_ttl
+                log.warning("dispatcher %s is the active one now (lease term %d)", self.holder, term)
+                return True
+            lease = self.store.lease()
+            if lease.holder != told:
+                told = lease.holder
+                log.info("standing by: dispatcher %s is active (lease term %d)", lease.holder, lease.term)
+            b.process(LEASE_POLL)
+            b.release_acks()
+        return False
+
+    def _standby_request(self, d: Delivery) -> None:
+        """A request no active dispatcher took (there is none right now): say so."""
+        msg = self._decode(d, Request)
+        if msg is None:
+            return
+        try:
+            lease = self.store.lease()
+            why = (
+                f"the lease of {lease.holder} (term {lease.term}) runs out in {lease.seconds_left:.1f}s"
+                if lease.seconds_left > 0 and lease.holder
+                else "the lease is free"
+            )
+        except StoreError as exc:
+            why = f"the store cannot be read ({exc})"
+        error = f"no active dispatcher in namespace {self.ns!r} right now ({why}); standby {self.holder} takes over"
+        self.broker.reply(d, Reply(ok=False, error=error))
+        d.ack()
 
     def _claim_namespace(self) -> None:
         """Make sure the namespace is this store's. The exclusive consumers keep a
@@ -267,6 +374,10 @@ class Dispatcher:
             self.store.commit_batch()
         except StoreError as exc:
             self._abort_round()
+            if isinstance(exc, LeaseLost):
+                log.error("%s; this dispatcher stands by", exc)
+                self.store.fence, self.term = None, None
+                raise
             if isinstance(exc, StoreGone):
                 raise
             # Said once, by the loop that backs off and retries (Broker.run).

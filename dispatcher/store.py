@@ -1,4 +1,4 @@
-"""Job state in SQLite: the dispatcher's source of truth.
+"""Job state in SQLite or PostgreSQL: the dispatcher's source of truth.
 
 A job moves pending -> queued -> assigned -> running -> done. `pending` means
 "needs a message in the backlog queue"; it becomes `queued` once that publish
@@ -10,9 +10,17 @@ assignment gets a lease token; only messages that carry it can start, finish
 or hand back that assignment. Every change is one transaction, or one
 savepoint of a batch that commits a round of changes at once.
 
-Errors of the store itself (a full disk, a locked or broken file) are raised
-as StoreError: they say nothing about the message being handled, so the
-caller must not treat it as a bad message.
+Both databases run the same SQL, the same schema and the same migrations;
+what differs between them (connecting, column types, placeholders, which
+errors are the database's own trouble) is a `Dialect`. SQLite is a file for
+one dispatcher; PostgreSQL is shared by standby dispatchers, of which the
+one holding the lease row (`dispatcher_lease`, with a fencing term) writes:
+with a fence set, every commit checks and renews the lease in the same
+transaction, so a dispatcher that lost it (a long pause) commits nothing.
+
+Errors of the store itself (a full disk, a locked or broken file, a database
+that went away) are raised as StoreError: they say nothing about the message
+being handled, so the caller must not treat it as a bad message.
 """
 
 from __future__ import annotations
@@ -28,19 +36,31 @@ import sqlite3
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from common.messages import CommitSeen, Job, JobResult
+from common.settings import redact_url
 
 ACTIVE = ("assigned", "running")
 # The most a stored full log may inflate to when read back; above that only
 # head and tail are shown.
 LOG_FULL_MAX_BYTES = 64 * 1024 * 1024
+# How long a PostgreSQL session may sit in an open transaction: a dispatcher
+# paused mid-round would otherwise hold its rows (and block its successor) for
+# as long as the pause lasts.
+IDLE_IN_TRANSACTION_S = 10
+# How long a dispatcher waits for a row another one holds before it gives up
+# the statement (and retries it later): a standby asking for the lease must
+# not hang on a paused predecessor.
+LOCK_TIMEOUT_S = 2
 
+# The schema, written once for both databases: {int} is a 64-bit integer,
+# {real} a double, {blob} bytes, {id} an auto-numbered key, and {seq} the
+# insertion order (SQLite's rowid; PostgreSQL needs a column for it).
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     job_id      TEXT PRIMARY KEY,
@@ -48,56 +68,84 @@ CREATE TABLE IF NOT EXISTS jobs (
     branch      TEXT NOT NULL,
     commit_sha  TEXT NOT NULL,
     state       TEXT NOT NULL,
-    attempt     INTEGER NOT NULL DEFAULT 1,
-    failures    INTEGER NOT NULL DEFAULT 0,
+    attempt     {int} NOT NULL DEFAULT 1,
+    failures    {int} NOT NULL DEFAULT 0,
     runner      TEXT,
     session     TEXT,
-    seen_at     REAL NOT NULL,
-    queued_at   REAL,
-    assigned_at REAL,
-    started_at  REAL,
-    finished_at REAL,
+    seen_at     {real} NOT NULL,
+    queued_at   {real},
+    assigned_at {real},
+    started_at  {real},
+    finished_at {real},
     status      TEXT,
-    exit_code   INTEGER,
-    passed      INTEGER NOT NULL DEFAULT 0,
-    failed      INTEGER NOT NULL DEFAULT 0,
-    errors      INTEGER NOT NULL DEFAULT 0,
-    skipped     INTEGER NOT NULL DEFAULT 0,
-    duration_s  REAL,
+    exit_code   {int},
+    passed      {int} NOT NULL DEFAULT 0,
+    failed      {int} NOT NULL DEFAULT 0,
+    errors      {int} NOT NULL DEFAULT 0,
+    skipped     {int} NOT NULL DEFAULT 0,
+    duration_s  {real},
     reason      TEXT NOT NULL DEFAULT '',
     log_head    TEXT NOT NULL DEFAULT '',
     log_tail    TEXT NOT NULL DEFAULT '',
-    log_bytes   INTEGER NOT NULL DEFAULT 0,
-    log_full    BLOB,
+    log_bytes   {int} NOT NULL DEFAULT 0,
+    log_full    {blob},
     labels      TEXT NOT NULL DEFAULT '[]',
     lease       TEXT,
-    parked_at   REAL
+    parked_at   {real}{seq}
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE INDEX IF NOT EXISTS jobs_seen ON jobs(seen_at);
 CREATE INDEX IF NOT EXISTS jobs_commit ON jobs(commit_sha);
 CREATE TABLE IF NOT EXISTS events (
-    id       INTEGER PRIMARY KEY,
+    id       {id},
     job_id   TEXT NOT NULL,
-    attempt  INTEGER NOT NULL,
+    attempt  {int} NOT NULL,
     runner   TEXT,
     kind     TEXT NOT NULL,
     status   TEXT,
     reason   TEXT NOT NULL DEFAULT '',
-    at       REAL NOT NULL,
+    at       {real} NOT NULL,
     detail   TEXT
 );
-CREATE INDEX IF NOT EXISTS events_job ON events(job_id);
+CREATE INDEX IF NOT EXISTS events_job ON events(job_id)
+"""
+
+# Each migration takes a store of the version before it to its own version.
+# Version 1 is SCHEMA as it was before versions were kept (older SQLite
+# files are brought to it by _catch_up_columns first).
+MIGRATIONS: tuple[tuple[int, str], ...] = (
+    (
+        2,
+        """
+CREATE TABLE IF NOT EXISTS dispatcher_lease (
+    id          {int} PRIMARY KEY,
+    holder      TEXT NOT NULL DEFAULT '',
+    term        {int} NOT NULL DEFAULT 0,
+    expires_at  {real} NOT NULL DEFAULT 0,
+    acquired_at {real} NOT NULL DEFAULT 0
+);
+INSERT INTO dispatcher_lease (id) VALUES (1) ON CONFLICT DO NOTHING
+""",
+    ),
+    (
+        # The store's own id, made once: what says, on the broker, which store
+        # a namespace's dispatcher keeps its jobs in (Dispatcher._claim_namespace).
+        3,
+        """
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
-);
-"""
+)
+""",
+    ),
+)
+SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
 class StoreError(Exception):
     """The store cannot be read or written (full disk, locked, I/O error, a
-    broken file): retry later; the message being handled is not at fault."""
+    broken file, a database that went away): retry later; the message being
+    handled is not at fault."""
 
 
 class StoreGone(StoreError):
@@ -105,10 +153,164 @@ class StoreGone(StoreError):
     into a file nobody reads."""
 
 
-def is_store_trouble(exc: BaseException) -> bool:
-    """Whether a sqlite3 error is the store's (disk, lock, I/O, corruption)
-    rather than the data's (a constraint, a value SQLite cannot take)."""
-    return isinstance(exc, (sqlite3.OperationalError, sqlite3.InternalError)) or type(exc) is sqlite3.DatabaseError
+class LeaseLost(StoreError):
+    """Another dispatcher holds the lease now (this one paused, or was cut off
+    for longer than the lease): the round is rolled back and this one stands by."""
+
+
+def is_url(db: Path | str) -> bool:
+    """Whether --db names a PostgreSQL database rather than a SQLite file."""
+    return str(db).startswith(("postgresql://", "postgres://"))
+
+
+class Dialect:
+    """What SQLite and PostgreSQL do differently; the SQL is otherwise one."""
+
+    name = ""
+    types: dict[str, str] = {}
+    errors: tuple[type[BaseException], ...] = ()
+    # The database's own clock as seconds since the epoch: a lease is timed
+    # by one clock, whichever machine the dispatchers run on.
+    now = ""
+    begin = "BEGIN"
+    order = "rowid"  # insertion order in find()
+
+    def connect(self, where: str, durable: bool, readonly: bool) -> Any:
+        raise NotImplementedError
+
+    def sql(self, text: str) -> str:
+        return text
+
+    def params(self, args: Sequence[Any]) -> Sequence[Any]:
+        return args
+
+    def trouble(self, exc: BaseException) -> bool:
+        """Whether an error is the database's (disk, lock, I/O, connection)
+        rather than the data's (a constraint, a value it cannot take)."""
+        raise NotImplementedError
+
+    def in_transaction(self, db: Any) -> bool:
+        raise NotImplementedError
+
+    def broken(self, db: Any) -> bool:
+        """Whether the connection is gone and must be opened again."""
+        return False
+
+    def script(self, db: Any, text: str) -> None:
+        for statement in text.format(**self.types).split(";"):
+            if statement.strip():
+                db.execute(statement)
+
+    def columns(self, db: Any, table: str) -> set[str]:
+        raise NotImplementedError
+
+    def serialize(self, db: Any) -> None:
+        """Keep two dispatchers starting at once from migrating at once (inside a transaction)."""
+
+
+class SQLite(Dialect):
+    name = "sqlite"
+    types = {
+        "int": "INTEGER",
+        "real": "REAL",
+        "blob": "BLOB",
+        "id": "INTEGER PRIMARY KEY",
+        "seq": "",
+    }
+    errors = (sqlite3.Error,)
+    now = "((julianday('now') - 2440587.5) * 86400.0)"
+    begin = "BEGIN IMMEDIATE"
+
+    def connect(self, where: str, durable: bool, readonly: bool) -> Any:
+        if readonly:
+            # A reader for another thread (the web page): WAL lets it read while
+            # the owner writes; it creates and changes nothing.
+            db = sqlite3.connect(f"{Path(where).resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
+            db.execute("PRAGMA busy_timeout=5000")
+            return db
+        db = sqlite3.connect(where, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a job or result we acked to RabbitMQ must survive a power cut,
+        # not only a process crash.
+        db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+        db.execute("PRAGMA busy_timeout=5000")
+        return db
+
+    def trouble(self, exc: BaseException) -> bool:
+        return isinstance(exc, (sqlite3.OperationalError, sqlite3.InternalError)) or type(exc) is sqlite3.DatabaseError
+
+    def in_transaction(self, db: Any) -> bool:
+        return bool(db.in_transaction)
+
+    def columns(self, db: Any, table: str) -> set[str]:
+        return {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+
+
+class PostgreSQL(Dialect):
+    name = "postgresql"
+    types = {
+        "int": "BIGINT",
+        "real": "DOUBLE PRECISION",
+        "blob": "BYTEA",
+        "id": "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY",
+        "seq": ",\n    seq         BIGINT GENERATED BY DEFAULT AS IDENTITY",
+    }
+    now = "EXTRACT(EPOCH FROM clock_timestamp())::DOUBLE PRECISION"
+    order = "seq"
+
+    def __init__(self) -> None:
+        import psycopg  # only a dispatcher on PostgreSQL needs it
+
+        self.psycopg = psycopg
+        self.errors = (psycopg.Error,)
+
+    def connect(self, where: str, durable: bool, readonly: bool) -> Any:
+        options = [f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_S * 1000}"]
+        if readonly:
+            options.append("-c default_transaction_read_only=on")
+        elif not durable:
+            options.append("-c synchronous_commit=off")  # tests only: a commit need not wait for its fsync
+        # Autocommit: this module says BEGIN and COMMIT itself, as with SQLite.
+        return self.psycopg.connect(
+            where, autocommit=True, connect_timeout=5, options=" ".join(options), application_name="volt-dispatcher"
+        )
+
+    @functools.lru_cache(maxsize=512)  # noqa: B019 - the statements are this module's own, a bounded set
+    def sql(self, text: str) -> str:
+        # Every statement here is this module's own: no literal ? or % in them.
+        return text.replace("?", "%s")
+
+    def params(self, args: Sequence[Any]) -> Sequence[Any]:
+        # PostgreSQL's text cannot hold NUL; a test's output may.
+        return [a.replace("\0", "\ufffd") if isinstance(a, str) and "\0" in a else a for a in args]
+
+    def trouble(self, exc: BaseException) -> bool:
+        p = self.psycopg
+        return isinstance(exc, (p.OperationalError, p.InternalError, p.InterfaceError)) or type(exc) is p.DatabaseError
+
+    def in_transaction(self, db: Any) -> bool:
+        return db.info.transaction_status != self.psycopg.pq.TransactionStatus.IDLE
+
+    def broken(self, db: Any) -> bool:
+        return bool(db.closed or db.broken)
+
+    def columns(self, db: Any, table: str) -> set[str]:
+        rows = db.execute("SELECT column_name FROM information_schema.columns WHERE table_name = %s", (table,))
+        return {r[0] for r in rows}
+
+    def serialize(self, db: Any) -> None:
+        db.execute("SELECT pg_advisory_xact_lock(7140)")  # any fixed number: Volt CI's migrations
+
+
+class _Conn:
+    """A connection that speaks this module's SQL (? placeholders) on either database."""
+
+    def __init__(self, dialect: Dialect, db: Any) -> None:
+        self.dialect = dialect
+        self.raw = db
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        return self.raw.execute(self.dialect.sql(sql), self.dialect.params(args))
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -118,15 +320,19 @@ def _store_op(fn: _F) -> _F:
     """Raise the store's own trouble as StoreError."""
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(self: Store, *args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
-        except sqlite3.Error as exc:
-            if is_store_trouble(exc):
-                raise StoreError(f"store {args[0].path}: {exc}") from None
+            return fn(self, *args, **kwargs)
+        except self.dialect.errors as exc:
+            if self.dialect.trouble(exc):
+                raise StoreError(f"store {self.path}: {_one_line(exc)}") from None
             raise
 
     return wrapper  # type: ignore[return-value]
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:500] or type(exc).__name__
 
 
 def job_id_for(repo: str, branch: str, commit: str) -> str:
@@ -180,41 +386,57 @@ class JobRow:
 _ROW_COLUMNS = ", ".join(JobRow.__dataclass_fields__).replace("labels_json", "labels")
 
 
+@dataclass(frozen=True)
+class LeaseInfo:
+    """Who holds the dispatcher lease, under which term, for how much longer."""
+
+    holder: str
+    term: int
+    seconds_left: float
+
+
 class Store:
+    store_id = ""  # set when a writable store is opened
+
     def __init__(self, path: Path | str, durable: bool = True, readonly: bool = False) -> None:
-        self.path = str(path)
+        """A SQLite file, or a PostgreSQL database when `path` is a postgresql:// URL."""
+        self.url = str(path) if is_url(path) else ""
+        # What messages call the store: never with a password in it.
+        self.path = redact_url(self.url) if self.url else str(path)
+        self.dialect: Dialect = PostgreSQL() if self.url else SQLite()
+        self._where = self.url or str(path)
+        self._durable = durable
+        self._readonly = readonly
         self._batch = False
         self._lock_file: Any = None
-        if readonly:
-            # A reader for another thread (the web page): WAL lets it read while
-            # the owner writes; it creates and changes nothing.
-            self.db = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
-            self.db.execute("PRAGMA busy_timeout=5000")
-            return
+        # (holder, term) while this store writes as the lease's holder: every
+        # commit then checks and renews the lease first (see _commit).
+        self.fence: tuple[str, int] | None = None
+        self.lease_ttl = 5.0
+        self._identity: tuple[int, int] | None = None
         try:
-            self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            # FULL: a job or result we acked to RabbitMQ must survive a power cut,
-            # not only a process crash.
-            self.db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-            self.db.execute("PRAGMA busy_timeout=5000")
-            self.db.executescript(SCHEMA)
+            self.db = self.dialect.connect(self._where, durable, readonly)
+            if readonly:
+                return
             self._migrate()
-            # Made once, when the store is: what says, on the broker, which
-            # store a namespace's dispatcher keeps its jobs in.
-            # (Read first: a write would wait on the dispatcher that has it open.)
-            row = self.db.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
-            if row is None:
-                self.db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?)", (uuid.uuid4().hex,))
-                row = self.db.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
-            self.store_id = str(row[0])
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open the store {self.path}: {exc}") from None
-        self._identity = _file_identity(self.path)
+        except self.dialect.errors as exc:
+            raise StoreError(f"cannot open the store {self.path}: {_one_line(exc)}") from None
+        if not self.url:
+            self._identity = _file_identity(self.path)
+
+    @property
+    def shared(self) -> bool:
+        """Whether several dispatchers may use this store (one writing at a time, by the lease)."""
+        return bool(self.url)
+
+    def _x(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        return self.db.execute(self.dialect.sql(sql), self.dialect.params(args))
 
     def lock(self) -> None:
-        """Hold the store for this process (one writer per file): StoreError if
-        another process holds it."""
+        """Hold a SQLite store for this process (one writer per file): StoreError if
+        another process holds it. A shared store is held by its lease instead."""
+        if self.shared:
+            return
         try:
             self._lock_file = open(f"{self.path}.lock", "w")  # noqa: SIM115 - held for the process's life
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -223,24 +445,173 @@ class Store:
         except OSError as exc:
             raise StoreError(f"cannot lock the store {self.path}: {exc}") from None
 
+    # -- schema and migrations ---------------------------------------------
+
     def _migrate(self) -> None:
-        """Bring a store written by an older Volt CI up to this schema."""
-        columns = {r[1] for r in self.db.execute("PRAGMA table_info(jobs)")}
-        for name, kind in (("labels", "TEXT NOT NULL DEFAULT '[]'"), ("lease", "TEXT"), ("parked_at", "REAL")):
+        """Create the schema, or bring a store written by an older Volt CI up to
+        this one's version, in one transaction. A store up to date is only read:
+        a write would wait for the dispatcher that has it open."""
+        if self._up_to_date():
+            return
+        d = self.dialect
+        self._x(d.begin)
+        try:
+            d.serialize(self.db)
+            self._x("CREATE TABLE IF NOT EXISTS schema_version (version {int} NOT NULL)".format(**d.types))
+            row = self._x("SELECT MAX(version) FROM schema_version").fetchone()
+            version = row[0] if row and row[0] is not None else 0
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"the store {self.path} has schema version {version}, newer than this Volt CI's "
+                    f"({SCHEMA_VERSION}): run a newer Volt CI on it"
+                )
+            if version == 0:
+                d.script(self.db, SCHEMA)
+                self._catch_up_columns()
+                version = 1
+            for target, script in MIGRATIONS:
+                if target > version:
+                    d.script(self.db, script)
+                    version = target
+            self._x("DELETE FROM schema_version")
+            self._x("INSERT INTO schema_version (version) VALUES (?)", (version,))
+            if self._x("SELECT value FROM meta WHERE key = 'store_id'").fetchone() is None:
+                self._x("INSERT INTO meta (key, value) VALUES ('store_id', ?)", (uuid.uuid4().hex,))
+            self._x("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        self._up_to_date()
+
+    def _up_to_date(self) -> bool:
+        """Whether the schema is this version's (and, if so, `store_id` is read)."""
+        if "version" not in self.dialect.columns(self.db, "schema_version"):
+            return False
+        row = self._x("SELECT MAX(version) FROM schema_version").fetchone()
+        if not row or row[0] != SCHEMA_VERSION:
+            return False
+        found = self._x("SELECT value FROM meta WHERE key = 'store_id'").fetchone()
+        if found is None:
+            return False
+        self.store_id = str(found[0])
+        if self.dialect.in_transaction(self.db):
+            self._x("COMMIT")  # PostgreSQL opened one to read
+        return True
+
+    def _catch_up_columns(self) -> None:
+        """A SQLite store from before schema versions may lack later columns."""
+        columns = self.dialect.columns(self.db, "jobs")
+        for name, kind in (("labels", "TEXT NOT NULL DEFAULT '[]'"), ("lease", "TEXT"), ("parked_at", "{real}")):
             if name not in columns:
-                self.db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+                self._x(f"ALTER TABLE jobs ADD COLUMN {name} {kind.format(**self.dialect.types)}")
+
+    @_store_op
+    def probe(self) -> None:
+        """A write that changes nothing, committed: StoreError now if the store
+        cannot take writes (a full disk, a database that is down or read-only)."""
+        self._reopen_if_broken()
+        self._x(self.dialect.begin)
+        try:
+            self._x("UPDATE schema_version SET version = version")
+            self._x("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+
+    @_store_op
+    def schema_version(self) -> int:
+        return int(self._x("SELECT MAX(version) FROM schema_version").fetchone()[0])
 
     def check_identity(self) -> None:
         """StoreGone if the file this store opened was deleted or replaced."""
+        if self.shared:
+            return
         if _file_identity(self.path) != self._identity:
             raise StoreGone(f"the store {self.path} was deleted or replaced while the dispatcher ran")
 
     def close(self) -> None:
         try:
-            self.commit_batch()
-        except (StoreError, sqlite3.Error):
+            self.commit_batch()  # a StoreError: what the dialect raised, classified
+        except Exception:
             self.rollback_batch()
-        self.db.close()
+        try:
+            self.db.close()
+        except self.dialect.errors:
+            pass
+
+    def _reopen_if_broken(self) -> None:
+        """A PostgreSQL connection that went away (a restart, a failover, a
+        session ended by the server) is opened again for the next round."""
+        if not self.dialect.broken(self.db):
+            return
+        try:
+            self.db.close()
+        except self.dialect.errors:
+            pass
+        self.db = self.dialect.connect(self._where, self._durable, self._readonly)
+
+    # -- the dispatcher lease (shared stores) ------------------------------
+
+    @_store_op
+    def acquire_lease(self, holder: str, ttl: float) -> int | None:
+        """Take the lease if it is free, expired, or already `holder`'s: the new
+        fencing term (one more than any before it), or None if another holds it."""
+        self._reopen_if_broken()
+        self._x(self.dialect.begin)
+        try:
+            if self.dialect.name == "postgresql":
+                self._x(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT_S}s'")
+            row = self._x(
+                f"UPDATE dispatcher_lease SET holder = ?, term = term + 1, expires_at = {self.dialect.now} + ?,"
+                f" acquired_at = {self.dialect.now} WHERE id = 1 AND (expires_at < {self.dialect.now} OR holder = ?)"
+                " RETURNING term",
+                (holder, ttl, holder),
+            ).fetchone()
+            self._x("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        return int(row[0]) if row else None
+
+    @_store_op
+    def release_lease(self, holder: str, term: int) -> None:
+        """Give the lease up at once (a clean stop), so a standby need not wait it out."""
+        self._reopen_if_broken()
+        self._x(
+            "UPDATE dispatcher_lease SET expires_at = 0 WHERE id = 1 AND holder = ? AND term = ?",
+            (holder, term),
+        )
+
+    @_store_op
+    def lease(self) -> LeaseInfo:
+        self._reopen_if_broken()
+        row = self._x(
+            f"SELECT holder, term, expires_at - {self.dialect.now} FROM dispatcher_lease WHERE id = 1"
+        ).fetchone()
+        return LeaseInfo(row[0], int(row[1]), float(row[2]))
+
+    def _check_fence(self) -> None:
+        """Raise LeaseLost unless this store's holder still has its term."""
+        if self.fence is None:
+            return
+        row = self._x("SELECT holder, term FROM dispatcher_lease WHERE id = 1").fetchone()
+        if row is None or (row[0], int(row[1])) != self.fence:
+            raise LeaseLost(
+                f"the dispatcher lease is held by {row[0] if row else '?'} (term {row[1] if row else '?'}) now"
+            )
+
+    def _commit(self) -> None:
+        """COMMIT; with a fence, renew the lease in the same transaction first, so
+        nothing is committed by a dispatcher that no longer holds it."""
+        if self.fence is not None:
+            holder, term = self.fence
+            renewed = self._x(
+                f"UPDATE dispatcher_lease SET expires_at = {self.dialect.now} + ? WHERE id = 1 AND holder = ? AND term = ?",
+                (self.lease_ttl, holder, term),
+            )
+            if renewed.rowcount != 1:
+                raise LeaseLost(f"the dispatcher lease (term {term}) was taken over; nothing of this round is kept")
+        self._x("COMMIT")
 
     # -- group commit ----------------------------------------------------
     #
@@ -252,16 +623,24 @@ class Store:
     @_store_op
     def begin_batch(self) -> None:
         if not self._batch:
-            self.db.execute("BEGIN IMMEDIATE")
+            self._reopen_if_broken()
+            self._x(self.dialect.begin)
             self._batch = True
+            try:
+                # Before anything of the round is handled: a dispatcher that lost
+                # the lease must not act on it (publish, cancel) either.
+                self._check_fence()
+            except BaseException:
+                self.rollback_batch()
+                raise
 
     @_store_op
     def commit_batch(self) -> None:
         if self._batch:
             self._batch = False
             try:
-                self.db.execute("COMMIT")
-            except sqlite3.Error:
+                self._commit()
+            except BaseException:
                 self._rollback()
                 raise
 
@@ -270,12 +649,12 @@ class Store:
         """Make the batch so far durable and go on batching."""
         if self._batch:
             try:
-                self.db.execute("COMMIT")
-            except sqlite3.Error:
+                self._commit()
+            except BaseException:
                 self._batch = False
                 self._rollback()
                 raise
-            self.db.execute("BEGIN IMMEDIATE")
+            self._x(self.dialect.begin)
 
     def rollback_batch(self) -> None:
         """Drop the batch's changes (a round that failed); never raises."""
@@ -284,30 +663,35 @@ class Store:
 
     def _rollback(self) -> None:
         # SQLite may have rolled back by itself (a full disk does that), and
-        # then ROLLBACK says "no transaction is active": either way none is now.
+        # then ROLLBACK says "no transaction is active"; a PostgreSQL connection
+        # may be gone: either way none is open now.
         try:
-            if self.db.in_transaction:
-                self.db.execute("ROLLBACK")
-        except sqlite3.Error:
+            if self.dialect.in_transaction(self.db):
+                self._x("ROLLBACK")
+        except self.dialect.errors:
             pass
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self) -> Iterator[_Conn]:
+        db = _Conn(self.dialect, self.db)
         if self._batch:
-            self.db.execute("SAVEPOINT change")
+            self._x("SAVEPOINT change")
             try:
-                yield self.db
+                yield db
             except BaseException:
-                if self.db.in_transaction:  # a full disk may have rolled it all back already
-                    self.db.execute("ROLLBACK TO change")
-                    self.db.execute("RELEASE change")
+                if self.dialect.in_transaction(self.db):  # a full disk may have rolled it all back already
+                    self._x("ROLLBACK TO change")
+                    self._x("RELEASE change")
                 raise
-            self.db.execute("RELEASE change")
+            self._x("RELEASE change")
             return
-        self.db.execute("BEGIN IMMEDIATE")
+        self._reopen_if_broken()
+        db = _Conn(self.dialect, self.db)
+        self._x(self.dialect.begin)
         try:
-            yield self.db
-            self.db.execute("COMMIT")
+            self._check_fence()
+            yield db
+            self._commit()
         except BaseException:
             self._rollback()
             raise
@@ -316,34 +700,32 @@ class Store:
 
     @_store_op
     def get(self, job_id: str) -> JobRow | None:
-        row = self.db.execute(f"SELECT {_ROW_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        row = self._x(f"SELECT {_ROW_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         return JobRow(*row) if row else None
 
     @_store_op
     def in_state(self, *states: str) -> list[JobRow]:
         marks = ",".join("?" * len(states))
-        rows = self.db.execute(
-            f"SELECT {_ROW_COLUMNS} FROM jobs WHERE state IN ({marks}) ORDER BY seen_at", states
-        ).fetchall()
+        rows = self._x(f"SELECT {_ROW_COLUMNS} FROM jobs WHERE state IN ({marks}) ORDER BY seen_at", states).fetchall()
         return [JobRow(*r) for r in rows]
 
     @_store_op
     def busy_runners(self) -> set[str]:
-        rows = self.db.execute("SELECT runner FROM jobs WHERE state IN ('assigned', 'running')")
+        rows = self._x("SELECT runner FROM jobs WHERE state IN ('assigned', 'running')")
         return {r[0] for r in rows}
 
     @_store_op
     def count_by_state(self) -> dict[str, int]:
-        return dict(self.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+        return dict(self._x("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
 
     @_store_op
     def count_by_status(self) -> dict[str, int]:
-        rows = self.db.execute("SELECT status, COUNT(*) FROM jobs WHERE state = 'done' GROUP BY status")
+        rows = self._x("SELECT status, COUNT(*) FROM jobs WHERE state = 'done' GROUP BY status")
         return dict(rows.fetchall())
 
     @_store_op
     def events(self, job_id: str) -> list[dict[str, Any]]:
-        rows = self.db.execute(
+        rows = self._x(
             "SELECT attempt, runner, kind, status, reason, at FROM events WHERE job_id = ? ORDER BY id",
             (job_id,),
         )
@@ -360,8 +742,8 @@ class Store:
         done_only: bool = False,
     ) -> list[JobRow]:
         clause, args = _filters(repo, branch, commit, done_only)
-        rows = self.db.execute(
-            f"SELECT {_ROW_COLUMNS} FROM jobs {clause} ORDER BY seen_at DESC, rowid DESC LIMIT ?",
+        rows = self._x(
+            f"SELECT {_ROW_COLUMNS} FROM jobs {clause} ORDER BY seen_at DESC, {self.dialect.order} DESC LIMIT ?",
             (*args, limit),
         ).fetchall()
         return [JobRow(*r) for r in rows]
@@ -372,15 +754,13 @@ class Store:
     ) -> int:
         """How many jobs find() would return without a limit."""
         clause, args = _filters(repo, branch, commit, done_only)
-        return int(self.db.execute(f"SELECT COUNT(*) FROM jobs {clause}", args).fetchone()[0])
+        return int(self._x(f"SELECT COUNT(*) FROM jobs {clause}", args).fetchone()[0])
 
     @_store_op
     def log(self, job_id: str, max_full_bytes: int | None = None) -> dict[str, Any] | None:
         """head, tail, bytes, and full: the whole log when it was kept and inflates to at
         most max_full_bytes (default LOG_FULL_MAX_BYTES), else None."""
-        row = self.db.execute(
-            "SELECT log_head, log_tail, log_bytes, log_full FROM jobs WHERE job_id = ?", (job_id,)
-        ).fetchone()
+        row = self._x("SELECT log_head, log_tail, log_bytes, log_full FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         if row is None:
             return None
         head, tail, size, full = row
@@ -389,7 +769,7 @@ class Store:
     @_store_op
     def log_compressed(self, job_id: str) -> bytes | None:
         """The whole log as stored (zlib), for a reader that inflates it a piece at a time."""
-        row = self.db.execute("SELECT log_full FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        row = self._x("SELECT log_full FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         return bytes(row[0]) if row and row[0] else None
 
     # -- changes ----------------------------------------------------------
@@ -400,8 +780,8 @@ class Store:
         job_id = job_id_for(seen.repo, seen.branch, seen.commit)
         with self._tx() as db:
             db.execute(
-                "INSERT OR IGNORE INTO jobs (job_id, repo, branch, commit_sha, state, seen_at, labels)"
-                " VALUES (?, ?, ?, ?, 'pending', ?, ?)",
+                "INSERT INTO jobs (job_id, repo, branch, commit_sha, state, seen_at, labels)"
+                " VALUES (?, ?, ?, ?, 'pending', ?, ?) ON CONFLICT DO NOTHING",
                 (
                     job_id,
                     seen.repo,
@@ -421,8 +801,8 @@ class Store:
         empty on a namespace that has a backlog): queued, at its attempt."""
         with self._tx() as db:
             db.execute(
-                "INSERT OR IGNORE INTO jobs (job_id, repo, branch, commit_sha, state, attempt, seen_at, queued_at, labels)"
-                " VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+                "INSERT INTO jobs (job_id, repo, branch, commit_sha, state, attempt, seen_at, queued_at, labels)"
+                " VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 (job.job_id, job.repo, job.branch, job.commit, job.attempt, now, now, json.dumps(sorted(job.labels))),
             )
             self._event(db, job.job_id, job.attempt, None, "adopted", now, reason="found in the backlog")
@@ -604,13 +984,13 @@ class Store:
         return accepted
 
     @staticmethod
-    def _prior_reason(db: sqlite3.Connection, job_id: str) -> str:
+    def _prior_reason(db: _Conn, job_id: str) -> str:
         row = db.execute("SELECT reason FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         return row[0] if row else ""
 
     @staticmethod
     def _event(
-        db: sqlite3.Connection,
+        db: _Conn,
         job_id: str,
         attempt: int,
         runner: str | None,

@@ -43,7 +43,7 @@ from dispatcher import queries
 from dispatcher.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from dispatcher.metrics import Live, Metrics
 from dispatcher.snapshot import Snapshot
-from dispatcher.store import LOG_FULL_MAX_BYTES, Store
+from dispatcher.store import LOG_FULL_MAX_BYTES, Store, StoreError, is_url
 
 if TYPE_CHECKING:
     from dispatcher.service import Dispatcher
@@ -182,7 +182,8 @@ class Web:
         snapshot: Callable[[], Snapshot],
         wall: Callable[[], float] = time.time,
     ) -> None:
-        self.db = Path(db)
+        # A SQLite file's path, or a PostgreSQL URL as given.
+        self.db: Path | str = db if is_url(db) else Path(db)
         self.ns = ns
         self.metrics = metrics
         self.snapshot = snapshot
@@ -225,7 +226,7 @@ class Web:
                 if prefix == "/jobs/" and suffix == "/log.txt":
                     return self.log_txt(job_id)
             return _text(404, "not found")
-        except sqlite3.OperationalError as exc:
+        except (sqlite3.OperationalError, StoreError) as exc:
             log.warning("web: the store cannot be read: %s", exc)
             return _text(503, "the store cannot be read right now")
 

@@ -5,8 +5,11 @@ It keeps what the delivery rules depend on: delivery tags per channel,
 counted over consumed and gotten messages alike; deliveries that the client
 library has received but not yet handed to the consumer (pika buffers them
 while it waits for, say, a basic.get's answer); multiple-acks; redelivery of
-everything unacked when a connection dies; exclusive consumers; mandatory
-publishes that find no queue; and a broker that blocks publishers.
+everything unacked when a connection dies; exclusive consumers (which, as on
+RabbitMQ, only classic queues enforce) and exclusive queues (locks, dropped
+with their connection); single-active-consumer queues and consumer
+priorities; a redeclare with other arguments refused; mandatory publishes
+that find no queue; and a broker that blocks publishers.
 
 It also counts what a real broker would not tell: acks that covered a
 delivery the consumer had not been handed yet (`acked_unhandled`).
@@ -39,6 +42,21 @@ class Queue:
     arguments: dict[str, Any]
     messages: deque[Msg] = field(default_factory=deque)
     consumers: list[Consumer] = field(default_factory=list)
+    owner: FakeConnection | None = None  # an exclusive queue's connection
+
+    @property
+    def classic(self) -> bool:
+        return self.arguments.get("x-queue-type", "classic") == "classic"
+
+    def receivers(self) -> list[Consumer]:
+        """Who may be given a message now: with a single active consumer, the
+        first one registered; else those of the highest priority."""
+        if not self.consumers:
+            return []
+        if self.arguments.get("x-single-active-consumer"):
+            return self.consumers[:1]
+        top = max(c.priority for c in self.consumers)
+        return [c for c in self.consumers if c.priority == top]
 
 
 @dataclass
@@ -49,6 +67,7 @@ class Consumer:
     exclusive: bool
     tag: str
     prefetch: int
+    priority: int = 0
 
 
 class FakeRabbit:
@@ -103,7 +122,7 @@ class FakeRabbit:
     def pump(self) -> None:
         """Move ready messages to consumers' client buffers, within prefetch."""
         for queue in self.queues.values():
-            for consumer in list(queue.consumers):
+            for consumer in queue.receivers():
                 ch = consumer.channel
                 while queue.messages and ch.is_open and ch.unacked_count(consumer) < consumer.prefetch:
                     msg = queue.messages.popleft()
@@ -166,6 +185,8 @@ class FakeConnection:
         self.is_open = False
         for ch in self.channels:
             ch.drop()
+        for name in [n for n, q in self.rabbit.queues.items() if q.owner is self]:
+            self.rabbit.queues.pop(name)
         if self in self.rabbit.connections:
             self.rabbit.connections.remove(self)
 
@@ -240,14 +261,28 @@ class FakeChannel:
         self.rabbit.exchanges.pop(exchange, None)
 
     def queue_declare(
-        self, queue: str, passive: bool = False, durable: bool = False, arguments: dict[str, Any] | None = None
+        self,
+        queue: str,
+        passive: bool = False,
+        durable: bool = False,
+        exclusive: bool = False,
+        arguments: dict[str, Any] | None = None,
     ) -> Any:
         self._check()
         q = self.rabbit.queues.get(queue)
+        if q is not None and q.owner is not None and q.owner is not self.conn:
+            self._fail(405, f"RESOURCE_LOCKED - cannot obtain exclusive access to locked queue '{queue}' in vhost '/'")
         if q is None:
             if passive:
                 self._fail(404, f"NOT_FOUND - no queue '{queue}'")
-            q = self.rabbit.queues[queue] = Queue(queue, dict(arguments or {}))
+            q = self.rabbit.queues[queue] = Queue(queue, dict(arguments or {}), owner=self.conn if exclusive else None)
+        elif not passive and dict(arguments or {}) != q.arguments:
+            differ = sorted(set(q.arguments.items()) ^ set((arguments or {}).items()))[0][0]
+            self._fail(
+                406,
+                f"PRECONDITION_FAILED - inequivalent arg '{differ}' for queue '{queue}' in vhost '/': "
+                f"received {(arguments or {}).get(differ, 'none')!r} but current is {q.arguments.get(differ, 'none')!r}",
+            )
         return SimpleNamespace(method=SimpleNamespace(message_count=len(q.messages), consumer_count=len(q.consumers)))
 
     def queue_bind(self, queue: str, exchange: str, routing_key: str = "") -> None:
@@ -255,9 +290,14 @@ class FakeChannel:
         if (queue, exchange, routing_key or "") not in self.rabbit.bindings:
             self.rabbit.bindings.append((queue, exchange, routing_key or ""))
 
-    def queue_delete(self, queue: str) -> None:
-        self.rabbit.queues.pop(queue, None)
+    def queue_unbind(self, queue: str, exchange: str, routing_key: str = "") -> None:
+        self._check()
+        self.rabbit.bindings = [b for b in self.rabbit.bindings if b != (queue, exchange, routing_key or "")]
+
+    def queue_delete(self, queue: str) -> Any:
+        q = self.rabbit.queues.pop(queue, None)
         self.rabbit.bindings = [b for b in self.rabbit.bindings if b[0] != queue]
+        return SimpleNamespace(method=SimpleNamespace(message_count=len(q.messages) if q else 0))
 
     def queue_purge(self, queue: str) -> None:
         self.rabbit.queues[queue].messages.clear()
@@ -266,17 +306,29 @@ class FakeChannel:
         self.prefetch = prefetch_count or 10**9
 
     def basic_consume(
-        self, queue: str, on_message_callback: Callable[..., None], auto_ack: bool = False, exclusive: bool = False
+        self,
+        queue: str,
+        on_message_callback: Callable[..., None],
+        auto_ack: bool = False,
+        exclusive: bool = False,
+        arguments: dict[str, Any] | None = None,
     ) -> str:
         self._check()
         q = self.rabbit.queues.get(queue)
         if q is None:
             self._fail(404, f"NOT_FOUND - no queue '{queue}'")
         assert q is not None
-        if any(c.exclusive for c in q.consumers) or (exclusive and q.consumers):
+        # RabbitMQ's quorum queues take an exclusive consumer as any other.
+        if q.classic and (any(c.exclusive for c in q.consumers) or (exclusive and q.consumers)):
             self._fail(403, f"ACCESS_REFUSED - queue '{queue}' in vhost '/' in exclusive use")
         consumer = Consumer(
-            self, queue, on_message_callback, exclusive, f"ctag{next(self._consumer_tags)}", self.prefetch or 10**9
+            self,
+            queue,
+            on_message_callback,
+            exclusive,
+            f"ctag{next(self._consumer_tags)}",
+            self.prefetch or 10**9,
+            int((arguments or {}).get("x-priority", 0)),
         )
         q.consumers.append(consumer)
         self.consumers.append(consumer)

@@ -25,6 +25,33 @@ from common.settings import BrokerSettings
 from dispatcher.client import QueryFailed, ask
 from dispatcher.registry import RunnerInfo
 
+# PostgreSQL for the store's tests and the cluster test: a server that lets this
+# user create databases (the machine's own on 127.0.0.1:5432 by default).
+PG_ADMIN_URL = os.environ.get("VOLT_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@contextmanager
+def pg_database() -> Iterator[str]:
+    """A new, empty PostgreSQL database; its URL. Dropped afterwards."""
+    import psycopg
+
+    name = f"volt_test_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.fail(
+            f"no PostgreSQL for the tests at {PG_ADMIN_URL} (set VOLT_TEST_PG_URL, or start it: "
+            f"`pg_ctlcluster --skip-systemctl-redirect VERSION main start`): {exc}"
+        )
+    try:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        base, _, _ = PG_ADMIN_URL.rpartition("/")
+        yield f"{base}/{name}"
+    finally:
+        # WITH (FORCE): a dispatcher a test killed may still hold a session.
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
 
 def runner_info(
     runner_id: str, state: str = "idle", labels: tuple[str, ...] = ("linux",), last_seen: float = 50.0
@@ -310,17 +337,51 @@ class Node:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        self.launch()
+        self.wait_listening()
+
+    def launch(self) -> None:
+        """Start the node's process without waiting for it (see wait_listening)."""
         out = open(self.base / "server.out", "ab")  # noqa: SIM115 - lives with the node
         self.proc = subprocess.Popen(
             ["rabbitmq-server"], env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
-        deadline = time.monotonic() + 90
+
+    def wait_listening(self, timeout: float = 90) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
         while not _listening(self.port):
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"second RabbitMQ node did not start:\n{(self.base / 'server.out').read_text()[-2000:]}")
+                pytest.fail(
+                    f"RabbitMQ node {self.name} did not start:\n{(self.base / 'server.out').read_text()[-2000:]}"
+                )
             time.sleep(0.2)
 
+    def ctl(self, *args: str, timeout: float = 120) -> str:
+        """rabbitmqctl on this node; fails the test with its output if it fails."""
+        out = subprocess.run(
+            ["rabbitmqctl", "-n", self.name, *args], capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if out.returncode != 0:
+            pytest.fail(f"rabbitmqctl -n {self.name} {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}")
+        return out.stdout
+
+    def kill(self) -> None:
+        """kill -9 of the node's Erlang VM: what a crashed machine looks like. (It
+        runs in a session of its own, under su, so it is found by asking it.)"""
+        assert self.proc is not None
+        beam = int("".join(c for c in self.ctl("eval", "os:getpid().") if c.isdigit()))
+        os.kill(beam, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while _listening(self.port):
+            if time.monotonic() > deadline:
+                pytest.fail(f"RabbitMQ node {self.name} still listens after kill -9")
+            time.sleep(0.1)
+
     def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            return  # killed, or never came up
         subprocess.run(["rabbitmqctl", "-n", self.name, "stop"], capture_output=True, timeout=60, check=False)
         if self.proc is not None:
             try:
@@ -341,6 +402,35 @@ def rabbit_node(config: str = "", advanced: str = "") -> Iterator[Node]:
         yield node
     finally:
         node.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@contextmanager
+def rabbit_cluster(size: int = 3) -> Iterator[list[Node]]:
+    """`size` private RabbitMQ nodes (own names, ports and data folders) joined
+    into one cluster; all stopped and removed afterwards, whatever happens."""
+    base = Path(tempfile.mkdtemp(prefix="volt-cluster-"))
+    nodes = [Node(base / f"node{i}") for i in range(size)]
+    # Started as root, each node drops to the rabbitmq user, which must own the folders.
+    subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", str(base)], check=False, capture_output=True)
+    try:
+        for node in nodes:
+            node.launch()  # all at once: a node takes seconds to boot
+        for node in nodes:
+            node.wait_listening()
+        for node in nodes[1:]:
+            node.ctl("stop_app")
+            node.ctl("join_cluster", nodes[0].name)
+            node.ctl("start_app")
+        nodes[0].ctl("await_online_nodes", str(size))
+        yield nodes
+    finally:
+        for node in nodes:
+            try:
+                node.stop()
+            except (subprocess.TimeoutExpired, AssertionError, OSError):
+                if node.proc is not None and node.proc.poll() is None:
+                    os.killpg(node.proc.pid, signal.SIGKILL)
         shutil.rmtree(base, ignore_errors=True)
 
 

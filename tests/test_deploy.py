@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from common import naming
-from common.broker import _RUNNER_EXCHANGES, DEAD_LETTER_MAX_LENGTH, OWNER_QUEUE_ARGS, RUNNER_QUEUE_EXPIRES_MS
+from common.broker import _RUNNER_EXCHANGES, DELIVERY_LIMIT, runner_queue_arguments, shared_queue_arguments
 from runner.sandbox import hidden_paths
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,16 +43,9 @@ EXCHANGES = {
     "volt.dead": "fanout",
     "volt.rpc": "fanout",
 }
-DLX = {"x-dead-letter-exchange": "volt.dead"}
-QUEUES = {
-    "volt.dispatcher.commits": DLX,
-    "volt.dispatcher.control": DLX,
-    "volt.dispatcher.results": DLX,
-    "volt.jobs.backlog": DLX,
-    "volt.dispatcher.rpc": {},
-    "volt.dispatcher.owner": OWNER_QUEUE_ARGS,
-    "volt.dead-letter": {"x-max-length": DEAD_LETTER_MAX_LENGTH},
-}
+# The deployment runs quorum queues (the default --queue-type), whose
+# arguments the code declares: definitions.json must say them exactly.
+QUEUES = shared_queue_arguments(NS, "quorum")
 # (exchange, queue, routing key). pika binds with routing key = queue name when
 # given none, which is what the code does for the rpc queue (the dead-letter
 # queue names it explicitly). Both exchanges are fanouts, so the key only has
@@ -67,7 +60,7 @@ BINDINGS = {
 }
 RUNNER_QUEUE = "volt.runner.host-1"
 # A runner queue's arguments (Broker.declare_runner_queue).
-RUNNER_QUEUE_ARGS = {**DLX, "x-expires": 900000}
+RUNNER_QUEUE_ARGS = runner_queue_arguments(NS, "quorum")
 RUNNER_EXCHANGES = ("volt.control", "volt.results", "volt.jobs", "volt.dead")
 # Requests to the dispatcher (`volt status`, `results`, `log`, `check`).
 RPC_EXCHANGE = "volt.rpc"
@@ -76,8 +69,9 @@ DISPATCHER_QUEUES = (
     "volt.dispatcher.control",
     "volt.dispatcher.results",
     "volt.dispatcher.rpc",
-    "volt.dispatcher.owner",
 )
+# One message: which store owns the namespace (Dispatcher._claim_namespace).
+OWNER_QUEUE = "volt.dispatcher.owner"
 
 
 # -- helpers -----------------------------------------------------------------
@@ -254,6 +248,18 @@ def test_exchanges_match_topology(definitions: dict[str, Any]) -> None:
         assert x["arguments"] == {}, name
 
 
+def test_every_durable_queue_is_a_quorum_queue_with_a_poison_message_guard() -> None:
+    assert all(args["x-queue-type"] == "quorum" for args in (*QUEUES.values(), RUNNER_QUEUE_ARGS))
+    guarded = {q for q, args in QUEUES.items() if args.get("x-delivery-limit") == DELIVERY_LIMIT}
+    # Not the requests (they expire), the dead letters (listing them takes and
+    # returns them) nor the owner record (every start reads and returns it).
+    assert guarded == {*DISPATCHER_QUEUES, "volt.jobs.backlog"} - {"volt.dispatcher.rpc"}
+    assert RUNNER_QUEUE_ARGS["x-delivery-limit"] == DELIVERY_LIMIT
+    assert RUNNER_QUEUE_ARGS["x-expires"] == 15 * 60 * 1000  # a retired runner's queue goes
+    single = {q for q, args in QUEUES.items() if args.get("x-single-active-consumer")}
+    assert single == {"volt.dispatcher.commits", "volt.dispatcher.control", "volt.dispatcher.results"}
+
+
 def test_queues_match_topology_including_arguments(definitions: dict[str, Any]) -> None:
     got = {q["name"]: q for q in definitions["queues"]}
     assert set(got) == set(QUEUES)
@@ -276,15 +282,14 @@ def test_definitions_use_the_codes_names() -> None:
     """definitions.json names what common.naming names, for namespace volt."""
     assert set(naming.exchanges(NS)) == set(EXCHANGES)
     assert set(naming.shared_queues(NS)) == set(QUEUES)
-    assert naming.dead_letter_exchange(NS) == DLX["x-dead-letter-exchange"]
+    assert naming.dead_letter_exchange(NS) == QUEUES["volt.jobs.backlog"]["x-dead-letter-exchange"] == "volt.dead"
     assert (naming.jobs_exchange(NS), naming.backlog_queue(NS), naming.BACKLOG_ROUTING_KEY) in BINDINGS
     assert naming.runner_queue(NS, "host-1") == RUNNER_QUEUE
-    assert RUNNER_QUEUE_ARGS["x-expires"] == RUNNER_QUEUE_EXPIRES_MS
     assert set(RUNNER_EXCHANGES) == {name(NS) for name in _RUNNER_EXCHANGES}
     assert set(RUNNER_EXCHANGES) == set(naming.exchanges(NS)) - {naming.commits_exchange(NS), naming.rpc_exchange(NS)}
     assert naming.rpc_exchange(NS) == RPC_EXCHANGE
     assert (RPC_EXCHANGE, naming.dispatcher_rpc_queue(NS), naming.dispatcher_rpc_queue(NS)) in BINDINGS
-    assert set(DISPATCHER_QUEUES) == {q for q in naming.shared_queues(NS) if ".dispatcher." in q}
+    assert {*DISPATCHER_QUEUES, OWNER_QUEUE} == {q for q in naming.shared_queues(NS) if ".dispatcher." in q}
 
 
 def test_one_user_per_role_with_real_sha256_hashes(definitions: dict[str, Any]) -> None:
@@ -339,6 +344,7 @@ def test_runner_can_do_its_work(definitions: dict[str, Any]) -> None:
     assert can_declare_runner_exchanges(perm)
     # Its own queue: create (with a DLX), bind to the jobs exchange, consume.
     assert can_create_queue(perm, RUNNER_QUEUE, RUNNER_QUEUE_ARGS)
+    assert allowed(perm, "configure", naming.lock_queue(RUNNER_QUEUE))  # one runner process per id
     assert can_bind(perm, RUNNER_QUEUE, "volt.jobs")
     assert can_consume(perm, RUNNER_QUEUE)
     for exchange in ("volt.control", "volt.results", "volt.dead"):
@@ -348,8 +354,12 @@ def test_runner_can_do_its_work(definitions: dict[str, Any]) -> None:
 def test_dispatcher_can_do_its_work_and_no_more(definitions: dict[str, Any]) -> None:
     perm = permissions_of(definitions, "volt-dispatcher")
     assert can_declare_topology(perm)
-    for queue in (*DISPATCHER_QUEUES, "volt.jobs.backlog"):
-        assert can_consume(perm, queue), queue  # consume, and basic.get on the backlog
+    # One dispatcher with SQLite: its consumers hold their queues' locks.
+    for queue in DISPATCHER_QUEUES:
+        assert allowed(perm, "configure", naming.lock_queue(queue)), queue
+    assert not allowed(perm, "configure", naming.lock_queue(RUNNER_QUEUE))
+    for queue in (*DISPATCHER_QUEUES, "volt.jobs.backlog", OWNER_QUEUE):
+        assert can_consume(perm, queue), queue  # consume, and basic.get on the backlog and the owner record
     # Jobs (backlog and runner.* keys), dead letters, and replies through the
     # default exchange. Queue depths for `volt status` are passive declares,
     # which need no permission.
@@ -469,7 +479,8 @@ def test_dockerfile() -> None:
 
 def test_compose_services(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {"rabbitmq", "dispatcher", "observer", "runner"}
+    assert set(services) == {"rabbitmq", "dispatcher", "observer", "runner", *CLUSTER_PROFILE}
+    assert {name for name, service in services.items() if service.get("profiles")} == CLUSTER_PROFILE
     rabbit = services["rabbitmq"]
     image, _, tag = rabbit["image"].partition(":")
     assert image == "rabbitmq" and "management" in tag and re.match(r"\d+\.\d+", tag), "pinned tag"
@@ -479,6 +490,48 @@ def test_compose_services(compose: dict[str, Any]) -> None:
     assert (DEPLOY / mounts["/etc/rabbitmq/definitions.json"]).resolve() == DEPLOY / "rabbitmq" / "definitions.json"
     assert (DEPLOY / mounts["/etc/rabbitmq/rabbitmq.conf"]).resolve() == DEPLOY / "rabbitmq" / "rabbitmq.conf"
     assert rabbit["healthcheck"]["test"] == ["CMD", "rabbitmq-diagnostics", "-q", "ping"]
+
+
+CLUSTER_PROFILE = {"rabbitmq-2", "rabbitmq-3", "postgres", "dispatcher-standby"}
+
+
+def test_compose_cluster_profile_is_three_nodes_postgresql_and_two_dispatchers(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name in CLUSTER_PROFILE:
+        assert services[name]["profiles"] == ["cluster"], name
+    nodes = ["rabbitmq", "rabbitmq-2", "rabbitmq-3"]
+    assert [services[n]["hostname"] for n in nodes] == nodes
+    assert len({services[n]["image"] for n in nodes}) == 1
+    cookies = {interpolate(services[n]["environment"]["RABBITMQ_ERLANG_COOKIE"]) for n in nodes}
+    assert len(cookies) == 1  # one cluster needs one cookie
+    conf = dict(
+        line.split(" = ", 1)
+        for line in (DEPLOY / "rabbitmq" / "cluster.conf").read_text().splitlines()
+        if " = " in line and not line.startswith("#")
+    )
+    assert conf["cluster_formation.peer_discovery_backend"] == "classic_config"
+    assert {v for k, v in conf.items() if k.startswith("cluster_formation.classic_config.nodes.")} == {
+        f"rabbit@{n}" for n in nodes
+    }
+    for name in ("rabbitmq-2", "rabbitmq-3"):
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in services[name]["volumes"]}
+        assert (DEPLOY / mounts["/etc/rabbitmq/rabbitmq.conf"]).resolve() == DEPLOY / "rabbitmq" / "cluster.conf"
+    # Both dispatchers on the one PostgreSQL database (the first once VOLT_DB says so).
+    standby = services["dispatcher-standby"]
+    assert standby["command"] == services["dispatcher"]["command"] == ["dispatcher"]
+    db = urllib.parse.urlsplit(interpolate(standby["environment"]["VOLT_DB"]))
+    pg = services["postgres"]["environment"]
+    assert (db.scheme, db.hostname, db.username, db.path) == (
+        "postgresql",
+        "postgres",
+        pg["POSTGRES_USER"],
+        f"/{pg['POSTGRES_DB']}",
+    )
+    assert db.password == interpolate(pg["POSTGRES_PASSWORD"])
+    assert "postgresql://" in (DEPLOY / "compose.yaml").read_text().split("name: volt-ci")[0]  # how to switch the first
+    assert interpolate(services["dispatcher"]["environment"]["VOLT_DB"]) == "/var/lib/volt/dispatcher/volt.db"
+    assert standby["environment"]["VOLT_AMQP_URL"] == services["dispatcher"]["environment"]["VOLT_AMQP_URL"]
+    assert "postgres" in standby["depends_on"]
 
 
 def test_compose_workers_share_one_image_built_from_the_repo(compose: dict[str, Any]) -> None:
@@ -522,9 +575,12 @@ def test_compose_workers_use_their_roles_user(compose: dict[str, Any]) -> None:
     for role in ("dispatcher", "observer", "runner"):
         service = compose["services"][role]
         assert service["command"][0] == role
-        url = urllib.parse.urlsplit(interpolate(service["environment"]["VOLT_AMQP_URL"]))
+        first, *others = interpolate(service["environment"]["VOLT_AMQP_URL"]).split(",")
+        url = urllib.parse.urlsplit(first)
         assert (url.scheme, url.username, url.password) == ("amqp", f"volt-{role}", f"change-me-{role}")
         assert (url.hostname, url.port, url.path) == ("rabbitmq", 5672, "/%2F")
+        # The cluster's other nodes, which take the first URL's login.
+        assert others == ["amqp://rabbitmq-2:5672/%2F", "amqp://rabbitmq-3:5672/%2F"]
         assert service["environment"]["VOLT_NAMESPACE"] == NS
 
 
@@ -630,9 +686,7 @@ def test_systemd_runner_can_write_only_its_own_workdir() -> None:
     assert service["PrivateTmp"] == ["yes"] and service["ProtectHome"] == ["yes"]
     # The store and the observer's state belong to other users, and are not
     # even there for the runner; nor is any role's broker password.
-    dispatcher_argv = shlex.split(_service("dispatcher")["ExecStart"][0])
-    store = Path(dispatcher_argv[dispatcher_argv.index("--db") + 1])
-    assert store.parent == _state_directory("dispatcher")
+    assert _sqlite_store().parent == _state_directory("dispatcher")
     inaccessible = {Path(p.lstrip("-")) for p in service["InaccessiblePaths"]}
     assert {_state_directory("dispatcher"), _state_directory("observer"), Path("/etc/volt")} <= inaccessible
     for role in ("dispatcher", "observer"):
@@ -716,8 +770,24 @@ def test_systemd_dispatcher_and_observer_are_locked_down(role: str) -> None:
     for directive in ("ReadWritePaths", "InaccessiblePaths"):
         assert directive not in service, directive
     argv = shlex.split(service["ExecStart"][0])
-    state = argv[argv.index("--db" if role == "dispatcher" else "--state-dir") + 1]
-    assert Path(state).is_relative_to(_state_directory(role))
+    state = _sqlite_store() if role == "dispatcher" else Path(argv[argv.index("--state-dir") + 1])
+    assert state.is_relative_to(_state_directory(role))
+
+
+def _sqlite_store() -> Path:
+    """The dispatcher unit's store unless its env file names a PostgreSQL database."""
+    [default] = [e for e in _service("dispatcher")["Environment"] if e.startswith("VOLT_DB=")]
+    return Path(default.split("=", 1)[1])
+
+
+def test_systemd_dispatcher_can_run_on_several_hosts_on_postgresql() -> None:
+    unit = (DEPLOY / "systemd" / "volt-dispatcher.service").read_text()
+    assert "Run exactly one" not in unit and "two or more hosts" in unit
+    argv = shlex.split(_service("dispatcher")["ExecStart"][0])
+    assert "--db" not in argv  # VOLT_DB: the default in the unit, or an env file's postgresql:// URL
+    env_file = (DEPLOY / "systemd" / "volt.env").read_text()
+    assert "VOLT_DB=postgresql://" in env_file
+    assert "VOLT_QUEUE_TYPE=quorum" in env_file.splitlines()
 
 
 def test_systemd_env_file_is_key_value() -> None:
@@ -732,9 +802,10 @@ def test_systemd_env_file_is_key_value() -> None:
 
 K8S_KINDS = {
     "namespace.yaml": ["Namespace"],
-    "secret.example.yaml": ["Secret", "Secret"],
+    "secret.example.yaml": ["Secret", "Secret", "Secret"],
     "config.yaml": ["ConfigMap"],
     "dispatcher.yaml": ["PersistentVolumeClaim", "Deployment", "Service"],
+    "dispatcher-ha.yaml": ["Deployment"],
     "observer.yaml": ["PersistentVolumeClaim", "Deployment"],
     "runner.yaml": ["Deployment", "NetworkPolicy"],
     "keda-scaledobject.yaml": ["TriggerAuthentication", "ScaledObject"],
@@ -919,6 +990,24 @@ def test_k8s_workers_use_their_roles_secret(role: str) -> None:
     assert len(images) == 1
 
 
+def test_k8s_dispatcher_on_postgresql_runs_two_replicas_without_a_volume() -> None:
+    deployment, _ = _deployment("dispatcher-ha.yaml")
+    sqlite, _ = _deployment("dispatcher.yaml")
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["metadata"]["name"] == sqlite["metadata"]["name"]  # one or the other
+    assert deployment["spec"]["selector"] == sqlite["spec"]["selector"]  # the Service finds either
+    pod = deployment["spec"]["template"]["spec"]
+    assert "volumes" not in pod
+    [container] = pod["containers"]
+    assert container["args"] == ["dispatcher"]
+    assert _env(container)["VOLT_DB"]["valueFrom"]["secretKeyRef"] == {"name": "volt-db", "key": "url"}
+    assert urllib.parse.urlsplit(_secrets()["volt-db"]["stringData"]["url"]).scheme == "postgresql"
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["exec"]["command"] == ["volt", "check"]
+    [kustomization] = k8s_docs("kustomization.yaml")
+    assert "dispatcher.yaml" in kustomization["resources"] and "dispatcher-ha.yaml" not in kustomization["resources"]
+
+
 def test_k8s_dispatcher_probes_use_volt_check() -> None:
     deployment, _ = _deployment("dispatcher.yaml")
     [container] = containers(deployment)
@@ -930,8 +1019,12 @@ def test_keda_scales_runners_on_the_backlog() -> None:
     docs = {d["kind"]: d for d in k8s_docs("keda-scaledobject.yaml")}
     scaled = docs["ScaledObject"]
     assert scaled["spec"]["scaleTargetRef"]["name"] == "volt-runner"
-    [trigger] = scaled["spec"]["triggers"]
+    trigger, store = scaled["spec"]["triggers"]
     assert trigger["type"] == "rabbitmq"
+    # Also the jobs waiting in the store (parked for labels, assigned, running).
+    assert store["type"] == "prometheus"
+    assert "volt_jobs_by_state" in store["metadata"]["query"] and "parked" in store["metadata"]["query"]
+    assert store["metadata"]["query"].startswith("max(")  # standby replicas report the same store
     assert trigger["metadata"]["queueName"] == naming.backlog_queue(NS)
     assert trigger["metadata"]["mode"] == "QueueLength"
     assert trigger["authenticationRef"]["name"] == docs["TriggerAuthentication"]["metadata"]["name"]

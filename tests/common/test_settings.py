@@ -321,3 +321,35 @@ def test_a_folder_that_cannot_be_made_or_written_is_one_line(tmp_path: Path) -> 
     (tmp_path / "file").write_text("")
     with pytest.raises(SettingsError, match=r"^--workdir .*/file/x: cannot create it: Not a directory$"):
         writable_dir(tmp_path / "file" / "x", "--workdir")
+
+
+def test_amqp_url_takes_a_comma_separated_list_of_nodes() -> None:
+    from common.settings import BrokerSettings
+
+    env = {"VOLT_AMQP_URL": "amqp://ci:s3cret@mq-1:5672/%2F, amqp://mq-2:5672/%2F,amqp://other:pw@mq-3/%2F"}
+    s = BrokerSettings.from_env(env)
+    # Later nodes without a login take the first one's.
+    assert s.amqp_urls == [
+        "amqp://ci:s3cret@mq-1:5672/%2F",
+        "amqp://ci:s3cret@mq-2:5672/%2F",
+        "amqp://other:pw@mq-3/%2F",
+    ]
+    assert redact_url(s.amqp_url) == "amqp://ci:***@mq-1:5672/%2F,amqp://mq-2:5672/%2F,amqp://other:***@mq-3/%2F"
+    assert BrokerSettings.from_env({}).amqp_urls == ["amqp://guest:guest@localhost:5672/%2F"]
+
+
+def test_a_bad_url_in_a_list_is_named_by_its_place_and_not_echoed() -> None:
+    from common.settings import BrokerSettings
+
+    with pytest.raises(SettingsError, match=r"^VOLT_AMQP_URL: URL 2 of 3 is not an AMQP URL") as caught:
+        BrokerSettings.from_env({"VOLT_AMQP_URL": "amqp://u:pw@mq-1/%2F,amqp://u:half,pass@mq-2/"})
+    assert "half" not in str(caught.value)
+
+
+def test_queue_type_is_quorum_unless_told_otherwise() -> None:
+    from common.settings import BrokerSettings
+
+    assert BrokerSettings.from_env({}).queue_type == "quorum"
+    assert BrokerSettings.from_env({"VOLT_QUEUE_TYPE": "classic"}).queue_type == "classic"
+    with pytest.raises(SettingsError, match="VOLT_QUEUE_TYPE: must be one of quorum, classic"):
+        BrokerSettings.from_env({"VOLT_QUEUE_TYPE": "stream"})

@@ -205,7 +205,7 @@ def test_a_store_error_is_not_a_bad_message_nothing_is_acked_and_it_is_retried(
     rabbit: FakeRabbit, peer: Peer, tmp_path: Path, clock: Clock
 ) -> None:
     d = start(tmp_path, clock)
-    failing = _FailingDb(d.store.db, lambda sql: "INSERT OR IGNORE INTO jobs" in sql, times=2)
+    failing = _FailingDb(d.store.db, lambda sql: "INSERT INTO jobs" in sql, times=2)
     d.store.db = failing  # type: ignore[assignment]
     for i in range(5):
         peer.commit(i)

@@ -1,18 +1,22 @@
-"""The dispatcher's job store on a real SQLite file."""
+"""The dispatcher's job store, each test on a real SQLite file and on a real
+PostgreSQL database (one of its own, dropped afterwards): both stores keep the
+same promises."""
 
 from __future__ import annotations
 
 import base64
+import sqlite3
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support import pg_database
 
 from common.messages import CommitSeen, Job, JobResult
 from dispatcher import store as store_module
-from dispatcher.store import JobRow, Store, job_id_for
+from dispatcher.store import JobRow, LeaseLost, Store, StoreError, job_id_for
 
 SHA_A = "a" * 40
 SHA_B = "b" * 40
@@ -20,13 +24,29 @@ SHA_C = "c0ffee" + "0" * 34
 REPO = "/srv/git/app"
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_path(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path | str]:
+    """Where the store lives: a SQLite file, or a PostgreSQL database's URL."""
+    if request.param == "sqlite":
+        yield tmp_path / "volt.db"
+        return
+    with pg_database() as url:
+        yield url
+
+
 @pytest.fixture
-def db_path(tmp_path: Path) -> Path:
+def sqlite_path(tmp_path: Path) -> Path:
     return tmp_path / "volt.db"
 
 
 @pytest.fixture
-def store(db_path: Path) -> Iterator[Store]:
+def pg_url() -> Iterator[str]:
+    with pg_database() as url:
+        yield url
+
+
+@pytest.fixture
+def store(db_path: Path | str) -> Iterator[Store]:
     s = Store(db_path, durable=False)
     yield s
     s.close()
@@ -86,7 +106,7 @@ def test_add_job_is_idempotent(store: Store) -> None:
     assert store.count_by_state() == {"pending": 1}
 
 
-def test_job_id_is_stable_and_per_repo_branch_commit(store: Store, db_path: Path) -> None:
+def test_job_id_is_stable_and_per_repo_branch_commit(store: Store, db_path: Path | str) -> None:
     row = store.add_job(seen())
     assert row.job_id == job_id_for(REPO, "main", SHA_A)
     assert store.add_job(seen(branch="dev")).job_id != row.job_id
@@ -339,11 +359,15 @@ def test_park_takes_a_queued_job_aside_until_a_runner_takes_it(store: Store) -> 
     assert current(store, row).state == "assigned"
 
 
-def test_a_store_from_before_labels_is_brought_up_to_date(db_path: Path) -> None:
-    import sqlite3
+def old_schema(without: str = "") -> str:
+    """The SQLite schema as older Volt CI versions wrote it (no schema_version table)."""
+    script = store_module.SCHEMA.format(**store_module.SQLite.types)
+    return script.replace(without, "") if without else script
 
-    old = sqlite3.connect(db_path)
-    old.executescript(store_module.SCHEMA.replace(",\n    labels      TEXT NOT NULL DEFAULT '[]'", ""))
+
+def test_a_store_from_before_labels_is_brought_up_to_date(sqlite_path: Path) -> None:
+    old = sqlite3.connect(sqlite_path)
+    old.executescript(old_schema(",\n    labels      TEXT NOT NULL DEFAULT '[]'"))
     old.execute(
         "INSERT INTO jobs (job_id, repo, branch, commit_sha, state, seen_at) VALUES ('j', ?, 'main', ?, 'done', 1)",
         (REPO, SHA_A),
@@ -351,13 +375,146 @@ def test_a_store_from_before_labels_is_brought_up_to_date(db_path: Path) -> None
     old.commit()
     assert "labels" not in {r[1] for r in old.execute("PRAGMA table_info(jobs)")}
     old.close()
-    s = Store(db_path, durable=False)
+    s = Store(sqlite_path, durable=False)
     try:
         row = s.get("j")
         assert row is not None and row.labels == []
         assert s.add_job(seen(SHA_B, labels=["gpu"])).labels == ["gpu"]
+        assert s.schema_version() == store_module.SCHEMA_VERSION
     finally:
         s.close()
+
+
+def test_a_new_store_has_the_current_schema_version(store: Store, db_path: Path | str) -> None:
+    assert store.schema_version() == store_module.SCHEMA_VERSION == 3
+    assert len(store.store_id) == 32
+    store.close()
+    again = Store(db_path, durable=False)  # opening it again migrates nothing
+    try:
+        assert again.schema_version() == store_module.SCHEMA_VERSION
+        assert again.store_id == store.store_id  # made once, kept
+        assert again.lease().term == 0
+    finally:
+        again.close()
+
+
+def test_a_version_1_store_gains_the_lease_table(db_path: Path | str) -> None:
+    first = Store(db_path, durable=False)
+    row = first.add_job(seen())
+    # Back to version 1, as a store written before the lease and the store id existed.
+    first._x("DROP TABLE dispatcher_lease")
+    first._x("DROP TABLE meta")
+    first._x("UPDATE schema_version SET version = 1")
+    first.close()
+    again = Store(db_path, durable=False)
+    try:
+        assert again.schema_version() == 3
+        assert again.lease().term == 0
+        assert len(again.store_id) == 32
+        assert again.get(row.job_id) is not None  # the jobs are kept
+    finally:
+        again.close()
+
+
+def test_a_store_from_a_newer_volt_ci_is_refused(store: Store, db_path: Path | str) -> None:
+    store._x("UPDATE schema_version SET version = 99")
+    store.close()
+    with pytest.raises(StoreError, match="schema version 99, newer than this Volt CI's"):
+        Store(db_path, durable=False)
+
+
+# -- the dispatcher lease ---------------------------------------------------
+
+
+def test_the_lease_goes_to_one_holder_at_a_time_each_with_a_higher_term(store: Store) -> None:
+    first = store.acquire_lease("a", ttl=30)
+    assert first == 1
+    assert store.acquire_lease("b", ttl=30) is None  # held, and not expired
+    assert store.lease().holder == "a"
+    assert 29 < store.lease().seconds_left <= 30
+    store.release_lease("a", first)
+    second = store.acquire_lease("b", ttl=30)
+    assert second == 2
+    assert store.acquire_lease("a", ttl=30) is None
+    assert store.acquire_lease("b", ttl=30) == 3  # its own again: a new term all the same
+
+
+def test_an_expired_lease_is_taken_over(store: Store) -> None:
+    assert store.acquire_lease("a", ttl=-1) == 1  # already expired
+    assert store.acquire_lease("b", ttl=30) == 2
+
+
+def test_a_fenced_round_commits_and_renews_the_lease(store: Store) -> None:
+    term = store.acquire_lease("a", ttl=0.5)
+    assert term is not None
+    store.fence, store.lease_ttl = ("a", term), 30.0
+    store.begin_batch()
+    row = queued(store)
+    store.commit_batch()
+    assert current(store, row).state == "queued"
+    assert store.lease().seconds_left > 29  # the commit renewed it
+
+
+def test_a_dispatcher_that_lost_the_lease_commits_nothing(pg_url: str) -> None:
+    # PostgreSQL only: two dispatchers never write one SQLite file (the file lock).
+    old, new = Store(pg_url, durable=False), Store(pg_url, durable=False)
+    try:
+        term = old.acquire_lease("old", ttl=-1)  # its lease has run out (a long pause) ...
+        assert term is not None
+        old.fence = ("old", term)
+        old.begin_batch()
+        row = old.add_job(seen())
+        assert new.acquire_lease("new", ttl=30) == term + 1  # ... and a standby took over
+        with pytest.raises(LeaseLost, match="taken over"):
+            old.commit_batch()
+        assert new.get(row.job_id) is None  # the old one's round left nothing
+        with pytest.raises(LeaseLost, match="held by new"):
+            old.begin_batch()  # and it acts on no later round either
+        with pytest.raises(LeaseLost):
+            old.add_job(seen())  # nor outside a batch
+        assert new.count_by_state() == {}
+    finally:
+        old.close()
+        new.close()
+
+
+# -- PostgreSQL's own -------------------------------------------------------
+
+
+@pytest.fixture
+def pg_store(pg_url: str) -> Iterator[Store]:
+    s = Store(pg_url, durable=False)
+    yield s
+    s.close()
+
+
+def test_a_lost_database_connection_is_a_store_error_and_the_next_round_reconnects(pg_store: Store) -> None:
+    row = pg_store.add_job(seen())
+    pg_store.begin_batch()
+    killer = Store(pg_store.url, durable=False)
+    pid = pg_store.db.info.backend_pid
+    killer._x("SELECT pg_terminate_backend(?)", (pid,))
+    killer.close()
+    with pytest.raises(StoreError, match="store postgresql://"):
+        pg_store.mark_queued(row.job_id, 1, now=1.0)
+    pg_store.rollback_batch()
+    pg_store.begin_batch()  # a new connection
+    pg_store.mark_queued(row.job_id, 1, now=1.0)
+    pg_store.commit_batch()
+    assert current(pg_store, row).state == "queued"
+
+
+def test_a_password_in_the_database_url_is_never_shown() -> None:
+    with pytest.raises(StoreError) as caught:
+        Store("postgresql://volt:hunter2@127.0.0.1:1/volt")
+    assert "hunter2" not in str(caught.value)
+    assert "postgresql://volt:***@127.0.0.1:1/volt" in str(caught.value)
+
+
+def test_a_nul_in_a_log_is_kept_as_a_replacement_character(store: Store) -> None:
+    row = running(store)
+    assert store.finish(result(row, log_head="a\0b", log_tail="t"), now=110.0)
+    assert store.log(row.job_id)["head"] in ("a\0b", "a\ufffdb")  # type: ignore[index]
 
 
 def test_unassign_leaves_a_started_job_alone(store: Store) -> None:
@@ -462,7 +619,7 @@ def test_in_state_is_oldest_first(store: Store) -> None:
     assert store.in_state("running") == []
 
 
-def test_everything_survives_reopening(store: Store, db_path: Path) -> None:
+def test_everything_survives_reopening(store: Store, db_path: Path | str) -> None:
     row = running(store)
     assert store.finish(result(row, status="timeout", reason="slow", log_full=packed_log("log")), now=110.0)
     store.close()
@@ -480,7 +637,7 @@ def test_everything_survives_reopening(store: Store, db_path: Path) -> None:
 # -- group commit -----------------------------------------------------------
 
 
-def test_a_batch_is_durable_only_once_committed(store: Store, db_path: Path) -> None:
+def test_a_batch_is_durable_only_once_committed(store: Store, db_path: Path | str) -> None:
     reader = Store(db_path, readonly=True)
     try:
         store.begin_batch()

@@ -19,7 +19,7 @@ from pathlib import Path
 from support import GitRepo, Volt, free_port, rabbit_node
 
 from common import naming
-from common.broker import DEAD_LETTER_MAX_LENGTH, Broker
+from common.broker import Broker, shared_queue_arguments
 from common.cli import ONE_SHOT, build_parser
 from common.messages import MAX_MESSAGE_BYTES, CommitSeen, Job, JobResult
 from dispatcher.store import Store
@@ -306,8 +306,9 @@ def test_dead_letters_are_listed_replayed_where_they_came_from_and_purged(volt: 
     assert volt.procs["dispatcher"].poll() is None
 
     # The queue holds at most DEAD_LETTER_MAX_LENGTH: RabbitMQ refuses the same queue without it.
-    assert not redeclare_refused(volt, dead, {"x-max-length": DEAD_LETTER_MAX_LENGTH})
-    assert redeclare_refused(volt, dead, None)
+    arguments = shared_queue_arguments(ns, volt.settings.queue_type)[dead]
+    assert not redeclare_refused(volt, dead, arguments)
+    assert redeclare_refused(volt, dead, {k: v for k, v in arguments.items() if k != "x-max-length"})
 
 
 def test_a_dead_letter_queue_from_before_the_max_length_keeps_working(volt: Volt) -> None:

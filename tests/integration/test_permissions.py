@@ -242,10 +242,19 @@ def wait(broker: Broker, what: str, done: Callable[[], bool], timeout: float = 1
 
 
 def drain(broker: Broker, queue: str) -> list[Delivery]:
-    got = []
-    while (d := broker.get(queue)) is not None:
+    """Take what `queue` holds. By consuming: a quorum queue with a single active
+    consumer (the dispatcher's inputs) refuses basic.get."""
+    got: list[Delivery] = []
+    tag = broker.consume(queue, got.append, prefetch=1000)
+    quiet_since = time.monotonic()
+    seen = 0
+    while time.monotonic() - quiet_since < 0.5:
+        broker.process(0.1)
+        if len(got) != seen:
+            seen, quiet_since = len(got), time.monotonic()
+    for d in got:
         d.ack()
-        got.append(d)
+    broker.cancel(tag)  # its own consumer only: the broker may consume other queues
     return got
 
 

@@ -65,9 +65,7 @@ def test_ctrl_c_on_volt_up_drains_its_runners_the_running_job_is_recorded(volt, 
         # Its own process group, as a terminal gives it: Ctrl-C reaches every process in it.
         # No sandbox: the suite's run markers live on the host (see Volt.runner).
         env = {**os.environ, "VOLT_SANDBOX": "none"}
-        up = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True, env=env
-        )
+        up = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True, env=env)
     try:
         volt.wait_for("the job to start", lambda: runs_per_commit(runs).get(sha) == 1, timeout=60)
         os.killpg(up.pid, signal.SIGINT)

@@ -1,0 +1,225 @@
+"""Beyond one machine: standby dispatchers on PostgreSQL, quorum queues on a
+3-node RabbitMQ cluster, and every commit still gets exactly one result.
+
+PostgreSQL is the machine's (127.0.0.1:5432, or VOLT_TEST_PG_URL); each test
+creates a database of its own and drops it. The cluster is three private
+RabbitMQ nodes started for the test and stopped after it.
+"""
+
+from __future__ import annotations
+
+import signal
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from support import GitRepo, Node, Volt, many_commits, pg_database, rabbit_cluster
+
+from dispatcher.client import QueryFailed
+
+ACTIVE = "is the active one now"
+STOOD_DOWN = "this dispatcher stands by"
+
+
+def per_commit_suite(folder: Path, sleep: float) -> dict[str, str]:
+    """A .volt.toml whose every run records its pid in `folder`/<commit>, and
+    `overlap <pid>` when an earlier run of the same commit still lives: a job
+    that ran twice at the same time shows as an overlap."""
+    code = (
+        "import os, time\n"
+        f"m = os.path.join({str(folder)!r}, os.environ['VOLT_COMMIT'])\n"
+        "prev = [p for p in open(m).read().split() if p.isdigit()] if os.path.exists(m) else []\n"
+        "def live(p):\n"
+        "    try:\n"
+        "        return open('/proc/' + p + '/stat').read().rsplit(')', 1)[1].split()[0] != 'Z'\n"
+        "    except OSError:\n"
+        "        return False\n"
+        "clash = ''.join('overlap ' + p + chr(10) for p in prev if live(p))\n"
+        "open(m, 'a').write(str(os.getpid()) + chr(10) + clash)\n"
+        f"time.sleep({sleep})\n"
+    )
+    return {".volt.toml": f"[test]\ncommand = [{sys.executable!r}, '-c', {code!r}]\n"}
+
+
+def overlapping(folder: Path) -> list[str]:
+    return [f"{f.name}: {line}" for f in folder.iterdir() for line in f.read_text().splitlines() if "overlap" in line]
+
+
+def active_one(volt: Volt, names: tuple[str, ...]) -> str:
+    """The dispatcher that said last that it is the active one, and has not stood down since."""
+
+    def which() -> str | None:
+        for name in names:
+            lines = [ln for ln in volt.log_of(name).splitlines() if ACTIVE in ln or STOOD_DOWN in ln]
+            if lines and ACTIVE in lines[-1] and volt.procs[name].poll() is None:
+                return name
+        return None
+
+    return volt.wait_for("an active dispatcher", which, timeout=30)
+
+
+def node_of(volt: Volt, name: str, nodes: list[Node]) -> Node:
+    """The node a worker connected to last (its log says so)."""
+    line = [ln for ln in volt.log_of(name).splitlines() if "connected to amqp://" in ln][-1]
+    return next(n for n in nodes if f":{n.port}/" in line)
+
+
+def wait_answering(volt: Volt, since: float, timeout: float = 30) -> tuple[float, list[str]]:
+    """Seconds from `since` until an active dispatcher answers, and what a
+    standby said meanwhile."""
+    said: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            volt.ask("ping", timeout=2)
+            return time.monotonic() - since, said
+        except QueryFailed as exc:
+            said.append(str(exc))
+        time.sleep(0.1)
+    pytest.fail(f"no dispatcher answered within {timeout}s: {said[-3:]}")
+
+
+def exactly_one_result_each(volt: Volt, commits: list[str]) -> list[dict]:
+    rows = volt.results()
+    by_commit = {r["commit"]: r for r in rows}
+    assert sorted(by_commit) == sorted(commits)
+    assert len(rows) == len(commits)  # one job per commit
+    for row in rows:
+        kinds = [e["kind"] for e in row["history"]]
+        assert kinds.count("result") == 1, row
+        assert row["status"] == "passed", row
+    return rows
+
+
+def test_standby_dispatchers_take_over_from_a_killed_or_paused_one(amqp_url: str, tmp_path: Path) -> None:
+    repo = GitRepo(tmp_path / "repo")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    first = repo.commit(per_commit_suite(runs, sleep=0.2))
+    names = ("dispatcher-a", "dispatcher-b")
+    with pg_database() as db:
+        volt = Volt(amqp_url, f"t{uuid.uuid4().hex[:10]}", tmp_path)
+        try:
+            volt.start(names[0], "dispatcher", "--db", db)
+            active = active_one(volt, names[:1])
+            volt.start(names[1], "dispatcher", "--db", db)
+            volt.wait_for("the standby", lambda: "standing by" in volt.log_of(names[1]))
+            # A standby answers while the active one does too: the active one takes the question.
+            assert volt.ask("ping")["runners"] == 0
+            volt.runner("r1")
+            volt.runner("r2")
+            volt.observer(repo.path)
+            volt.wait_results(1)
+            commits = many_commits(repo, 10)
+
+            # kill -9: the standby takes over once the lease runs out.
+            volt.wait_results(2, timeout=60)
+            killed = time.monotonic()
+            volt.kill(active)
+            took, said = wait_answering(volt, killed)
+            standby = active_one(volt, names)
+            assert standby != active
+            assert any("no active dispatcher" in s and "takes over" in s for s in said), said
+            print(f"takeover after kill -9: {took:.2f}s")
+            assert took < 10
+            volt.wait_results(11, timeout=90)
+            exactly_one_result_each(volt, [first, *commits])
+
+            # Paused past its lease: the other takes over, and the paused one,
+            # woken, commits nothing more and stands by.
+            volt.start(active, "dispatcher", "--db", db)
+            volt.wait_for("the restarted one to stand by", lambda: "standing by" in volt.log_of(active))
+            paused = volt.procs[standby]
+            paused.send_signal(signal.SIGSTOP)
+            volt.wait_for("the lease to move", lambda: volt.log_of(active).count(ACTIVE) >= 2, timeout=30)
+            more = many_commits(repo, 5)
+            paused.send_signal(signal.SIGCONT)
+            volt.wait_results(16, timeout=90)
+            exactly_one_result_each(volt, [first, *commits, *more])
+            after = volt.log_of(standby).split(STOOD_DOWN, 1)
+            assert len(after) == 2, volt.log_of(standby)[-3000:]
+            woken = after[1].split(ACTIVE, 1)[0]
+            assert " recorded: " not in woken and "assigned to runner" not in woken
+            assert overlapping(runs) == []
+        finally:
+            volt.stop_all()
+            volt.delete_topology()
+
+
+def test_a_cluster_loses_a_node_and_the_active_dispatcher_and_every_commit_gets_one_result(tmp_path: Path) -> None:
+    repo = GitRepo(tmp_path / "repo")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    first = repo.commit(per_commit_suite(runs, sleep=0.3))
+    names = ("dispatcher-a", "dispatcher-b")
+    started = time.monotonic()
+    with rabbit_cluster(3) as nodes, pg_database() as db:
+        print(f"3-node cluster up in {time.monotonic() - started:.1f}s")
+        volt = Volt(",".join(n.url for n in nodes), f"t{uuid.uuid4().hex[:10]}", tmp_path)
+        try:
+            volt.start(names[0], "dispatcher", "--db", db)
+            active = active_one(volt, names[:1])
+            volt.start(names[1], "dispatcher", "--db", db)
+            volt.wait_for("the standby", lambda: "standing by" in volt.log_of(names[1]))
+            volt.runner("r1")
+            volt.runner("r2")
+            volt.observer(repo.path)
+            volt.wait_results(1, timeout=60)
+
+            commits = many_commits(repo, 30)
+            volt.wait_results(5, timeout=60)
+            killed = time.monotonic()
+            volt.kill(active)
+            took, _ = wait_answering(volt, killed)
+            print(f"takeover after kill -9 of the active dispatcher: {took:.2f}s")
+            assert took < 10
+            # Then a broker node goes, the one runner r1 is connected to, and comes back.
+            victim = node_of(volt, "r1", nodes)
+            victim.kill()
+            volt.wait_results(15, timeout=90)
+            victim.launch()
+            volt.wait_results(31, timeout=120)
+            victim.wait_listening()
+            assert node_of(volt, "r1", nodes) is not victim  # r1 failed over to another node
+            exactly_one_result_each(volt, [first, *commits])
+            assert overlapping(runs) == []
+            durations = [r["duration_s"] for r in volt.results() if r["duration_s"] is not None]
+            print(f"31 results; median test run {statistics.median(durations):.2f}s")
+        finally:
+            volt.stop_all()
+
+
+def test_a_namespace_of_classic_queues_says_how_to_migrate_and_migrate_queues_keeps_the_messages(volt: Volt) -> None:
+    from common import naming
+    from common.broker import Broker
+    from common.messages import CommitSeen
+    from common.settings import BrokerSettings
+
+    old = Broker(BrokerSettings(amqp_url=volt.amqp_url, namespace=volt.ns, queue_type="classic"), "volt-test-old")
+    old.connect(give_up_after=10)
+    old.declare_topology()  # as a Volt CI of classic queues left it, with two commits waiting
+    for i in range(2):
+        seen = CommitSeen(repo="/srv/app", branch="main", commit=f"{i:040x}", seen_at=1.0)
+        old.publish(naming.commits_exchange(volt.ns), "", seen)
+    old.close()
+
+    refused = volt.run("dispatcher", "--db", str(volt.tmp / "d.db"), timeout=60)
+    assert refused.returncode == 2, refused.stderr
+    line = refused.stderr.strip().splitlines()[-1]
+    # RabbitMQ names the first argument that differs; which one depends on its version.
+    assert "is a classic queue, but --queue-type is quorum" in line or "say, as a classic queue" in line, line
+    assert f"volt migrate-queues --namespace {volt.ns} --queue-type quorum" in line
+    assert "Traceback" not in refused.stderr
+
+    moved = volt.run("migrate-queues")
+    assert moved.returncode == 0, moved.stderr
+    assert f"{naming.dispatcher_commits_queue(volt.ns)}: declared as a quorum queue, 2 message(s) kept" in moved.stdout
+    again = volt.run("migrate-queues")
+    assert again.stdout.count("already a quorum queue") == len(naming.shared_queues(volt.ns))
+
+    volt.dispatcher()
+    rows = volt.wait_for("the two jobs", lambda: len(r := volt.results(done_only=False)) == 2 and r)
+    assert sorted(r["commit"] for r in rows) == [f"{i:040x}" for i in range(2)]
