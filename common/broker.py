@@ -804,3 +804,17 @@ def _declare_dead_letter_queue(broker: Broker, queue: str) -> None:
         if ch.is_open:
             with _translated():
                 ch.close()
+
+
+def connect_within(broker: Broker, timeout: float) -> None:
+    """connect_once for a command that must not wait long (`volt notify` in a git
+    hook): a handshake that pika's stack timeout cut off is BrokerUnavailable too,
+    which connect_once lets through as pika's own connector error."""
+    from pika.adapters.utils.connection_workflow import AMQPConnectorException
+
+    try:
+        connect_once(broker, timeout)
+    except AMQPConnectorException:
+        raise BrokerUnavailable(
+            f"cannot reach RabbitMQ at {redact_url(broker.settings.amqp_url)}: no answer within {timeout:g}s"
+        ) from None

@@ -172,10 +172,10 @@ def observer_main(args: argparse.Namespace) -> int:
     writable_dir(settings.state_dir, "--state-dir")
     try:
         observer = Observer(settings)
-        observer.open_repos()
-        # Bound now, so an address in use or a secret that cannot be read is
+        # Bound first, so an address in use or a secret that cannot be read is
         # one line at start rather than a surprise later.
         observer.listen()
+        observer.open_repos()
     except (RepoError, CursorBusy, ValueError, OSError) as exc:
         raise SettingsError(str(exc)) from None
     observer.install_signal_handlers()
@@ -185,7 +185,7 @@ def observer_main(args: argparse.Namespace) -> int:
 def notify_main(args: argparse.Namespace) -> int:
     if notify.receiver_url(args):
         return notify.tell_receiver(args)  # as the lean path does (observer/notify.py)
-    from common.broker import Broker, BrokerUnavailable, Unroutable, connect_once
+    from common.broker import Broker, BrokerUnavailable, Unroutable, connect_within
     from common.messages import check_commit, check_labels
     from common.naming import is_local, normalize_repo
     from observer.publish import LabelsRead, publish_commit
@@ -220,7 +220,7 @@ def notify_main(args: argparse.Namespace) -> int:
     broker = Broker(BrokerSettings.from_args(args), "volt-notify")
     # A refused connection fails at once, anything else within the timeout:
     # a hook never holds up a commit for long, and the next poll finds it.
-    connect_once(broker, timeout)
+    connect_within(broker, timeout)
     if reading is not None:
         labels.update(reading.result())
     try:
@@ -230,7 +230,7 @@ def notify_main(args: argparse.Namespace) -> int:
             # Declaring costs round trips a hook should not pay every time:
             # only when the topology is not there yet.
             broker.close()
-            connect_once(broker, timeout)
+            connect_within(broker, timeout)
             broker.declare_commit_path()
             publish_commit(broker, repo, branch, commit, source="notify", labels=labels)
     finally:

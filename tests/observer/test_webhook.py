@@ -510,3 +510,14 @@ def test_pushes_from_many_threads_and_polls_publish_each_commit_once(loop: Loop,
             t.join()
         loop.observer.handle_pushes()
     assert loop.commits()[1:] == made
+
+
+def test_a_branch_moved_back_to_a_published_commit_publishes_nothing(loop: Loop, repo: GitRepo) -> None:
+    base = loop.commits()[0]
+    later = [repo.commit({"f.txt": str(i)}) for i in range(2)]
+    loop.tell(str(repo.path))
+    loop.observer.handle_pushes()
+    repo.git("reset", "-q", "--hard", later[0])  # published already, and so is its parent
+    loop.tell(str(repo.path))
+    assert loop.observer.handle_pushes() == 0
+    assert loop.commits() == [base, *later]
