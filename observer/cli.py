@@ -184,7 +184,7 @@ def observer_main(args: argparse.Namespace) -> int:
 
 def notify_main(args: argparse.Namespace) -> int:
     if notify.receiver_url(args):
-        return notify.tell_receiver(args)  # as the lean path does (observer/notify.py)
+        return notify.tell_receiver(notify.Notice.from_args(args))  # as the lean path does
     from common.broker import Broker, BrokerUnavailable, Unroutable, connect_within
     from common.messages import check_commit, check_labels
     from common.naming import is_local, normalize_repo

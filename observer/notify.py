@@ -13,15 +13,18 @@ spelled here, so the receiver's module imports it from the lean side.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
 import sys
 import time
-import urllib.parse
 
 from common import exits
+
+# Not typing's TYPE_CHECKING: importing typing costs a hook 5 ms for nothing.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
 
 NOTIFY_PATH = "/notify"
 TOKEN_HEADER = "X-Volt-Token"
@@ -66,40 +69,71 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-class _NotForUs(Exception):
-    """The lean parser cannot read these arguments: the full command will say why."""
+class Notice:
+    """What `volt notify` is asked to tell the receiver, from either parser."""
+
+    def __init__(
+        self,
+        repo: str,
+        branch: str,
+        commit: str | None = None,
+        label: list[str] | None = None,
+        url: str | None = None,
+        webhook_secret_file: str | None = None,
+        timeout: str | None = None,
+    ) -> None:
+        self.repo, self.branch, self.commit, self.label = repo, branch, commit, label or []
+        self.url, self.webhook_secret_file, self.timeout = url, webhook_secret_file, timeout
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Notice:
+        return cls(args.repo, args.branch, args.commit, args.label, args.url, args.webhook_secret_file, args.timeout)
 
 
-class _LeanParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise _NotForUs(message)
+# The flags the lean path reads, each with one value; the common flags are
+# taken and not used (they are for RabbitMQ).
+LEAN_FLAGS = frozenset({"--repo", "--branch", "--commit", "--url", "--webhook-secret-file", "--timeout", *COMMON_FLAGS})
 
 
 def fast_main(argv: list[str]) -> int | None:
     """`volt notify ARGV` on the lean path, or None when it is not for it (no
-    receiver configured, help asked for, arguments it cannot read): then the
-    full command runs and answers as it always does."""
-    if "-h" in argv or "--help" in argv:
+    receiver configured, or anything but `--flag value` / `--flag=value` of
+    the flags above): then the full command, argparse and all, reads the
+    arguments and answers as it always does, help and mistakes included."""
+    given: dict[str, str] = {}
+    at = 0
+    while at < len(argv):
+        flag, eq, value = argv[at].partition("=")
+        if flag not in LEAN_FLAGS:
+            return None
+        if not eq:
+            at += 1
+            if at == len(argv) or argv[at].startswith("-"):
+                return None  # argparse would refuse it, and says so better
+            value = argv[at]
+        given[flag] = value  # the last one wins, as with argparse
+        at += 1
+    if "--repo" not in given or "--branch" not in given:
         return None
-    parser = _LeanParser(prog="volt notify", add_help=False)
-    add_arguments(parser)
-    for flag in COMMON_FLAGS:
-        parser.add_argument(flag)
-    try:
-        args = parser.parse_args(argv)
-    except _NotForUs:
+    notice = Notice(
+        given["--repo"],
+        given["--branch"],
+        given.get("--commit"),
+        url=given.get("--url"),
+        webhook_secret_file=given.get("--webhook-secret-file"),
+        timeout=given.get("--timeout"),
+    )
+    if not receiver_url(notice):
         return None
-    if not receiver_url(args):
-        return None
-    return tell_receiver(args)
+    return tell_receiver(notice)
 
 
-def receiver_url(args: argparse.Namespace) -> str:
+def receiver_url(args: Notice | argparse.Namespace) -> str:
     """The receiver to tell: --url, else VOLT_NOTIFY_URL, else "" (publish to RabbitMQ)."""
-    return (getattr(args, "url", None) or os.environ.get(URL_VARIABLE, "")).strip()
+    return (args.url or os.environ.get(URL_VARIABLE, "")).strip()
 
 
-def timeout_of(args: argparse.Namespace) -> float:
+def timeout_of(args: Notice | argparse.Namespace) -> float:
     """--timeout, else VOLT_NOTIFY_TIMEOUT, else the default; ValueError says what is wrong."""
     raw, source = args.timeout, "--timeout"
     if raw is None:
@@ -127,7 +161,7 @@ def read_secret(path: str, source: str) -> bytes:
     return secret
 
 
-def tell_receiver(args: argparse.Namespace) -> int:
+def tell_receiver(args: Notice) -> int:
     """Post repo, branch and commit to the observer's receiver; one line says how it went."""
     url = receiver_url(args)
     shown = _without_credentials(url)
@@ -167,28 +201,24 @@ def tell_receiver(args: argparse.Namespace) -> int:
 def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> tuple[int, str]:
     """POST `body` as JSON to the receiver's /notify; (status, reply body).
 
-    Plain http is written on a socket: http.client would cost a quarter of a
-    hook's budget in imports (its e-mail header parser) for one request of
-    ours to a server of ours. https goes through http.client and ssl.
-    OSError when the receiver cannot be reached in `timeout`; ValueError for a
-    URL that is not http(s) or an answer that is not HTTP.
+    Plain http is written on a socket, its URL read here: http.client and
+    urllib.parse would cost a good part of a hook's budget in imports (an
+    e-mail header parser, IP address classes) for one request of ours to a
+    server of ours. https goes through http.client and ssl. OSError when the
+    receiver cannot be reached in `timeout`; ValueError for a URL that is not
+    http(s) or an answer that is not HTTP.
     """
-    parts = urllib.parse.urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("must be an http:// or https:// URL, such as http://127.0.0.1:8089")
-    path = parts.path.rstrip("/")
-    if not path.endswith(NOTIFY_PATH):
-        path += NOTIFY_PATH
-    if parts.query:
-        path += "?" + parts.query
-    port = parts.port or (443 if scheme == "https" else 80)
-    host = parts.netloc.rpartition("@")[2]
-    fields = {"Host": host, "Content-Type": "application/json", "Content-Length": str(len(body)), **headers}
+    scheme, host, port, path = _split_url(url)
+    if not path.split("?", 1)[0].rstrip("/").endswith(NOTIFY_PATH):
+        where, mark, query = path.partition("?")
+        path = where.rstrip("/") + NOTIFY_PATH + mark + query
+    netloc = f"[{host}]" if ":" in host else host
+    fields = {"Host": f"{netloc}:{port}", "Content-Type": "application/json", "Content-Length": str(len(body))}
+    fields.update(headers)
     if scheme == "https":
         import http.client  # only here: the cost the plain path avoids
 
-        conn = http.client.HTTPSConnection(parts.hostname, port, timeout=timeout)
+        conn = http.client.HTTPSConnection(host, port, timeout=timeout)
         try:
             conn.request("POST", path, body=body, headers=fields)
             reply = conn.getresponse()
@@ -199,7 +229,9 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> tupl
     head = f"POST {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields.items())
     request = (head + "Connection: close\r\n\r\n").encode("latin-1") + body
     chunks: list[bytes] = []
-    with socket.create_connection((parts.hostname, port), timeout=timeout) as sock:
+    # An ASCII host as bytes: a str would make the resolver load the IDNA codec.
+    address = host.encode("ascii") if host.isascii() else host
+    with socket.create_connection((address, port), timeout=timeout) as sock:  # type: ignore[arg-type]
         sock.sendall(request)
         size = 0
         while size < MAX_REPLY:
@@ -219,6 +251,27 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> tupl
     return int(status_line[1]), raw.partition(b"\r\n\r\n")[2].decode("utf-8", "replace")
 
 
+def _split_url(url: str) -> tuple[str, str, int, str]:
+    """An http(s) URL as (scheme, host, port, path and query); ValueError otherwise."""
+    scheme, sep, rest = url.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in ("http", "https"):
+        raise ValueError("must be an http:// or https:// URL, such as http://127.0.0.1:8089")
+    cut = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+    netloc, path = rest[:cut], rest[cut:].partition("#")[0]
+    hostport = netloc.rpartition("@")[2]
+    if hostport.startswith("["):  # an IPv6 address
+        host, _, after = hostport[1:].partition("]")
+        port = after.removeprefix(":")
+    else:
+        host, _, port = hostport.partition(":")
+    if not host or not (port == "" or (port.isdigit() and int(port) <= 65535)):
+        raise ValueError("must be an http:// or https:// URL, such as http://127.0.0.1:8089")
+    if not path.startswith("/"):
+        path = "/" + path
+    return scheme, host, int(port) if port else (443 if scheme == "https" else 80), path
+
+
 def _repo(raw: str) -> str:
     """The repository as the observer will know it: a local path made absolute
     here (the observer's working folder is not the hook's), a URL without its
@@ -231,13 +284,13 @@ def _repo(raw: str) -> str:
 
 
 def _without_credentials(url: str) -> str:
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return "<unparsable URL>"
-    if "@" not in parts.netloc:
+    scheme, sep, rest = url.partition("://")
+    if not sep:
         return url
-    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    cut = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+    if "@" not in rest[:cut]:
+        return url
+    return f"{scheme}://{rest[:cut].rpartition('@')[2]}{rest[cut:]}"
 
 
 def _message(reply: str) -> str:

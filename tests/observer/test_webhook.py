@@ -14,6 +14,7 @@ import json
 import logging
 import socket
 import subprocess
+import sys
 import threading
 import urllib.parse
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ import pytest
 from support import GitRepo, many_commits
 
 from common.broker import BrokerUnavailable
+from common.cli import main as cli_main
 from common.messages import CommitSeen
 from common.settings import BrokerSettings
 from observer import notify
@@ -347,7 +349,7 @@ def test_the_lean_client_posts_and_reads_the_answer(served: Served, tmp_path: Pa
     monkeypatch.chdir(tmp_path)
     (tmp_path / "repo").mkdir()
     code = notify.fast_main(
-        ["--repo", "repo", "--branch", "main", "--commit", SHA_A, "--url", served.base,
+        ["--repo", "repo", "--branch=main", "--commit", SHA_A, "--url", served.base,
          "--webhook-secret-file", str(secret_file), "--namespace", "ignored"]
     )  # fmt: skip
     assert code == 0
@@ -357,6 +359,27 @@ def test_the_lean_client_posts_and_reads_the_answer(served: Served, tmp_path: Pa
     assert notify.fast_main(["--repo", "repo", "--branch", "main"]) is None  # no receiver: the full command
     assert notify.fast_main(["--repo", "repo", "--branch", "main", "--url", served.base, "--help"]) is None
     assert notify.fast_main(["--branch", "main", "--url", served.base]) is None  # the full parser says why
+    assert notify.fast_main(["--repo", "repo", "--br", "main", "--url", served.base]) is None  # argparse's prefixes
+    assert notify.fast_main(["--repo", "repo", "--branch", "--url", served.base]) is None
+
+
+def test_the_lean_path_imports_neither_pika_nor_the_settings_nor_argparse(tmp_path: Path) -> None:
+    open_receiver = Served(secret=None)
+    code = (
+        "import sys\n"
+        "before = set(sys.modules)  # what the interpreter (and an editable install) loaded already\n"
+        "from common.cli import main\n"
+        f"code = main(['notify', '--repo', {str(tmp_path)!r}, '--branch', 'main', '--url', {open_receiver.base!r}])\n"
+        "heavy = ('pika', 'git', 'common.settings', 'common.logs', 'common.messages', 'argparse', 'typing',"
+        " 'urllib.parse', 'http.client', 'logging', 'dataclasses')\n"
+        "print(code, sorted(m for m in heavy if m in sys.modules and m not in before))\n"
+    )
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    finally:
+        open_receiver.receiver.close()
+    assert out.stdout.strip().splitlines()[-1] == "0 []", out.stdout + out.stderr
+    assert len(open_receiver.pushes) == 1
 
 
 def test_the_lean_client_gives_up_on_a_silent_receiver_within_its_timeout(tmp_path: Path, capsys: Any) -> None:
@@ -378,7 +401,6 @@ def test_the_lean_client_refuses_what_it_cannot_send(tmp_path: Path, capsys: Any
     cases = [
         (["--url", "ftp://x/"], "--url ftp://x/: must be an http:// or https:// URL"),
         (["--url", "http://127.0.0.1:9/", "--timeout", "soon"], "--timeout: must be a positive number"),
-        (["--url", "http://127.0.0.1:9/", "--label", "gpu"], "--label does not go with --url"),
         (
             ["--url", "http://127.0.0.1:9/", "--webhook-secret-file", missing],
             f"--webhook-secret-file {missing}: cannot",
@@ -388,6 +410,11 @@ def test_the_lean_client_refuses_what_it_cannot_send(tmp_path: Path, capsys: Any
         assert notify.fast_main([*base, *extra]) == 2, extra
         (line,) = capsys.readouterr().err.strip().splitlines()
         assert line.startswith(f"volt notify: {why}"), line
+    # What the lean path does not read, the full command does, and answers alike.
+    assert notify.fast_main([*base, "--url", "http://127.0.0.1:9/", "--label", "gpu"]) is None
+    assert cli_main(["notify", *base, "--url", "http://127.0.0.1:9/", "--label", "gpu"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == "volt notify: --label does not go with --url: the observer reads the labels from .volt.toml"
 
 
 # -- the observer's side: submit on the receiver's thread, handle on the loop's ---
