@@ -190,10 +190,11 @@ class Observer:
         notice = push.source == "notify"
         details = [f"{'commit' if notice else 'after'} {push.after[:12]}"] if push.after else []
         details += [f"delivery {push.delivery}"] if push.delivery else []
-        told = f"{'a hook on' if notice else push.source + ' push to'} branch {push.branch} of {watch.repo.url}"
+        branch = f"branch {push.branch}" if push.branch else "every branch watched"
+        told = f"{'a hook on' if notice else push.source + ' push to'} {branch} of {watch.repo.url}"
         told += f" ({', '.join(details)})" if details else ""
         branches = watch.branches  # one read: the loop may replace the list
-        if branches and push.branch not in branches:
+        if branches and push.branch and push.branch not in branches:
             return Outcome(202, f"nothing to do: {told}, a branch not watched")
         if not self.pending.add(index, watch, push):
             return Outcome(503, "too many branches wait for the observer already; send it again")
@@ -317,26 +318,32 @@ class Observer:
                         unreadable.add(id(watch))
                         continue
                     fetched.add(id(watch))
-                if push.branch not in watch.branches:
-                    log.info("repo=%s branch=%s not watched; %s push ignored", url, push.branch, push.source)
-                    continue
-                try:
-                    count = self._poll_branch(watch, push.branch, push.source)
-                except BrokerError:
-                    raise
-                except BranchMissing:
-                    self._branch_missing(watch, push.branch)
-                    continue
-                except Exception as exc:  # noqa: BLE001 - one branch must not stop the others
-                    reason = str(exc) if isinstance(exc, RepoError) else _unexpected(exc)
-                    log.error("repo=%s branch=%s %s push not acted on: %s", url, push.branch, push.source, reason)
-                    continue
-                published += count
-                if count == 0:
-                    log.info("repo=%s branch=%s %s push: nothing new", url, push.branch, push.source)
+                # A hook that named no branch asks for every branch watched.
+                for branch in [push.branch] if push.branch else list(watch.branches):
+                    published += self._push_branch(watch, branch, push.source)
         finally:
             self._sync_cursor()
         return published
+
+    def _push_branch(self, watch: Watch, branch: str, source: str) -> int:
+        url = watch.repo.url
+        if branch not in watch.branches:
+            log.info("repo=%s branch=%s not watched; %s push ignored", url, branch, source)
+            return 0
+        try:
+            count = self._poll_branch(watch, branch, source)
+        except BrokerError:
+            raise
+        except BranchMissing:
+            self._branch_missing(watch, branch)
+            return 0
+        except Exception as exc:  # noqa: BLE001 - one branch must not stop the others
+            reason = str(exc) if isinstance(exc, RepoError) else _unexpected(exc)
+            log.error("repo=%s branch=%s %s push not acted on: %s", url, branch, source, reason)
+            return 0
+        if count == 0:
+            log.info("repo=%s branch=%s %s push: nothing new", url, branch, source)
+        return count
 
     def _poll_branch(self, watch: Watch, branch: str, source: str = "poll") -> int:
         repo, url = watch.repo, watch.repo.url

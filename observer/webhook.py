@@ -92,7 +92,7 @@ class Push:
 
     source: str  # github, gitlab, gitea, forgejo or notify
     repos: tuple[str, ...]  # how the request names the repository
-    branch: str
+    branch: str  # "" from a hook that named none: every branch watched
     after: str = ""  # the head the sender says the branch moved to; for the log
     delivery: str = ""
 
@@ -222,7 +222,8 @@ def _is_commit(sha: str) -> bool:
 
 
 def read_notify(headers: Headers, body: bytes) -> Push:
-    """A local hook's `repo`, `branch` and `commit`, as a form or as JSON."""
+    """A local hook's `repo` (and `branch`, and `commit`), as a form or as JSON; without
+    a branch, every branch watched in that repository is looked at."""
     if str(headers.get("Content-Type", "")).startswith("application/json"):
         fields = decode(headers, body)
     else:
@@ -231,14 +232,15 @@ def read_notify(headers: Headers, body: bytes) -> Push:
         except (ValueError, UnicodeDecodeError):
             raise Refused(400, "the body is neither a form nor JSON") from None
         fields = {key: values[0] for key, values in form.items()}
-    repo, branch, commit = fields.get("repo"), fields.get("branch"), fields.get("commit") or ""
+    repo, branch, commit = fields.get("repo"), fields.get("branch") or "", fields.get("commit") or ""
     if not isinstance(repo, str) or not repo:
-        raise Refused(400, "give repo, branch and commit")
+        raise Refused(400, "give repo (and branch, and commit)")
     if not isinstance(branch, str) or not isinstance(commit, str):
-        raise Refused(400, "give repo, branch and commit")
+        raise Refused(400, "give repo (and branch, and commit) as strings")
     try:
         normalize_repo(repo)
-        branch = check_branch(branch)
+        if branch:  # none: every branch the observer watches in that repository
+            branch = check_branch(branch)
         if commit:
             check_commit(commit)
     except ValueError as exc:

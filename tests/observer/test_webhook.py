@@ -210,6 +210,7 @@ def test_a_local_hooks_notice_is_read_from_a_form_or_json(tmp_path: Path) -> Non
     assert (form.repos, form.branch, form.after, form.source) == ((str(tmp_path),), "main", SHA_A, "notify")
     h = headers_of({"Content-Type": "application/json"})
     assert read_notify(h, json.dumps({"repo": str(tmp_path), "branch": "dev"}).encode()).after == ""
+    assert read_notify(headers_of({}), f"repo={tmp_path}".encode()).branch == ""  # every branch watched
     for bad, why in [
         (b"branch=main", "give repo"),
         (f"repo={tmp_path}&branch=main~1".encode(), "not a branch name"),
@@ -548,3 +549,20 @@ def test_a_branch_moved_back_to_a_published_commit_publishes_nothing(loop: Loop,
     loop.tell(str(repo.path))
     assert loop.observer.handle_pushes() == 0
     assert loop.commits() == [base, *later]
+
+
+def test_a_hook_that_names_no_branch_has_every_watched_branch_looked_at(repo: GitRepo, tmp_path: Path) -> None:
+    repo.commit({"f.txt": "0"})
+    repo.git("branch", "dev")
+    loop = Loop(tmp_path, [str(repo.path)], ("main", "dev"))
+    try:
+        loop.observer.poll_once()
+        on_main = repo.commit({"f.txt": "main"})
+        repo.git("checkout", "-q", "dev")
+        on_dev = repo.commit({"f.txt": "dev"})
+        outcome = loop.observer.submit(Push(source="notify", repos=(str(repo.path),), branch=""))
+        assert outcome.message == f"queued: a hook on every branch watched of {repo.path}"
+        assert loop.observer.handle_pushes() == 2
+        assert {m.branch: m.commit for m in loop.broker.published[-2:]} == {"main": on_main, "dev": on_dev}
+    finally:
+        loop.observer.cursor.close()
