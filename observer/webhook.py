@@ -21,6 +21,7 @@ import hmac
 import json
 import logging
 import socket
+import sys
 import threading
 import time
 import urllib.parse
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from common.gitutil import one_line
 from common.messages import check_branch, check_commit
 from common.naming import is_local, normalize_repo
 from observer.notify import NOTIFY_PATH, TOKEN_HEADER
@@ -331,19 +333,19 @@ class Receiver:
             self._thread.join(timeout=5)
         self.server.server_close()
 
-    def handle(self, path: str, headers: Headers, body: bytes, client: str) -> Outcome:
+    def handle(self, path: str, headers: Headers, body: bytes) -> Outcome:
         """Answer one POST whose body has arrived whole (and within MAX_BODY)."""
         route = path.partition("?")[0].rstrip("/") or "/"
         try:
             if route == NOTIFY_PATH:
-                return self._notify(headers, body, client)
+                return self._notify(headers, body)
             if route in (WEBHOOK_PATH, "/"):
-                return self._webhook(headers, body, client)
+                return self._webhook(headers, body)
             raise Refused(404, f"no such path; forges post to {WEBHOOK_PATH}, hooks to {NOTIFY_PATH}")
         except Refused as refused:
             return Outcome(refused.status, refused.message)
 
-    def _webhook(self, headers: Headers, body: bytes, client: str) -> Outcome:
+    def _webhook(self, headers: Headers, body: bytes) -> Outcome:
         forge = forge_of(headers)
         if forge is None:
             raise Refused(400, "not a forge's webhook: no X-GitHub-Event, X-Gitlab-Event, X-Gitea-Event "
@@ -366,7 +368,7 @@ class Receiver:
             self.deliveries.release(keys)
         return outcome
 
-    def _notify(self, headers: Headers, body: bytes, client: str) -> Outcome:
+    def _notify(self, headers: Headers, body: bytes) -> Outcome:
         if self.secret is not None:
             token = headers.get(TOKEN_HEADER)
             if token is None:
@@ -381,8 +383,10 @@ class _Server(ThreadingHTTPServer):
     receiver: Receiver
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        # One line, not the standard library's traceback on stderr.
-        log.exception("webhook request from %s failed", client_address[0] if client_address else "?")
+        # One line, not the standard library's traceback on stderr; the receiver goes on.
+        exc = sys.exc_info()[1]
+        where = client_address[0] if client_address else "?"
+        log.error("webhook request from %s failed: %s: %s", where, type(exc).__name__, one_line(exc) if exc else "?")
 
 
 class _Server6(_Server):
@@ -427,7 +431,13 @@ class _Handler(BaseHTTPRequestHandler):
             if body is None:
                 self._answer(self._logged(Outcome(400, "the body did not arrive whole in time")))
                 return
-            self._answer(self._logged(receiver.handle(self.path, self.headers, body, self.address_string())))
+            try:
+                outcome = receiver.handle(self.path, self.headers, body)
+            except Exception as exc:  # noqa: BLE001 - one request must not stop the receiver
+                log.error("POST %s from %s failed: %s: %s", self.path[:100], self.address_string(),
+                          type(exc).__name__, one_line(exc))  # fmt: skip
+                outcome = Outcome(500, "the observer failed on this request; its log says why")
+            self._answer(outcome if outcome.status == 500 else self._logged(outcome))
         finally:
             receiver.slots.release()
 

@@ -314,6 +314,22 @@ def test_others_are_served_while_a_sender_stalls(served: Served) -> None:
         assert served.post("/webhook", headers, body)[0] == 202
 
 
+def test_a_request_the_observer_fails_on_is_a_500_and_one_line_and_the_next_is_served(
+    served: Served, tmp_path: Path, caplog: Any
+) -> None:
+    def broken(push: Push) -> Outcome:
+        raise RuntimeError("nobody planned for this")
+
+    served.receiver.submit = broken
+    kind = {"X-Volt-Token": SECRET.decode()}
+    with caplog.at_level(logging.ERROR, logger="observer.webhook"):
+        assert served.post("/notify", kind, f"repo={tmp_path}".encode())[0] == 500
+    (line,) = caplog.messages
+    assert line == "POST /notify from 127.0.0.1 failed: RuntimeError: nobody planned for this"
+    served.receiver.submit = Served.submit.__get__(served)
+    assert served.post("/notify", kind, f"repo={tmp_path}".encode())[0] == 202
+
+
 def test_a_github_ping_is_answered_once_its_signature_holds(served: Served) -> None:
     body = json.dumps({"zen": "Keep it logically awesome.", "hook_id": 1}).encode()
     headers = {"X-GitHub-Event": "ping", "X-GitHub-Delivery": "p-1", "Content-Type": "application/json"}
