@@ -2,7 +2,8 @@
 
 One runner, a one-test pytest suite. For each commit:
   overhead  = result recorded - commit published - the test process's own wall time
-  notify    = result recorded - the moment a git hook starts `volt notify` (its start-up included)
+  notify    = result recorded - the moment a git hook starts `volt notify` (its start-up included),
+              published to RabbitMQ by itself (bench/push.py has it told to the observer)
   poll 1 s  = result recorded - the moment of the commit, with `volt observer --poll 1`
 The runner runs tests in its sandbox (the default); the overhead is measured
 again on a runner with --sandbox none, to show what the sandbox costs.
@@ -137,7 +138,7 @@ def main() -> None:
         )
         report(
             "notify",
-            "commit-to-result with volt notify, beyond test time",
+            "commit-to-result with volt notify straight to RabbitMQ, beyond test time",
             f"+{notify * 1000:.0f} ms (total {median(notify_total) * 1000:.0f} ms)",
             f"< +{TARGET_NOTIFY * 1000:.0f} ms",
             notify < TARGET_NOTIFY,

@@ -20,6 +20,7 @@ from typing import Any
 import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
+from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
 from common import naming
 from common.messages import Message
@@ -28,6 +29,10 @@ from common.settings import BrokerSettings, SettingsError, redact_url
 log = logging.getLogger(__name__)
 
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+# What opening a connection raises: pika's errors, the socket's, and a
+# handshake its stack timeout cut off (a port that accepts and never answers),
+# which pika raises as none of its AMQP errors.
+CONNECT_ERRORS = (pika.exceptions.AMQPError, OSError, AMQPConnectorException)
 OWNER_QUEUE_ARGS = {"x-max-length": 1, "x-overflow": "reject-publish"}
 # A runner queue whose runner has been gone this long is deleted by the broker,
 # so the management UI does not fill with queues of runners long retired.
@@ -282,7 +287,7 @@ class Broker:
                 try:
                     self._open(url)
                     return
-                except (pika.exceptions.AMQPError, OSError) as exc:
+                except CONNECT_ERRORS as exc:
                     self.close()
                     failures.append((url, _describe(exc)))
                     if stopping():
@@ -1094,3 +1099,17 @@ def _move(broker: Broker, source: str, target: str) -> int:
             count += 1
     ch.basic_cancel(tag)
     return count
+
+
+def connect_within(broker: Broker, timeout: float) -> None:
+    """connect_once for a command that must not wait long (`volt notify` in a git
+    hook): a handshake that pika's stack timeout cut off is BrokerUnavailable too,
+    which connect_once lets through as pika's own connector error."""
+    from pika.adapters.utils.connection_workflow import AMQPConnectorException
+
+    try:
+        connect_once(broker, timeout)
+    except AMQPConnectorException:
+        raise BrokerUnavailable(
+            f"cannot reach RabbitMQ at {redact_url(broker.settings.amqp_url)}: no answer within {timeout:g}s"
+        ) from None

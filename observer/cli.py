@@ -13,12 +13,14 @@ from common.settings import (
     Option,
     SettingsError,
     add_options,
+    existing_file,
     gather,
     path,
     positive_float,
     repo_url,
     writable_dir,
 )
+from observer import notify
 
 if TYPE_CHECKING:
     from observer.service import ObserverSettings
@@ -28,6 +30,33 @@ def _branch(raw: str) -> str:
     from common.messages import check_branch
 
     return check_branch(raw)
+
+
+def listen_address(raw: str) -> str:
+    """HOST:PORT for the webhook receiver (`[::1]:8089` for IPv6; port 0 takes a free one)."""
+    host, colon, port = raw.strip().rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not colon or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"must be HOST:PORT, such as 127.0.0.1:8089 (0.0.0.0:8089 for every address), got {raw!r:.80}")
+    return f"[{host}]:{int(port)}" if ":" in host else f"{host}:{int(port)}"
+
+
+def split_listen(address: str) -> tuple[str, int]:
+    """A listen_address() as (host, port)."""
+    host, _, port = address.rpartition(":")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def loopback(host: str) -> bool:
+    """Whether only this machine can reach an address."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 # The observer's settings as flags and VOLT_* variables (ObserverSettings.from_args
@@ -75,6 +104,26 @@ OPTIONS = (
         positive_float,
         metavar="S",
     ),
+    Option(
+        "listen",
+        "--listen",
+        "LISTEN",
+        "serve forge push webhooks (POST /webhook) and local hooks (POST /notify) on HOST:PORT",
+        "",
+        listen_address,
+        metavar="HOST:PORT",
+        shown="off",
+    ),
+    Option(
+        "webhook_secret_file",
+        "--webhook-secret-file",
+        "WEBHOOK_SECRET_FILE",
+        "the secret shared with the forges' webhooks (and asked of POST /notify) on its one line",
+        None,
+        existing_file,
+        metavar="FILE",
+        shown="none; needed unless --listen is on a loopback address",
+    ),
 )
 
 
@@ -84,15 +133,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.set_defaults(func=observer_main)
 
     p = sub.add_parser("notify", help="publish a commit now (for a git post-commit / post-receive hook)")
-    p.add_argument("--repo", required=True, help="the repository: a local path or a URL (required)")
-    p.add_argument("--branch", required=True, help="the branch the commit is on (required)")
-    p.add_argument("--commit", metavar="SHA", help="commit id (default: the branch's head in --repo)")
-    p.add_argument(
-        "--label",
-        action="append",
-        default=[],
-        help="a runner label the job needs (repeatable; default none, and those in .volt.toml when --repo is local)",
-    )
+    notify.add_arguments(p)
     p.set_defaults(func=notify_main)
 
 
@@ -104,6 +145,14 @@ def settings_from(args: argparse.Namespace | None, environ: Mapping[str, str] | 
     if not values["repos"]:
         raise SettingsError("no repository to watch: give --repo (or VOLT_REPOS)")
     values["state_dir"] = Path(values["state_dir"]).resolve()
+    if values["listen"] and values["webhook_secret_file"] is None:
+        host, _ = split_listen(values["listen"])
+        if not loopback(host):
+            # Without a secret nothing can be verified: only this machine's hooks may talk to it.
+            raise SettingsError(
+                f"--listen {values['listen']} takes requests from other machines: give --webhook-secret-file "
+                "(only a loopback address such as 127.0.0.1 may go without)"
+            )
     return ObserverSettings(broker=BrokerSettings.from_args(args, environ), **values)
 
 
@@ -123,6 +172,9 @@ def observer_main(args: argparse.Namespace) -> int:
     writable_dir(settings.state_dir, "--state-dir")
     try:
         observer = Observer(settings)
+        # Bound first, so an address in use or a secret that cannot be read is
+        # one line at start rather than a surprise later.
+        observer.listen()
         observer.open_repos()
     except (RepoError, CursorBusy, ValueError, OSError) as exc:
         raise SettingsError(str(exc)) from None
@@ -131,13 +183,16 @@ def observer_main(args: argparse.Namespace) -> int:
 
 
 def notify_main(args: argparse.Namespace) -> int:
-    from common.broker import Broker, BrokerUnavailable, Unroutable
+    if notify.receiver_url(args):
+        return notify.tell_receiver(notify.Notice.from_args(args))  # as the lean path does
+    from common.broker import Broker, BrokerUnavailable, Unroutable, connect_within
     from common.messages import check_commit, check_labels
     from common.naming import is_local, normalize_repo
     from observer.publish import LabelsRead, publish_commit
 
     try:
         repo = normalize_repo(args.repo)
+        timeout = notify.timeout_of(args)
     except ValueError as exc:
         raise SettingsError(str(exc)) from None
     (branch,) = _branches([args.branch])
@@ -163,7 +218,9 @@ def notify_main(args: argparse.Namespace) -> int:
         raise SettingsError(f"--label: {exc}") from None
     reading = LabelsRead(repo, commit) if is_local(repo) else None
     broker = Broker(BrokerSettings.from_args(args), "volt-notify")
-    broker.connect(give_up_after=10)
+    # A refused connection fails at once, anything else within the timeout:
+    # a hook never holds up a commit for long, and the next poll finds it.
+    connect_within(broker, timeout)
     if reading is not None:
         labels.update(reading.result())
     try:
@@ -173,7 +230,7 @@ def notify_main(args: argparse.Namespace) -> int:
             # Declaring costs round trips a hook should not pay every time:
             # only when the topology is not there yet.
             broker.close()
-            broker.connect(give_up_after=10)
+            connect_within(broker, timeout)
             broker.declare_commit_path()
             publish_commit(broker, repo, branch, commit, source="notify", labels=labels)
     finally:

@@ -125,6 +125,13 @@ class WatchedRepo:
         except (git.BadName, ValueError):
             raise BranchMissing(f"branch {branch!r} not found in {self.url}") from None
 
+    def parents(self, commit: str) -> list[str]:
+        """The commit's parents, read through GitPython's running cat-file (no new process)."""
+        try:
+            return [parent.hexsha for parent in self.repo.commit(commit).parents]
+        except (git.BadName, ValueError) as exc:
+            raise RepoError(f"cannot read commit {commit[:12]} of {self.url}: {one_line(exc)}") from None
+
     def labels_at(self, commit: str) -> list[str]:
         """The runner labels the commit's .volt.toml asks for: none without one,
         and none (with a line saying why) when it is broken; the runner that

@@ -610,3 +610,34 @@ def jobs_in_store(db: Path) -> list[tuple[str, str, str | None]]:
         return list(conn.execute("SELECT commit_sha, state, status FROM jobs"))
     finally:
         conn.close()
+
+
+class CommitTap:
+    """Every CommitSeen published in a namespace where no dispatcher runs, taken off
+    the dispatcher's queue as they come. By consuming: a quorum queue with a
+    single active consumer refuses basic.get."""
+
+    def __init__(self, volt: Volt) -> None:
+        from common.messages import CommitSeen
+
+        self.volt = volt
+        self.queue = naming.dispatcher_commits_queue(volt.ns)
+        self.seen: list[CommitSeen] = []
+        self._on: Broker | None = None
+        volt.broker.declare_topology()  # the queue exists before anything is published
+
+    def take(self) -> list[str]:
+        """The commits published so far, in order."""
+        from common.messages import CommitSeen
+
+        broker = self.volt.broker
+        if self._on is not broker:  # first use, or the test's connection was made again
+
+            def keep(delivery: Any) -> None:
+                self.seen.append(CommitSeen.from_json(delivery.body))
+                delivery.ack()
+
+            broker.consume(self.queue, keep, prefetch=1000)
+            self._on = broker
+        broker.process(0.05)
+        return [m.commit for m in self.seen]
