@@ -1,0 +1,873 @@
+"""A job's Python environment: built with uv from the project's own files, cached by what defines them.
+
+What goes in (`plan`): the project itself (editable unless `[env] editable =
+false` or its build backend cannot), its test dependencies from the first of
+these it has: a dependency group `test`/`tests`/`dev`, an extra
+`test`/`tests`/`testing`, `requirements-test.txt`, `requirements-dev.txt`,
+`test-requirements.txt`, `requirements/test.txt` (or what `[env]` names
+instead), its `requirements.txt`, `[env] install`, and pytest: the runner's
+own version, copied from the runner unless the project brought its own. With
+a `uv.lock` the project and its groups come from the lock (`uv sync
+--locked`).
+
+The cache, under the runner's workdir (`Environments`):
+
+    envs/<repository>/uv-cache/    uv's downloads and builds, for this repository only
+    envs/<repository>/<key>/       an environment; whole once COMPLETE is in it
+    envs/<repository>/<key>.lock   held while the environment is built or used
+    envs/.lock                     held while environments are counted and evicted
+
+The key hashes the files that define the environment, the `[env]` table, the
+interpreter, the platform, the runner's pytest and uv settings. Each
+repository has its own environments and uv cache: a build runs the project's
+own code (its build backend, its dependencies' setup.py) and may write there,
+so what one repository's commit does to a cache reaches no other repository.
+An environment is built where it will live (a virtual environment holds its
+own path in scripts and records, so it is not renamed into place): the marker
+written last says it is whole, and a folder without one is what a crash left.
+"""
+
+from __future__ import annotations
+
+import configparser
+import contextlib
+import fcntl
+import functools
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.voltfile import ConfigError, EnvSpec
+from runner.execute import LogCollector, read_tree_file
+
+log = logging.getLogger(__name__)
+
+ENV_FORMAT = "1"  # bump when what an environment holds changes, so old ones are not reused
+COMPLETE = ".volt-env.json"
+PROJECT_FILES = ("pyproject.toml", "setup.py", "setup.cfg")
+TEST_GROUPS = ("test", "tests", "dev")
+TEST_EXTRAS = ("test", "tests", "testing")
+TEST_REQUIREMENTS = ("requirements-test.txt", "requirements-dev.txt", "test-requirements.txt", "requirements/test.txt")
+MAX_FILE_BYTES = 16 * 1024 * 1024  # a uv.lock of a large project is a few MiB
+MAX_FILES = 200
+# The runner's environment that reaches uv: the operator's uv settings (an
+# index, find-links, ...) and how to get out to it. Nothing else of the runner's.
+_UV_PASSED_ON = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "SSL_CERT_FILE", "SSL_CERT_DIR")
+_PROXIES = ("http_proxy", "https_proxy", "no_proxy", "all_proxy")
+# `[env] install` options uv may get from a commit: what changes which
+# packages are picked, never where uv writes or which Python it changes.
+_INSTALL_OPTIONS = frozenset(
+    {
+        "--pre",
+        "--prerelease",
+        "--resolution",
+        "--upgrade",
+        "-U",
+        "--upgrade-package",
+        "-P",
+        "--index",
+        "--index-url",
+        "-i",
+        "--default-index",
+        "--extra-index-url",
+        "--index-strategy",
+        "--find-links",
+        "-f",
+        "--no-binary",
+        "--only-binary",
+        "--no-build-isolation",
+        "--no-build-isolation-package",
+        "--config-settings",
+        "-C",
+        "--editable",
+        "-e",
+        "--requirement",
+        "-r",
+        "--constraint",
+        "-c",
+        "--override",
+        "--no-sources",
+    }
+)
+_TAKES_VALUE = _INSTALL_OPTIONS - {"--pre", "--upgrade", "-U", "--no-build-isolation", "--no-sources"}
+_INCLUDE = re.compile(r"^\s*(?:-r|-c|--requirement|--constraint)(?:\s*=\s*|\s+)(\S+)", re.MULTILINE)
+
+
+class EnvError(Exception):
+    """The environment cannot be had; the message (after `environment: `) says why in one line."""
+
+
+class Stopped(Exception):
+    """The build was stopped on purpose: `reason` is "cancelled" or "lease lost"."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# -- interpreters ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Interpreter:
+    version: str  # "3.12": what `[env] python` names and the runner's label says
+    release: str  # "3.12.1"
+    executable: Path  # the real interpreter: not a venv's link, not a pyenv shim
+    prefix: Path  # its sys.base_prefix, which the box must show
+
+
+_PROBE = (
+    "import json, os, sys; print(json.dumps([list(sys.version_info[:3]), "
+    "os.path.realpath(getattr(sys, '_base_executable', None) or sys.executable), sys.base_prefix]))"
+)
+
+
+def own_interpreter() -> Interpreter:
+    """The interpreter the runner runs on (the base one, when the runner runs in a venv)."""
+    major, minor, micro = sys.version_info[:3]
+    base = getattr(sys, "_base_executable", None) or sys.executable
+    return Interpreter(
+        f"{major}.{minor}", f"{major}.{minor}.{micro}", Path(os.path.realpath(base)), Path(sys.base_prefix)
+    )
+
+
+def probe(command: str, timeout: float = 20.0) -> Interpreter | None:
+    """The interpreter `command` starts, or None when it does not start (a pyenv
+    shim for a version that is not active, say)."""
+    try:
+        done = subprocess.run(
+            [command, "-I", "-c", _PROBE], stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, text=True
+        )
+        (major, minor, micro), executable, prefix = json.loads(done.stdout)
+    except (OSError, subprocess.TimeoutExpired, ValueError, TypeError):
+        return None
+    if done.returncode != 0:
+        return None
+    return Interpreter(f"{major}.{minor}", f"{major}.{minor}.{micro}", Path(executable), Path(prefix))
+
+
+@functools.lru_cache(maxsize=8)
+def find_pythons(wanted: tuple[str, ...] = (), path: str | None = None) -> dict[str, Interpreter]:
+    """The Pythons this runner offers jobs, by version: its own, and either each
+    of `wanted` (a version such as "3.12", found as python3.12 on PATH, or a
+    path to an interpreter; ValueError for one that does not start) or, with
+    none wanted, every python3.N on PATH that starts and is 3.N."""
+    found: dict[str, Interpreter] = {}
+    search = os.environ.get("PATH", os.defpath) if path is None else path
+    if wanted:
+        for item in wanted:
+            if re.fullmatch(r"3\.\d{1,2}", item):
+                command = shutil.which(f"python{item}", path=search)
+                got = probe(command) if command else None
+                if got is None or got.version != item:
+                    raise ValueError(f"no working python{item} on PATH; give its path instead")
+            else:
+                got = probe(item)
+                if got is None:
+                    raise ValueError(f"{item} is not a Python interpreter that starts")
+            found.setdefault(got.version, got)
+    else:
+        names: set[str] = set()
+        for folder in search.split(os.pathsep):
+            with contextlib.suppress(OSError):
+                names.update(n for n in os.listdir(folder or ".") if re.fullmatch(r"python3\.\d{1,2}", n))
+        for name in sorted(names):
+            command = shutil.which(name, path=search)
+            got = probe(command) if command else None
+            if got is not None and f"python{got.version}" == name:
+                found.setdefault(got.version, got)
+    own = own_interpreter()
+    found[own.version] = own  # the runner's own wins its version: it is known to work
+    return dict(sorted(found.items(), key=lambda kv: [int(p) for p in kv[0].split(".")]))
+
+
+# -- what to build -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a job's environment is made of, and the key it is cached under."""
+
+    key: str
+    repo: str
+    python: Interpreter
+    project: bool  # the tree is a project to install
+    editable: bool
+    locked: bool  # from uv.lock, with `uv sync --locked`
+    groups: tuple[str, ...]
+    extras: tuple[str, ...]
+    requirements: tuple[str, ...]  # files, relative to the tree
+    install: tuple[str, ...]  # more `uv pip install` arguments
+    pytest: str  # the runner's pytest version, put in unless the project brings its own
+
+    def describe(self) -> str:
+        parts = []
+        if self.project:
+            parts.append(
+                "the project" + (" (editable)" if self.editable else "") + (" from uv.lock" if self.locked else "")
+            )
+        parts += [f"group {g}" for g in self.groups] + [f"extra {e}" for e in self.extras]
+        parts += list(self.requirements)
+        if self.install:
+            parts.append("install " + " ".join(self.install))
+        parts.append(f"pytest (the project's, else the runner's {self.pytest})")
+        return ", ".join(parts)
+
+
+def is_python_project(tree: Path) -> bool:
+    """Whether the tree's root has what marks a Python project."""
+    return any((tree / name).exists() for name in PROJECT_FILES) or any(tree.glob("requirements*.txt"))
+
+
+def plan(
+    tree: Path,
+    spec: EnvSpec,
+    *,
+    repo: str,
+    python: Interpreter,
+    uv_settings: Mapping[str, str] | None = None,
+) -> Plan:
+    """Decide what the environment of `tree` holds; EnvError when its files say something impossible."""
+    files = _defining_files(tree, spec)
+    pyproject = _toml(files.get("pyproject.toml"), "pyproject.toml")
+    installable = "setup.py" in files or "project" in pyproject or "build-system" in pyproject
+    if "setup.cfg" in files and "pyproject.toml" not in files and "setup.py" not in files:
+        installable = "[metadata]" in files["setup.cfg"].decode("utf-8", "replace")
+    groups, extras = spec.groups, spec.extras
+    requirements = tuple(os.path.normpath(n) for n in spec.requirements)
+    if not spec.chooses_test_deps:
+        groups, extras, requirements = _test_dependencies(pyproject, files, installable)
+    if "requirements.txt" in files and "requirements.txt" not in requirements:
+        requirements = ("requirements.txt", *requirements)
+    for name in requirements:
+        if name not in files:
+            raise EnvError(f"{name} (in [env] requirements) is not in the repository")
+    if extras and not installable:
+        raise EnvError(f"extra {extras[0]} asked for, but the repository is no project to install")
+    declared = set(pyproject.get("dependency-groups", {}))
+    missing = [g for g in groups if g not in declared]
+    if missing:
+        raise EnvError(f"dependency group {missing[0]} is not in pyproject.toml [dependency-groups]")
+    _check_install(spec.install)
+    pytest_version = importlib.metadata.version("pytest")
+    digest = hashlib.sha256()
+    for part in (
+        ENV_FORMAT,
+        repo,
+        python.release,
+        str(python.executable),
+        sys.platform,
+        platform.machine(),
+        "-".join(platform.libc_ver()),
+        pytest_version,
+        spec.canonical(),
+        json.dumps(sorted((uv_settings or {}).items())),
+    ):
+        digest.update(part.encode() + b"\0")
+    for name in sorted(files):
+        digest.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
+    return Plan(
+        key=digest.hexdigest()[:24],
+        repo=repo,
+        python=python,
+        project=installable,
+        editable=spec.editable and installable,
+        locked=installable and "uv.lock" in files and "project" in pyproject,
+        groups=groups,
+        extras=extras,
+        requirements=requirements,
+        install=spec.install,
+        pytest=pytest_version,
+    )
+
+
+def _test_dependencies(
+    pyproject: dict[str, Any], files: Mapping[str, bytes], installable: bool
+) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """The first of: a test dependency group, a test extra, a test requirements file."""
+    groups = pyproject.get("dependency-groups", {})
+    for name in TEST_GROUPS:
+        if name in groups:
+            return (name,), (), ()
+    if installable:
+        extras = set(pyproject.get("project", {}).get("optional-dependencies", {}))
+        if "setup.cfg" in files:
+            cfg = configparser.ConfigParser(interpolation=None)
+            with contextlib.suppress(configparser.Error, UnicodeDecodeError):
+                cfg.read_string(files["setup.cfg"].decode())
+                extras |= set(cfg["options.extras_require"]) if cfg.has_section("options.extras_require") else set()
+        for name in TEST_EXTRAS:
+            if name in extras:
+                return (), (name,), ()
+    for name in TEST_REQUIREMENTS:
+        if name in files:
+            return (), (), (name,)
+    return (), (), ()
+
+
+def _check_install(arguments: Sequence[str]) -> None:
+    expect_value = False
+    for arg in arguments:
+        if expect_value:
+            expect_value = False
+            continue
+        if arg.startswith("-"):
+            option = arg.split("=", 1)[0]
+            if option not in _INSTALL_OPTIONS:
+                raise EnvError(f"[env] install: uv pip option {option} is not allowed here")
+            expect_value = option in _TAKES_VALUE and "=" not in arg
+
+
+def _defining_files(tree: Path, spec: EnvSpec) -> dict[str, bytes]:
+    """The files that define the environment, by path in the tree, and what they hold."""
+    names = [n for n in (*PROJECT_FILES, "uv.lock") if (tree / n).exists() or (tree / n).is_symlink()]
+    names += sorted(p.name for p in tree.glob("requirements*.txt"))
+    names += sorted(f"requirements/{p.name}" for p in tree.glob("requirements/*.txt"))
+    names += [os.path.normpath(n) for n in spec.requirements]
+    files: dict[str, bytes] = {}
+    while names:
+        name = names.pop(0)
+        if name in files:
+            continue
+        if len(files) >= MAX_FILES:
+            raise EnvError(f"more than {MAX_FILES} files define the environment")
+        files[name] = data = _read(tree, name)
+        if name not in (*PROJECT_FILES, "uv.lock"):
+            # A requirements file may include others; they define the environment too.
+            base = os.path.dirname(name)
+            for include in _INCLUDE.findall(data.decode("utf-8", "replace")):
+                if "://" not in include:
+                    names.append(os.path.normpath(os.path.join(base, include)))
+    return files
+
+
+def _read(tree: Path, name: str) -> bytes:
+    real_tree = Path(os.path.realpath(tree))
+    path = Path(os.path.realpath(tree / name))
+    if real_tree not in path.parents:
+        raise EnvError(f"{name} is not a file inside the repository")
+    try:
+        text = read_tree_file(path, MAX_FILE_BYTES)
+    except ConfigError as exc:
+        raise EnvError(str(exc)) from None
+    except OSError as exc:
+        raise EnvError(f"cannot read {name}: {exc.strerror or exc}") from None
+    if text is None:
+        raise EnvError(f"{name} is not in the repository")
+    return text.encode()
+
+
+def _toml(data: bytes | None, name: str) -> dict[str, Any]:
+    if data is None:
+        return {}
+    try:
+        return tomllib.loads(data.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise EnvError(f"{name} is not valid TOML: {' '.join(str(exc).split())[:200]}") from None
+
+
+# -- the cache ---------------------------------------------------------------
+
+
+@dataclass
+class Ready:
+    """An environment a job may use while it holds it."""
+
+    path: Path
+    python: Path
+    reused: bool
+    _lock: Any = None
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+
+# How a caller boxes uv: (argv, env, writable, shown) -> the argv that runs it in a sandbox.
+Box = Callable[[list[str], dict[str, str], list[Path], list[Path]], list[str]]
+
+
+class Environments:
+    """The runner's environments under `root`, at most `size` of them kept."""
+
+    def __init__(self, root: Path, *, size: int = 10, timeout: float = 900.0, uv: str | None = None) -> None:
+        self.root = root
+        self.size = size
+        self.timeout = timeout
+        self.uv = uv or find_uv()
+        root.mkdir(parents=True, exist_ok=True)
+
+    def home(self, repo: str) -> Path:
+        from runner.workspace import _slug  # the same name its checkout has
+
+        return self.root / _slug(repo)
+
+    @contextlib.contextmanager
+    def prepare(
+        self,
+        plan: Plan,
+        tree: Path,
+        log: LogCollector,
+        *,
+        stop: Callable[[], str | None] = lambda: None,
+        box: Box | None = None,
+        home: Path | None = None,
+    ) -> Iterator[Ready]:
+        """The environment `plan` describes, built unless a whole one is cached,
+        held for the caller until the block ends. Whatever uv says goes to `log`.
+        EnvError when it cannot be built; Stopped when `stop()` said so."""
+        deadline = time.monotonic() + self.timeout
+        where = self.home(plan.repo)
+        where.mkdir(parents=True, exist_ok=True)
+        env = where / plan.key
+        lock = _hold(where / f"{plan.key}.lock", stop, deadline, self.timeout)
+        try:
+            run = _UvRun(self, plan, tree, log, stop, deadline, box, home)
+            info = _complete(env)
+            began = time.monotonic()
+            if info is None:
+                log.feed(
+                    f"volt: environment {plan.key[:12]}: building with Python {plan.python.release}: {plan.describe()}\n".encode()
+                )
+                _remove(env)
+                run.build(env)
+                info = {
+                    "key": plan.key,
+                    "python": plan.python.release,
+                    "built_at": time.time(),
+                    "what": plan.describe(),
+                }
+                info["editable"] = run.editable
+                info["seconds"] = round(time.monotonic() - began, 3)
+                _write_complete(env, info)
+                log.feed(f"volt: environment {plan.key[:12]}: built in {info['seconds']:.1f}s\n".encode())
+                reused = False
+            else:
+                log.feed(
+                    f"volt: environment {plan.key[:12]}: reused (Python {plan.python.release}; built "
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(info.get('built_at', 0)))})\n".encode()
+                )
+                if plan.project and not info.get("editable", plan.editable):
+                    # The dependencies hold; the project is this commit's, not the one it was built for.
+                    run.reinstall_project(env)
+                os.utime(env / COMPLETE)  # its last use, for eviction
+                reused = True
+            self._evict(keep=env)
+            ready = Ready(env, env / "bin" / "python", reused, lock)
+            yield ready
+        finally:
+            lock.close()
+
+    def _evict(self, keep: Path) -> None:
+        """Remove the least recently used environments past `size`, and what crashes left."""
+        with open(self.root / ".lock", "w") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            found = []
+            for home in self.root.iterdir():
+                if not home.is_dir():
+                    continue
+                for env in home.iterdir():
+                    if env.is_dir() and env.name not in ("uv-cache",) and not env.name.startswith(".trash-"):
+                        marker = env / COMPLETE
+                        found.append((marker.stat().st_mtime if marker.exists() else 0.0, env))
+            found.sort(reverse=True)
+            whole = [env for mtime, env in found if mtime]
+            doomed = whole[self.size :] + [env for mtime, env in found if not mtime]
+            for env in doomed:
+                if env == keep:
+                    continue
+                try:
+                    with _try_hold(env.parent / f"{env.name}.lock"):
+                        trash = env.parent / f".trash-{uuid.uuid4().hex[:8]}"
+                        env.rename(trash)  # gone from its name at once; deleted at leisure
+                        log.info("environment %s evicted", env.name)
+                except BlockingIOError:
+                    continue  # in use, or being built
+            for home in self.root.iterdir():
+                for trash in home.glob(".trash-*") if home.is_dir() else ():
+                    _remove(trash)
+                if home.is_dir() and not any(e.is_dir() and e.name != "uv-cache" for e in home.iterdir()):
+                    # No environment left for this repository: nor its uv cache.
+                    with contextlib.suppress(BlockingIOError), _try_all(home.glob("*.lock")):
+                        _remove(home)
+
+
+def find_uv() -> str:
+    """The uv the runner was installed with (the `uv` package), else one on PATH."""
+    try:
+        import uv
+
+        return str(uv.find_uv_bin())
+    except (ImportError, FileNotFoundError):
+        found = shutil.which("uv")
+        if found is None:
+            raise EnvError("no uv here: install the runner with its dependencies (uv is one)") from None
+        return found
+
+
+def _complete(env: Path) -> dict[str, Any] | None:
+    try:
+        info = json.loads((env / COMPLETE).read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) and (env / "bin" / "python").exists() else None
+
+
+def _write_complete(env: Path, info: dict[str, Any]) -> None:
+    tmp = env / f"{COMPLETE}.tmp"
+    with open(tmp, "w") as out:
+        json.dump(info, out)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, env / COMPLETE)
+
+
+def _hold(path: Path, stop: Callable[[], str | None], deadline: float, limit: float) -> Any:
+    """`path` opened and flock'ed exclusively, waiting while `stop()` and the deadline allow."""
+    handle = open(path, "a")  # noqa: SIM115 - the lock lives as long as the handle
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return handle
+        except BlockingIOError:
+            reason = stop()
+            if reason or time.monotonic() >= deadline:
+                handle.close()
+                if reason:
+                    raise Stopped(reason) from None
+                raise EnvError(f"the environment stayed in use by another job past the {limit:g}s limit") from None
+            time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def _try_hold(path: Path) -> Iterator[None]:
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield
+
+
+@contextlib.contextmanager
+def _try_all(paths: Iterator[Path]) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for path in paths:
+            stack.enter_context(_try_hold(path))
+        yield
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# -- building ----------------------------------------------------------------
+
+
+class _UvRun:
+    """One job's uv calls: their environment, box, shared deadline, and log."""
+
+    def __init__(
+        self,
+        cache: Environments,
+        plan: Plan,
+        tree: Path,
+        log: LogCollector,
+        stop: Callable[[], str | None],
+        deadline: float,
+        box: Box | None,
+        home: Path | None,
+    ) -> None:
+        self.cache, self.plan, self.tree, self.log, self.stop, self.deadline, self.box = (
+            cache,
+            plan,
+            tree,
+            log,
+            stop,
+            deadline,
+            box,
+        )
+        self.where = cache.home(plan.repo)
+        self.env = uv_environment(self.where / "uv-cache", home or self.where)
+        self.editable = plan.editable  # False once its backend turned an editable install down
+
+    def build(self, env: Path) -> None:
+        p = self.plan
+        python = str(p.python.executable)
+        if p.locked:
+            sync = ["sync", "--locked", "--python", python, "--no-default-groups"]
+            sync += [f"--group={g}" for g in p.groups] + [f"--extra={e}" for e in p.extras]
+            sync += [] if p.editable else ["--no-editable"]
+            self.uv(sync, project_env=env)
+        else:
+            self.uv(["venv", "--python", python, "--no-project", "--no-config", str(env)])
+        target = ["--python", str(env / "bin" / "python")]
+        if self._install_args(p.editable):
+            try:
+                self.uv(["pip", "install", *target, *self._install_args(p.editable)])
+            except EnvError as exc:
+                if not (p.project and p.editable and not p.locked and "build_editable" in str(exc)):
+                    raise
+                # Its build backend has no editable installs: the project goes in as a wheel,
+                # and is installed again for each commit that reuses the environment.
+                self.log.feed(b"volt: environment: the build backend cannot install it editable; installing it whole\n")
+                self.uv(["pip", "install", *target, *self._install_args(False)])
+                self.editable = False
+        self.add_pytest(env)
+
+    def _install_args(self, editable: bool) -> list[str]:
+        p = self.plan
+        args: list[str] = []
+        if p.project and not p.locked:
+            spec = "." + (f"[{','.join(p.extras)}]" if p.extras else "")
+            args += ["-e", spec] if editable else [spec]
+        if p.groups and not p.locked:
+            args += [f"--group={g}" for g in p.groups]
+        for name in p.requirements:
+            args += ["-r", name]
+        return args + list(p.install)
+
+    def reinstall_project(self, env: Path) -> None:
+        self.uv(["pip", "install", "--python", str(env / "bin" / "python"), "--no-deps", "--reinstall", "."])
+
+    def add_pytest(self, env: Path) -> None:
+        """pytest from the runner, unless the project installed a pytest of its own."""
+        site = _site_packages(env)
+        present = {_canonical(p.name.rsplit("-", 1)[0]) for p in site.glob("*.dist-info")}
+        if "pytest" in present:
+            return
+        copied = _copy_distributions("pytest", site, present, self.plan.python)
+        if copied is None:
+            # The runner's own cannot serve this Python (it needs packages the runner lacks).
+            self.uv(["pip", "install", "--python", str(env / "bin" / "python"), f"pytest=={self.plan.pytest}"])
+            return
+        for script in ("pytest", "py.test"):
+            launcher = env / "bin" / script
+            launcher.write_text(
+                f"#!{env / 'bin' / 'python'}\nimport sys\nfrom pytest import console_main\n"
+                "if __name__ == '__main__':\n    sys.exit(console_main())\n"
+            )
+            launcher.chmod(0o755)
+        self.log.feed(f"volt: environment: pytest {self.plan.pytest} ({', '.join(copied)}) from the runner\n".encode())
+
+    def uv(self, args: list[str], project_env: Path | None = None) -> None:
+        env = dict(self.env)
+        if project_env is not None:
+            env["UV_PROJECT_ENVIRONMENT"] = str(project_env)
+        argv = [self.cache.uv, *args]
+        self.log.feed(f"volt: environment: $ uv {' '.join(args)}\n".encode())
+        if self.box is not None:
+            shown = [Path(self.cache.uv)] + ([self.plan.python.prefix] if self.plan.python.prefix != Path("/") else [])
+            argv = self.box(argv, env, [self.where], shown)
+        output = bytearray()
+        code = _run(argv, self.tree, env, self.log, output, self.stop, self.deadline, self.cache.timeout)
+        if code != 0:
+            raise EnvError(f"uv {' '.join(args[:2])} failed: {_summary(output) or f'exit code {code}'}")
+
+
+def uv_environment(cache: Path, home: Path, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What uv gets: the operator's uv and proxy settings, this repository's cache, never a Python download."""
+    environ = os.environ if environ is None else environ
+    from runner.execute import runner_free_path
+
+    env = {k: environ[k] for k in _UV_PASSED_ON if k in environ}
+    env["PATH"] = os.pathsep.join(runner_free_path(env.get("PATH", os.defpath)))
+    for key, value in environ.items():
+        if key.startswith("UV_") or key.lower() in _PROXIES:
+            env[key] = value
+    for key in ("UV_PROJECT_ENVIRONMENT", "UV_SYSTEM_PYTHON", "UV_PYTHON", "UV_PROJECT", "UV_WORKING_DIR"):
+        env.pop(key, None)  # where it installs and with what are the runner's to say
+    env.update(UV_CACHE_DIR=str(cache), UV_PYTHON_DOWNLOADS="never", UV_NO_PROGRESS="1", HOME=str(home))
+    return env
+
+
+def uv_settings(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The operator's uv settings, which change what an environment holds (part of its key)."""
+    environ = os.environ if environ is None else environ
+    return {k: v for k, v in environ.items() if k.startswith("UV_") and k != "UV_CACHE_DIR"}
+
+
+def _run(
+    argv: list[str],
+    cwd: Path,
+    env: dict[str, str],
+    log: LogCollector,
+    output: bytearray,
+    stop: Callable[[], str | None],
+    deadline: float,
+    limit: float,
+) -> int:
+    """Run `argv` in its own process group, its output into `log` and `output`;
+    killed (all of its group) at the deadline or when `stop()` says why."""
+    proc = subprocess.Popen(
+        argv,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    try:
+        while True:
+            ready, _, _ = select.select([fd], [], [], 0.05)
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                log.feed(chunk)
+                output += chunk[-65536:]
+                del output[:-65536]
+            reason = stop()
+            if reason or time.monotonic() >= deadline:
+                _kill(proc)
+                if reason:
+                    raise Stopped(reason)
+                raise EnvError(f"the build ran past its {limit:g}s limit (--env-timeout)")
+        _kill(proc)  # what it left behind holds nothing of ours
+        return proc.wait()
+    finally:
+        proc.stdout.close()
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _summary(output: bytes | bytearray) -> str:
+    """uv's error and its causes, on one line."""
+    lines = [line.strip() for line in output.decode("utf-8", "replace").splitlines()]
+    for i, line in enumerate(lines):
+        if line.startswith("error:"):
+            rest = [x for x in lines[i + 1 : i + 8] if x and not x.startswith(("hint:", "[stderr]"))]
+            return " ".join([line.removeprefix("error:").strip(), *rest])[:500]
+    tail = [x for x in lines if x]
+    return tail[-1][:300] if tail else ""
+
+
+def _site_packages(env: Path) -> Path:
+    found = sorted((env / "lib").glob("python3.*/site-packages"))
+    if not found:
+        raise EnvError(f"the environment at {env} has no site-packages")
+    return found[0]
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _copy_distributions(root: str, site: Path, present: set[str], python: Interpreter) -> list[str] | None:
+    """Copy `root` and what it needs from the runner's own packages into `site`;
+    None when the runner cannot (something missing, or not pure Python).
+
+    Copied, never linked: an environment is writable while it is built, and a
+    link would let that build write into the runner's own packages.
+    """
+    from packaging.markers import Marker
+    from packaging.requirements import Requirement
+
+    marker_env = {"python_version": python.version, "python_full_version": python.release, "extra": ""}
+    todo, chosen = [root], {}
+    while todo:
+        name = _canonical(todo.pop())
+        if name in chosen or name in present:
+            continue
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+        if "Root-Is-Purelib: true" not in (dist.read_text("WHEEL") or "") or dist.files is None:
+            return None
+        chosen[name] = dist
+        for text in dist.requires or []:
+            req = Requirement(text)
+            if req.marker is None or Marker(str(req.marker)).evaluate(marker_env):
+                todo.append(req.name)
+    for dist in chosen.values():
+        for file in dist.files or []:
+            parts = file.parts
+            if parts[0] == ".." or "__pycache__" in parts:
+                continue
+            target = site.joinpath(*parts)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(dist.locate_file(file), target)  # type: ignore[arg-type]
+    return [f"{dist.metadata['Name']} {dist.version}" for dist in chosen.values()]
+
+
+# -- a job's environment -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobEnv:
+    """What a job's test command runs with."""
+
+    python: Path  # the interpreter of the default command
+    venv: Path | None = None  # the environment, first on PATH; None: no environment
+    shown: tuple[Path, ...] = ()  # what the test's box must show read-only
+    reused: bool = False
+
+
+@contextlib.contextmanager
+def for_job(
+    spec: EnvSpec,
+    tree: Path,
+    *,
+    repo: str,
+    uses_default: bool,
+    cache: Environments | None,
+    pythons: Mapping[str, Interpreter],
+    allow_system: bool,
+    log: LogCollector,
+    stop: Callable[[], str | None] = lambda: None,
+    box: Box | None = None,
+    home: Path | None = None,
+) -> Iterator[JobEnv]:
+    """The environment a job's tests run in, held until the block ends.
+
+    `[env] system = true` (where allowed): the runner's own interpreter, as it
+    is. A Python project, an `[env]` table, or the default pytest command: an
+    environment from the cache. Else (a command of its own in a tree that is
+    no Python project): none, and the runner's own packages still out of reach.
+    EnvError says why there can be none; Stopped when `stop()` said so.
+    """
+    if spec.system:
+        if not allow_system:
+            raise EnvError("[env] system = true, but this runner does not allow it (--allow-system-python)")
+        log.feed(b"volt: environment: none ([env] system = true): the runner's own Python and packages\n")
+        yield JobEnv(python=Path(sys.executable), shown=(Path(sys.prefix),))
+        return
+    own = own_interpreter()
+    version = spec.python or own.version
+    python = pythons.get(version)
+    if python is None:
+        has = ", ".join(sorted(pythons)) or "none"
+        raise EnvError(f"this runner has no Python {version} (it has {has}; see --python)")
+    if not (uses_default or spec != EnvSpec() or is_python_project(tree)):
+        yield JobEnv(python=python.executable, shown=(python.prefix,))
+        return
+    if cache is None:
+        raise EnvError("this runner builds no environments")
+    job_plan = plan(tree, spec, repo=repo, python=python, uv_settings=uv_settings())
+    with cache.prepare(job_plan, tree, log, stop=stop, box=box, home=home) as ready:
+        yield JobEnv(python=ready.python, venv=ready.path, shown=(ready.path, python.prefix), reused=ready.reused)
