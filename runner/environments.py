@@ -147,19 +147,42 @@ def own_interpreter() -> Interpreter:
     )
 
 
-def probe(command: str, timeout: float = 20.0) -> Interpreter | None:
-    """The interpreter `command` starts, or None when it does not start (a pyenv
-    shim for a version that is not active, say)."""
-    try:
-        done = subprocess.run(
-            [command, "-I", "-c", _PROBE], stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, text=True
+def probe(*commands: str, timeout: float = 20.0) -> list[Interpreter | None]:
+    """The interpreter each of `commands` starts, or None for one that does not
+    (a pyenv shim for a version that is not active, say). All at once: a shim
+    takes a good part of a second to say no."""
+    procs: list[subprocess.Popen[str] | None] = []
+    for command in commands:
+        try:
+            procs.append(
+                subprocess.Popen(
+                    [command, "-I", "-c", _PROBE],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,
+                    text=True,
+                )
+            )
+        except OSError:
+            procs.append(None)
+    found: list[Interpreter | None] = []
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        if proc is None:
+            found.append(None)
+            continue
+        try:
+            out, _ = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
+            (major, minor, micro), executable, prefix = json.loads(out)
+            ok = proc.returncode == 0
+        except (subprocess.TimeoutExpired, ValueError, TypeError):
+            proc.kill()
+            proc.communicate()
+            ok = False
+        found.append(
+            Interpreter(f"{major}.{minor}", f"{major}.{minor}.{micro}", Path(executable), Path(prefix)) if ok else None
         )
-        (major, minor, micro), executable, prefix = json.loads(done.stdout)
-    except (OSError, subprocess.TimeoutExpired, ValueError, TypeError):
-        return None
-    if done.returncode != 0:
-        return None
-    return Interpreter(f"{major}.{minor}", f"{major}.{minor}.{micro}", Path(executable), Path(prefix))
+    return found
 
 
 @functools.lru_cache(maxsize=8)
@@ -167,34 +190,44 @@ def find_pythons(wanted: tuple[str, ...] = (), path: str | None = None) -> dict[
     """The Pythons this runner offers jobs, by version: its own, and either each
     of `wanted` (a version such as "3.12", found as python3.12 on PATH, or a
     path to an interpreter; ValueError for one that does not start) or, with
-    none wanted, every python3.N on PATH that starts and is 3.N."""
+    none wanted, every python3.N program on PATH that starts and is 3.N."""
     found: dict[str, Interpreter] = {}
     search = os.environ.get("PATH", os.defpath) if path is None else path
     if wanted:
-        for item in wanted:
-            if re.fullmatch(r"3\.\d{1,2}", item):
-                command = shutil.which(f"python{item}", path=search)
-                got = probe(command) if command else None
-                if got is None or got.version != item:
-                    raise ValueError(f"no working python{item} on PATH; give its path instead")
-            else:
-                got = probe(item)
-                if got is None:
-                    raise ValueError(f"{item} is not a Python interpreter that starts")
+        commands = [
+            (shutil.which(f"python{item}", path=search) or f"python{item}")
+            if re.fullmatch(r"3\.\d{1,2}", item)
+            else item
+            for item in wanted
+        ]
+        for item, got in zip(wanted, probe(*commands), strict=True):
+            if got is None or (re.fullmatch(r"3\.\d{1,2}", item) and got.version != item):
+                what = f"no working python{item} on PATH; give its path instead" if "/" not in item else ""
+                raise ValueError(what or f"{item} is not a Python interpreter that starts")
             found.setdefault(got.version, got)
     else:
         names: set[str] = set()
         for folder in search.split(os.pathsep):
             with contextlib.suppress(OSError):
                 names.update(n for n in os.listdir(folder or ".") if re.fullmatch(r"python3\.\d{1,2}", n))
-        for name in sorted(names):
-            command = shutil.which(name, path=search)
-            got = probe(command) if command else None
+        # Programs only: a script of that name is a shim (pyenv's, asdf's) that
+        # takes most of a second to start, or to say that version is not active.
+        named = [n for n in sorted(names) if _is_program(shutil.which(n, path=search))]
+        commands = [shutil.which(name, path=search) or name for name in named]
+        for name, got in zip(named, probe(*commands), strict=True):
             if got is not None and f"python{got.version}" == name:
                 found.setdefault(got.version, got)
     own = own_interpreter()
     found[own.version] = own  # the runner's own wins its version: it is known to work
     return dict(sorted(found.items(), key=lambda kv: [int(p) for p in kv[0].split(".")]))
+
+
+def _is_program(command: str | None) -> bool:
+    try:
+        with open(os.path.realpath(command or ""), "rb") as f:
+            return f.read(4) == b"\x7fELF"
+    except OSError:
+        return False
 
 
 # -- what to build -----------------------------------------------------------
@@ -467,7 +500,7 @@ class Environments:
                 if plan.project and not info.get("editable", plan.editable):
                     # The dependencies hold; the project is this commit's, not the one it was built for.
                     run.reinstall_project(env)
-                os.utime(env / COMPLETE)  # its last use, for eviction
+                _touch(env / COMPLETE)
                 reused = True
             self._evict(keep=env)
             ready = Ready(env, env / "bin" / "python", reused, lock)
@@ -537,6 +570,14 @@ def _write_complete(env: Path, info: dict[str, Any]) -> None:
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, env / COMPLETE)
+    _touch(env / COMPLETE)
+
+
+def _touch(marker: Path) -> None:
+    """The environment's last use, for eviction: the clock's own time, since
+    a file's times move only once per kernel tick (a few ms)."""
+    now = time.time_ns()
+    os.utime(marker, ns=(now, now))
 
 
 def _hold(path: Path, stop: Callable[[], str | None], deadline: float, limit: float) -> Any:
@@ -674,7 +715,8 @@ class _UvRun:
         argv = [self.cache.uv, *args]
         self.log.feed(f"volt: environment: $ uv {' '.join(args)}\n".encode())
         if self.box is not None:
-            shown = [Path(self.cache.uv)] + ([self.plan.python.prefix] if self.plan.python.prefix != Path("/") else [])
+            shown = [Path(self.cache.uv), *local_sources(env)]
+            shown += [self.plan.python.prefix] if self.plan.python.prefix != Path("/") else []
             argv = self.box(argv, env, [self.where], shown)
         output = bytearray()
         code = _run(argv, self.tree, env, self.log, output, self.stop, self.deadline, self.cache.timeout)
@@ -696,6 +738,19 @@ def uv_environment(cache: Path, home: Path, environ: Mapping[str, str] | None = 
         env.pop(key, None)  # where it installs and with what are the runner's to say
     env.update(UV_CACHE_DIR=str(cache), UV_PYTHON_DOWNLOADS="never", UV_NO_PROGRESS="1", HOME=str(home))
     return env
+
+
+def local_sources(env: Mapping[str, str]) -> list[Path]:
+    """The folders on this machine the operator's uv settings take packages from
+    (UV_FIND_LINKS, file:// indexes): the build's box shows them, read-only."""
+    found = []
+    for key in ("UV_FIND_LINKS", "UV_INDEX_URL", "UV_EXTRA_INDEX_URL", "UV_DEFAULT_INDEX", "UV_INDEX"):
+        for item in re.split(r"[\s,]+", env.get(key, "")):
+            item = item.split("=", 1)[1] if re.match(r"^[A-Za-z0-9_-]+=", item) else item  # UV_INDEX: name=url
+            where = item.removeprefix("file://")
+            if where.startswith("/") and os.path.exists(where):
+                found.append(Path(where))
+    return found
 
 
 def uv_settings(environ: Mapping[str, str] | None = None) -> dict[str, str]:
