@@ -531,15 +531,14 @@ class Runner:
         except ConfigError as exc:
             return Outcome("error", None, 0.0, reason=str(exc))
         build_log = LogCollector()
-        if config.submodules:
-            try:
-                done = self.workspace.submodules(
-                    job.repo, job.commit, tree, allowed=self.allowed, cancel=current.cancel
-                )
-            except CheckoutError as exc:
-                return Outcome("error", None, 0.0, reason=str(exc))
-            if done:
-                build_log.feed(f"volt: submodules checked out: {', '.join(done)}\n".encode())
+        try:
+            done = self.workspace.submodules(
+                job.repo, job.commit, tree, allowed=self.allowed, cancel=current.cancel, check_out=config.submodules
+            )
+        except CheckoutError as exc:
+            return Outcome("error", None, 0.0, reason=str(exc))
+        if done:
+            build_log.feed(f"volt: submodules checked out: {', '.join(done)}\n".encode())
         hide = [*self.s.sandbox_hide, *([self.s.git_credentials] if self.s.git_credentials else [])]
         network = config.network and self.s.allow_network
         notes = []

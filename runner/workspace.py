@@ -163,9 +163,12 @@ class Workspace:
         *,
         allowed: Callable[[str], bool] = lambda repo: True,
         cancel: threading.Event | None = None,
+        check_out: bool = True,
     ) -> list[str]:
         """Check out the submodules `commit` of `repo` records into its checked-out
         `tree`, each at its recorded commit, theirs too; return their paths.
+        With `check_out` false, leave each one's folder empty instead, as a
+        clone without submodules has it (an earlier job may have filled it).
 
         A submodule's repository must pass `allowed` (the runner's --allow-repo).
         All of it takes at most `git_timeout` seconds; CheckoutError names the
@@ -173,7 +176,22 @@ class Workspace:
         """
         run = _Run(repo, self._env(repo), time.monotonic() + self.git_timeout, self.git_timeout, cancel)
         done: list[str] = []
-        self._submodules(repo, commit, self.git_dir_for(repo), tree, "", allowed, run, done)
+        if check_out:
+            self._submodules(repo, commit, self.git_dir_for(repo), tree, "", allowed, run, done)
+            return done
+        try:
+            links = _gitlinks(run.git(self.git_dir_for(repo), "ls-tree", "-r", "-z", "--full-tree", commit))
+        except _GitFailed as exc:
+            raise CheckoutError(f"cannot read the submodules of {commit[:12]} of {repo}: {_one_line(exc)}") from None
+        for path, _ in links:
+            where = tree / path
+            if (
+                where.is_dir()
+                and not where.is_symlink()
+                and Path(os.path.realpath(where)) == Path(os.path.realpath(tree)) / path
+            ):
+                for child in where.iterdir():
+                    _remove(child)
         return done
 
     def _submodules(

@@ -89,6 +89,20 @@ def test_a_later_commit_moves_or_drops_its_submodules(ws: Workspace, repos: tupl
     assert not (tree / "libs").exists()
 
 
+def test_without_submodules_their_folders_are_left_empty(
+    ws: Workspace, repos: tuple[GitRepo, GitRepo, GitRepo]
+) -> None:
+    app, _, _ = repos
+    repo, sha = str(app.path), app.git("rev-parse", "HEAD")
+    tree = ws.checkout(repo, sha)
+    ws.submodules(repo, sha, tree)
+    tree = ws.checkout(repo, sha)  # the next job, which says [checkout] submodules = false
+    assert (tree / "libs/lib/lib.py").exists()  # what the last job checked out is still there...
+    assert ws.submodules(repo, sha, tree, check_out=False) == []
+    assert (tree / "libs/lib").is_dir() and list((tree / "libs/lib").iterdir()) == []  # ...until now
+    assert (tree / "app.py").exists()
+
+
 def test_a_submodule_from_a_repository_the_runner_does_not_allow_is_refused(
     ws: Workspace, repos: tuple[GitRepo, GitRepo, GitRepo]
 ) -> None:
