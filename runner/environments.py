@@ -64,6 +64,10 @@ PROJECT_FILES = ("pyproject.toml", "setup.py", "setup.cfg")
 TEST_GROUPS = ("test", "tests", "dev")
 TEST_EXTRAS = ("test", "tests", "testing")
 TEST_REQUIREMENTS = ("requirements-test.txt", "requirements-dev.txt", "test-requirements.txt", "requirements/test.txt")
+# Byte code is compiled as packages go in: the tests see the environment
+# read-only, where Python could not write it, and would compile every import
+# again in every job.
+COMPILE = "--compile-bytecode"
 MAX_FILE_BYTES = 16 * 1024 * 1024  # a uv.lock of a large project is a few MiB
 MAX_FILES = 200
 # The runner's environment that reaches uv: the operator's uv settings (an
@@ -513,9 +517,8 @@ class Environments:
         with open(self.root / ".lock", "w") as guard:
             fcntl.flock(guard, fcntl.LOCK_EX)
             found = []
-            for home in self.root.iterdir():
-                if not home.is_dir():
-                    continue
+            homes = [h for h in self.root.iterdir() if h.is_dir() and not h.name.startswith(".")]
+            for home in homes:
                 for env in home.iterdir():
                     if env.is_dir() and env.name not in ("uv-cache",) and not env.name.startswith(".trash-"):
                         marker = env / COMPLETE
@@ -533,10 +536,10 @@ class Environments:
                         log.info("environment %s evicted", env.name)
                 except BlockingIOError:
                     continue  # in use, or being built
-            for home in self.root.iterdir():
-                for trash in home.glob(".trash-*") if home.is_dir() else ():
+            for home in homes:
+                for trash in home.glob(".trash-*"):
                     _remove(trash)
-                if home.is_dir() and not any(e.is_dir() and e.name != "uv-cache" for e in home.iterdir()):
+                if not any(e.is_dir() and e.name != "uv-cache" for e in home.iterdir()):
                     # No environment left for this repository: nor its uv cache.
                     with contextlib.suppress(BlockingIOError), _try_all(home.glob("*.lock")):
                         _remove(home)
@@ -653,7 +656,7 @@ class _UvRun:
         p = self.plan
         python = str(p.python.executable)
         if p.locked:
-            sync = ["sync", "--locked", "--python", python, "--no-default-groups"]
+            sync = ["sync", "--locked", COMPILE, "--python", python, "--no-default-groups"]
             sync += [f"--group={g}" for g in p.groups] + [f"--extra={e}" for e in p.extras]
             sync += [] if p.editable else ["--no-editable"]
             self.uv(sync, project_env=env)
@@ -662,14 +665,14 @@ class _UvRun:
         target = ["--python", str(env / "bin" / "python")]
         if self._install_args(p.editable):
             try:
-                self.uv(["pip", "install", *target, *self._install_args(p.editable)])
+                self.uv(["pip", "install", COMPILE, *target, *self._install_args(p.editable)])
             except EnvError as exc:
                 if not (p.project and p.editable and not p.locked and "build_editable" in str(exc)):
                     raise
                 # Its build backend has no editable installs: the project goes in as a wheel,
                 # and is installed again for each commit that reuses the environment.
                 self.log.feed(b"volt: environment: the build backend cannot install it editable; installing it whole\n")
-                self.uv(["pip", "install", *target, *self._install_args(False)])
+                self.uv(["pip", "install", COMPILE, *target, *self._install_args(False)])
                 self.editable = False
         self.add_pytest(env)
 
@@ -686,42 +689,39 @@ class _UvRun:
         return args + list(p.install)
 
     def reinstall_project(self, env: Path) -> None:
-        self.uv(["pip", "install", "--python", str(env / "bin" / "python"), "--no-deps", "--reinstall", "."])
+        self.uv(["pip", "install", COMPILE, "--python", str(env / "bin" / "python"), "--no-deps", "--reinstall", "."])
 
     def add_pytest(self, env: Path) -> None:
-        """pytest from the runner, unless the project installed a pytest of its own."""
+        """pytest, the runner's version, unless the project installed a pytest of its own:
+        from wheels made of the runner's own copy (no index needed), else from the index."""
         site = _site_packages(env)
-        present = {_canonical(p.name.rsplit("-", 1)[0]) for p in site.glob("*.dist-info")}
-        if "pytest" in present:
+        if any(_canonical(p.name.rsplit("-", 1)[0]) == "pytest" for p in site.glob("*.dist-info")):
             return
-        copied = _copy_distributions("pytest", site, present, self.plan.python)
-        if copied is None:
+        target = ["--python", str(env / "bin" / "python"), f"pytest=={self.plan.pytest}"]
+        wheels = runner_wheels(self.cache.root / ".runner-wheels", "pytest", self.plan.python)
+        if wheels is None:
             # The runner's own cannot serve this Python (it needs packages the runner lacks).
-            self.uv(["pip", "install", "--python", str(env / "bin" / "python"), f"pytest=={self.plan.pytest}"])
+            self.uv(["pip", "install", COMPILE, *target])
             return
-        for script in ("pytest", "py.test"):
-            launcher = env / "bin" / script
-            launcher.write_text(
-                f"#!{env / 'bin' / 'python'}\nimport sys\nfrom pytest import console_main\n"
-                "if __name__ == '__main__':\n    sys.exit(console_main())\n"
-            )
-            launcher.chmod(0o755)
-        self.log.feed(f"volt: environment: pytest {self.plan.pytest} ({', '.join(copied)}) from the runner\n".encode())
+        self.uv(["pip", "install", "--no-index", "--find-links", str(wheels), *target], shown=[wheels])
 
-    def uv(self, args: list[str], project_env: Path | None = None) -> None:
+    def uv(self, args: list[str], project_env: Path | None = None, shown: Sequence[Path] = ()) -> None:
         env = dict(self.env)
         if project_env is not None:
             env["UV_PROJECT_ENVIRONMENT"] = str(project_env)
-        argv = [self.cache.uv, *args]
         self.log.feed(f"volt: environment: $ uv {' '.join(args)}\n".encode())
-        if self.box is not None:
-            shown = [Path(self.cache.uv), *local_sources(env)]
-            shown += [self.plan.python.prefix] if self.plan.python.prefix != Path("/") else []
-            argv = self.box(argv, env, [self.where], shown)
-        output = bytearray()
-        code = _run(argv, self.tree, env, self.log, output, self.stop, self.deadline, self.cache.timeout)
+        code, output = self.run([self.cache.uv, *args], env, [Path(self.cache.uv), *local_sources(env), *shown])
         if code != 0:
             raise EnvError(f"uv {' '.join(args[:2])} failed: {_summary(output) or f'exit code {code}'}")
+
+    def run(self, argv: list[str], env: dict[str, str], shown: Sequence[Path]) -> tuple[int, bytearray]:
+        """One step of the build: in the box when there is one, writing only to this repository's folder."""
+        if self.box is not None:
+            visible = [*shown, *([self.plan.python.prefix] if self.plan.python.prefix != Path("/") else [])]
+            argv = self.box(argv, env, [self.where], visible)
+        output = bytearray()
+        code = _run(argv, self.tree, env, self.log, output, self.stop, self.deadline, self.cache.timeout)
+        return code, output
 
 
 def uv_environment(cache: Path, home: Path, environ: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -832,21 +832,25 @@ def _canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def _copy_distributions(root: str, site: Path, present: set[str], python: Interpreter) -> list[str] | None:
-    """Copy `root` and what it needs from the runner's own packages into `site`;
-    None when the runner cannot (something missing, or not pure Python).
+def runner_wheels(root: Path, top: str, python: Interpreter) -> Path | None:
+    """A folder of wheels made of the runner's own `top` and what it needs on
+    `python`, made once per version; None when the runner cannot (something
+    missing, or not pure Python). Wheels, not copies: uv installs them through
+    the repository's cache like any other, and nothing links back to the
+    runner's own files, which a build could otherwise write through.
 
-    Copied, never linked: an environment is writable while it is built, and a
-    link would let that build write into the runner's own packages.
+    They carry their byte code, compiled by `python` and never checked against
+    the sources (which cannot change in an environment the tests see read-only):
+    pytest starts at full speed in every job, and no build compiles it again.
     """
     from packaging.markers import Marker
     from packaging.requirements import Requirement
 
     marker_env = {"python_version": python.version, "python_full_version": python.release, "extra": ""}
-    todo, chosen = [root], {}
+    todo, chosen = [top], {}
     while todo:
         name = _canonical(todo.pop())
-        if name in chosen or name in present:
+        if name in chosen:
             continue
         try:
             dist = importlib.metadata.distribution(name)
@@ -859,15 +863,77 @@ def _copy_distributions(root: str, site: Path, present: set[str], python: Interp
             req = Requirement(text)
             if req.marker is None or Marker(str(req.marker)).evaluate(marker_env):
                 todo.append(req.name)
-    for dist in chosen.values():
-        for file in dist.files or []:
-            parts = file.parts
-            if parts[0] == ".." or "__pycache__" in parts:
-                continue
-            target = site.joinpath(*parts)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(dist.locate_file(file), target)  # type: ignore[arg-type]
-    return [f"{dist.metadata['Name']} {dist.version}" for dist in chosen.values()]
+    label = "-".join([python.release, str(python.executable), *sorted(f"{n}{d.version}" for n, d in chosen.items())])
+    folder = root / hashlib.sha256(label.encode()).hexdigest()[:16]
+    if folder.is_dir():
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".new-{uuid.uuid4().hex[:8]}"
+    try:
+        for dist in chosen.values():
+            _wheel_of(dist, tmp / "wheels", tmp / "stage" / _canonical(dist.metadata["Name"]), python)
+        try:
+            (tmp / "wheels").rename(folder)
+        except OSError:  # another runner made it first
+            if not folder.is_dir():
+                raise
+    finally:
+        _remove(tmp)
+    return folder
+
+
+def _wheel_of(dist: importlib.metadata.Distribution, folder: Path, stage: Path, python: Interpreter) -> None:
+    """An installed pure-Python distribution packed back into a wheel, with its byte code and a RECORD of its own."""
+    import base64
+    import zipfile
+
+    name, version = dist.metadata["Name"], dist.version
+    info = None
+    for file in dist.files or []:
+        parts = file.parts
+        # Scripts are the installer's to make; the old byte code and records go.
+        if parts[0] == ".." or "__pycache__" in parts or parts[-1] in ("RECORD", "INSTALLER", "REQUESTED"):
+            continue
+        if parts[-1] == "direct_url.json":
+            continue
+        target = stage.joinpath(*parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(str(dist.locate_file(file)), target)
+        if parts[0].endswith(".dist-info"):
+            info = parts[0]
+    if info is None:
+        raise EnvError(f"the runner's {name} has no .dist-info to make a wheel of")
+    compiled = subprocess.run(
+        [
+            str(python.executable),
+            "-I",
+            "-m",
+            "compileall",
+            "-q",
+            "-j",
+            "0",
+            "--invalidation-mode",
+            "unchecked-hash",
+            str(stage),
+        ],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=300,
+    )
+    if compiled.returncode != 0:
+        raise EnvError(f"cannot compile the runner's {name} for Python {python.release}")
+    folder.mkdir(parents=True, exist_ok=True)
+    record = []
+    stem = f"{re.sub(r'[-_.]+', '_', name)}-{version}"
+    with zipfile.ZipFile(folder / f"{stem}-py3-none-any.whl", "w", zipfile.ZIP_DEFLATED) as wheel:
+        for path in sorted(p for p in stage.rglob("*") if p.is_file()):
+            member = path.relative_to(stage).as_posix()
+            data = path.read_bytes()
+            wheel.writestr(member, data)
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            record.append(f"{member},sha256={digest},{len(data)}")
+        record.append(f"{info}/RECORD,,")
+        wheel.writestr(f"{info}/RECORD", "\n".join(record) + "\n")
 
 
 # -- a job's environment -----------------------------------------------------
