@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import os
 import re
 import socket
 from collections.abc import Mapping
@@ -225,7 +224,8 @@ def _have_labels(pythons: tuple[str, ...], allow_system: bool, environ: Mapping[
     from runner import environments
 
     try:
-        found = environments.find_pythons(pythons, (environ or os.environ).get("PATH"))
+        # The same arguments as each job's look-up, which then finds them cached.
+        found = environments.find_pythons(pythons, environ.get("PATH") if environ is not None else None)
     except ValueError as exc:
         raise SettingsError(f"--python: {exc}") from None
     labels = [voltfile.python_label(version) for version in found]

@@ -45,6 +45,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 import uuid
@@ -518,6 +519,9 @@ class Environments:
             fcntl.flock(guard, fcntl.LOCK_EX)
             found = []
             homes = [h for h in self.root.iterdir() if h.is_dir() and not h.name.startswith(".")]
+            for trash in [t for home in homes for t in home.glob(".trash-*")]:
+                if time.time() - trash.stat().st_mtime > 3600:  # left by a runner that stopped while deleting it
+                    _remove(trash)
             for home in homes:
                 for env in home.iterdir():
                     if env.is_dir() and env.name not in ("uv-cache",) and not env.name.startswith(".trash-"):
@@ -534,12 +538,13 @@ class Environments:
                         trash = env.parent / f".trash-{uuid.uuid4().hex[:8]}"
                         env.rename(trash)  # gone from its name at once; deleted at leisure
                         log.info("environment %s evicted", env.name)
+                        # Deleting takes a while: not the job's time. A runner that stops
+                        # first leaves it to the next sweep.
+                        threading.Thread(target=_remove, args=(trash,), name="evict", daemon=True).start()
                 except BlockingIOError:
                     continue  # in use, or being built
             for home in homes:
-                for trash in home.glob(".trash-*"):
-                    _remove(trash)
-                if not any(e.is_dir() and e.name != "uv-cache" for e in home.iterdir()):
+                if not any(e.is_dir() and e.name != "uv-cache" and ".trash-" not in e.name for e in home.iterdir()):
                     # No environment left for this repository: nor its uv cache.
                     with contextlib.suppress(BlockingIOError), _try_all(home.glob("*.lock")):
                         _remove(home)
@@ -568,10 +573,11 @@ def _complete(env: Path) -> dict[str, Any] | None:
 
 def _write_complete(env: Path, info: dict[str, Any]) -> None:
     tmp = env / f"{COMPLETE}.tmp"
+    # Written whole and renamed: a runner killed at any point leaves either no
+    # marker or a whole one. (No fsync: a crash of the runner loses nothing the
+    # kernel holds; a power cut may, and fsyncing the marker alone would not help.)
     with open(tmp, "w") as out:
         json.dump(info, out)
-        out.flush()
-        os.fsync(out.fileno())
     os.replace(tmp, env / COMPLETE)
     _touch(env / COMPLETE)
 

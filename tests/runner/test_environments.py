@@ -18,7 +18,8 @@ from envsupport import BACKEND, dependency_wheels, project
 from common.voltfile import EnvSpec, env_of, tables
 from runner import environments, sandbox
 from runner.environments import EnvError, Environments, Stopped, for_job, plan
-from runner.execute import LogCollector
+from runner.execute import LogCollector, runner_free_path
+from runner.execute import test_env as child_env
 
 OWN = environments.own_interpreter()
 PYTHONS = {OWN.version: OWN}
@@ -435,3 +436,17 @@ def processes_with(token: str) -> list[int]:
             except OSError:
                 continue
     return found
+
+
+def test_the_runners_own_venv_is_off_the_path_and_the_jobs_goes_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    own_bin = str(Path(sys.prefix) / "bin")
+    assert sys.prefix != sys.base_prefix  # these tests run in a venv, as a runner installed with pip does
+    path = os.pathsep.join([own_bin, "/usr/local/bin", "/usr/bin"])
+    assert runner_free_path(path) == ["/usr/local/bin", "/usr/bin"]
+    venv = tmp_path / "env"
+    monkeypatch.setenv("PATH", path)
+    env = child_env({}, venv=venv)
+    assert env["PATH"].split(os.pathsep) == [str(venv / "bin"), "/usr/local/bin", "/usr/bin"]
+    assert env["VIRTUAL_ENV"] == str(venv)
