@@ -445,12 +445,18 @@ Box = Callable[[list[str], dict[str, str], list[Path], list[Path]], list[str]]
 class Environments:
     """The runner's environments under `root`, at most `size` of them kept."""
 
-    def __init__(self, root: Path, *, size: int = 10, timeout: float = 900.0, uv: str | None = None) -> None:
+    def __init__(
+        self, root: Path, *, size: int = 10, timeout: float = 900.0, uv: str | None = None, wheels: Path | None = None
+    ) -> None:
+        """`wheels`: where the wheels made of the runner's pytest are kept (see
+        `runner_wheels`); by default in the user's cache, shared by the runners
+        of this installation, else under `root`."""
         self.root = root
         self.size = size
         self.timeout = timeout
         self.uv = uv or find_uv()
         root.mkdir(parents=True, exist_ok=True)
+        self.wheels = wheels or _wheel_cache(root)
 
     def home(self, repo: str) -> Path:
         from runner.workspace import _slug  # the same name its checkout has
@@ -548,6 +554,20 @@ class Environments:
                     # No environment left for this repository: nor its uv cache.
                     with contextlib.suppress(BlockingIOError), _try_all(home.glob("*.lock")):
                         _remove(home)
+
+
+def _wheel_cache(root: Path) -> Path:
+    """The user's cache (they are made of this installation's files, the same
+    for each of its runners, and take seconds to make), else `root`."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    folder = base / "volt" / "runner-wheels"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.access(folder, os.W_OK):
+            return folder
+    except (OSError, RuntimeError):  # no home, or one that cannot be written
+        pass
+    return root / ".runner-wheels"
 
 
 def find_uv() -> str:
@@ -704,7 +724,7 @@ class _UvRun:
         if any(_canonical(p.name.rsplit("-", 1)[0]) == "pytest" for p in site.glob("*.dist-info")):
             return
         target = ["--python", str(env / "bin" / "python"), f"pytest=={self.plan.pytest}"]
-        wheels = runner_wheels(self.cache.root / ".runner-wheels", "pytest", self.plan.python)
+        wheels = runner_wheels(self.cache.wheels, "pytest", self.plan.python)
         if wheels is None:
             # The runner's own cannot serve this Python (it needs packages the runner lacks).
             self.uv(["pip", "install", COMPILE, *target])
