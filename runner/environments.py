@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from common.voltfile import ConfigError, EnvSpec
-from runner.execute import LogCollector, read_tree_file
+from runner.execute import LogCollector, die_with_parent, read_tree_file
 
 log = logging.getLogger(__name__)
 
@@ -423,19 +423,13 @@ def _toml(data: bytes | None, name: str) -> dict[str, Any]:
 # -- the cache ---------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class Ready:
     """An environment a job may use while it holds it."""
 
     path: Path
     python: Path
     reused: bool
-    _lock: Any = None
-
-    def release(self) -> None:
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
 
 
 # How a caller boxes uv: (argv, env, writable, shown) -> the argv that runs it in a sandbox.
@@ -514,8 +508,7 @@ class Environments:
                 _touch(env / COMPLETE)
                 reused = True
             self._evict(keep=env)
-            ready = Ready(env, env / "bin" / "python", reused, lock)
-            yield ready
+            yield Ready(env, env / "bin" / "python", reused)
         finally:
             lock.close()
 
@@ -805,6 +798,7 @@ def _run(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=die_with_parent,  # a runner killed mid-build takes its build with it
     )
     assert proc.stdout is not None
     fd = proc.stdout.fileno()

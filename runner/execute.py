@@ -312,7 +312,7 @@ def run_command(
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
     except FileNotFoundError:
         return Outcome("error", None, 0.0, reason=f"test command not found: {config.command[0]}", log=collector)
@@ -405,7 +405,7 @@ except OSError:  # not Linux: the restarted runner still reaps the group
     _libc = None
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child before exec: get SIGKILL if the runner's job thread dies.
 
     A runner killed with SIGKILL cannot stop its test run; this makes the

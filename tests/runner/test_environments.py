@@ -450,3 +450,23 @@ def test_the_runners_own_venv_is_off_the_path_and_the_jobs_goes_first(
     env = child_env({}, venv=venv)
     assert env["PATH"].split(os.pathsep) == [str(venv / "bin"), "/usr/local/bin", "/usr/bin"]
     assert env["VIRTUAL_ENV"] == str(venv)
+
+
+def test_the_runner_advertises_its_pythons_and_refuses_one_that_does_not_start(tmp_path: Path) -> None:
+    from common.cli import build_parser
+    from common.settings import SettingsError
+    from runner.service import RunnerSettings
+
+    def settings(*flags: str) -> RunnerSettings:
+        args = build_parser("runner").parse_args(["runner", "--id", "r1", *flags])
+        return RunnerSettings.from_args(args, {"PATH": os.environ.get("PATH", "")})
+
+    plain = settings("--label", "gpu")
+    assert plain.labels[0] == "gpu" and f"python{OWN.version}" in plain.labels
+    assert "system-python" not in plain.labels
+    granted = settings("--python", str(OWN.executable), "--allow-system-python")
+    assert granted.labels == (f"python{OWN.version}", "system-python") and granted.pythons == (str(OWN.executable),)
+    with pytest.raises(SettingsError, match="--python: .*not-python is not a Python interpreter that starts"):
+        settings("--python", str(tmp_path / "not-python"))
+    with pytest.raises(SettingsError, match="--python: must be a version such as 3.12"):
+        settings("--python", "python3")
