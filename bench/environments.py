@@ -10,8 +10,9 @@ text-unidecode) from the package index, and one test.
           included) of commits that reuse the environment, minus that of commits
           with `[env] system = true` (the runner's own interpreter, no
           environment: what jobs ran before), alternating with them.
-  cold  = per-job time of commits that change pyproject.toml (a new environment
-          each, uv's cache warm), minus the warm per-job time; against uv run by
+  cold  = the build of a new environment (commits that change pyproject.toml;
+          uv's cache warm), as the runner's log times it (and what it added to the
+          job: its per-job time minus the warm one); against uv run by
           hand on the same tree and cache: `uv venv` + `uv pip install -e . pytest==V`,
           and the same with --compile-bytecode (an environment that, like the
           job's, runs at full speed where it cannot write its byte code).
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -135,7 +137,7 @@ def main() -> None:
         added = median(warm) - median(system_python)
 
         progress(f"{runs} cold builds (pyproject.toml changed each time; uv's cache warm), and uv by hand")
-        cold, hand, hand_compiled = [], [], []
+        cold, cold_job, hand, hand_compiled = [], [], [], []
         uv = str(python.with_name("uv"))
         pytest_version = subprocess.run(
             [str(python), "-c", "import pytest; print(pytest.__version__)"], capture_output=True, text=True, check=True
@@ -148,7 +150,11 @@ def main() -> None:
         for i in range(runs):
             sha = repo.commit({"pyproject.toml": pyproject(i + 1), ".volt.toml": "", "tests/test_slug.py": TEST})
             took, row = job_time(system, sha)
-            cold.append(took - median(warm))
+            cold_job.append(took - median(warm))
+            built = re.search(r": built in ([0-9.]+)s", ask(system.settings, "log", {"id": row["job_id"]})["head"])
+            if built is None:
+                raise SystemExit(f"commit {i} did not build a new environment")
+            cold.append(float(built.group(1)))
             hand.append(by_hand(repo.path, caches[0], base, pytest_version, uv, False))
             hand_compiled.append(by_hand(repo.path, caches[0], base, pytest_version, uv, True))
         ratio = median(cold) / median(hand)
@@ -160,7 +166,8 @@ def main() -> None:
         )
         print(f"warm environment adds {added * 1000:.0f} ms to a job")
         print(
-            f"cold build in the job: median {median(cold) * 1000:.0f} ms; uv by hand: median {median(hand) * 1000:.0f} ms, "
+            f"cold build as the runner logs it: median {median(cold) * 1000:.0f} ms (what it added to the job: "
+            f"{median(cold_job) * 1000:.0f} ms); uv by hand: median {median(hand) * 1000:.0f} ms, "
             f"{median(hand_compiled) * 1000:.0f} ms with --compile-bytecode (ready to run read-only, as the job's is)"
         )
         report(
@@ -180,6 +187,7 @@ def main() -> None:
             f"x <= {TARGET_COLD}",
             ratio <= TARGET_COLD,
             cold_s=median(cold),
+            cold_job_s=median(cold_job),
             hand_s=median(hand),
             hand_compiled_s=median(hand_compiled),
             runs=runs,

@@ -65,10 +65,12 @@ PROJECT_FILES = ("pyproject.toml", "setup.py", "setup.cfg")
 TEST_GROUPS = ("test", "tests", "dev")
 TEST_EXTRAS = ("test", "tests", "testing")
 TEST_REQUIREMENTS = ("requirements-test.txt", "requirements-dev.txt", "test-requirements.txt", "requirements/test.txt")
-# Byte code is compiled as packages go in: the tests see the environment
-# read-only, where Python could not write it, and would compile every import
-# again in every job.
-COMPILE = "--compile-bytecode"
+# The tests see the environment read-only, where Python cannot write byte
+# code: what is not compiled at build time is compiled again, in memory, by
+# every job that imports it. Compiling costs a build a few hundred ms of
+# process start-up alone, so it is done when that pays: for environments with
+# more than this many modules besides pytest's (which come compiled).
+COMPILE_ABOVE = 50
 MAX_FILE_BYTES = 16 * 1024 * 1024  # a uv.lock of a large project is a few MiB
 MAX_FILES = 200
 # The runner's environment that reaches uv: the operator's uv settings (an
@@ -495,7 +497,7 @@ class Environments:
                 info["editable"] = run.editable
                 info["seconds"] = round(time.monotonic() - began, 3)
                 _write_complete(env, info)
-                log.feed(f"volt: environment {plan.key[:12]}: built in {info['seconds']:.1f}s\n".encode())
+                log.feed(f"volt: environment {plan.key[:12]}: built in {info['seconds']:.2f}s\n".encode())
                 reused = False
             else:
                 log.feed(
@@ -675,7 +677,7 @@ class _UvRun:
         p = self.plan
         python = str(p.python.executable)
         if p.locked:
-            sync = ["sync", "--locked", COMPILE, "--python", python, "--no-default-groups"]
+            sync = ["sync", "--locked", "--python", python, "--no-default-groups"]
             sync += [f"--group={g}" for g in p.groups] + [f"--extra={e}" for e in p.extras]
             sync += [] if p.editable else ["--no-editable"]
             self.uv(sync, project_env=env)
@@ -684,16 +686,34 @@ class _UvRun:
         target = ["--python", str(env / "bin" / "python")]
         if self._install_args(p.editable):
             try:
-                self.uv(["pip", "install", COMPILE, *target, *self._install_args(p.editable)])
+                self.uv(["pip", "install", *target, *self._install_args(p.editable)])
             except EnvError as exc:
                 if not (p.project and p.editable and not p.locked and "build_editable" in str(exc)):
                     raise
                 # Its build backend has no editable installs: the project goes in as a wheel,
                 # and is installed again for each commit that reuses the environment.
                 self.log.feed(b"volt: environment: the build backend cannot install it editable; installing it whole\n")
-                self.uv(["pip", "install", COMPILE, *target, *self._install_args(False)])
+                self.uv(["pip", "install", *target, *self._install_args(False)])
                 self.editable = False
+        self.compile(env)
         self.add_pytest(env)
+
+    def compile(self, env: Path) -> None:
+        """Byte code for what went in, when there is enough of it to pay (see COMPILE_ABOVE)."""
+        site = _site_packages(env)
+        modules = 0
+        for _, _, names in os.walk(site):
+            modules += sum(name.endswith(".py") for name in names)
+            if modules > COMPILE_ABOVE:
+                break
+        if modules <= COMPILE_ABOVE:
+            return
+        python = str(env / "bin" / "python")
+        began = time.monotonic()
+        code, output = self.run([python, "-I", "-m", "compileall", "-q", "-j", "0", str(site)], dict(self.env), [])
+        if code != 0:  # a module that does not compile is the tests' to find, not the build's
+            self.log.feed(b"volt: environment: some modules did not compile to byte code\n")
+        self.log.feed(f"volt: environment: byte code compiled in {time.monotonic() - began:.2f}s\n".encode())
 
     def _install_args(self, editable: bool) -> list[str]:
         p = self.plan
@@ -708,7 +728,7 @@ class _UvRun:
         return args + list(p.install)
 
     def reinstall_project(self, env: Path) -> None:
-        self.uv(["pip", "install", COMPILE, "--python", str(env / "bin" / "python"), "--no-deps", "--reinstall", "."])
+        self.uv(["pip", "install", "--python", str(env / "bin" / "python"), "--no-deps", "--reinstall", "."])
 
     def add_pytest(self, env: Path) -> None:
         """pytest, the runner's version, unless the project installed a pytest of its own:
@@ -720,7 +740,7 @@ class _UvRun:
         wheels = runner_wheels(self.cache.wheels, "pytest", self.plan.python)
         if wheels is None:
             # The runner's own cannot serve this Python (it needs packages the runner lacks).
-            self.uv(["pip", "install", COMPILE, *target])
+            self.uv(["pip", "install", "--compile-bytecode", *target])
             return
         self.uv(["pip", "install", "--no-index", "--find-links", str(wheels), *target], shown=[wheels])
 
@@ -729,7 +749,9 @@ class _UvRun:
         if project_env is not None:
             env["UV_PROJECT_ENVIRONMENT"] = str(project_env)
         self.log.feed(f"volt: environment: $ uv {' '.join(args)}\n".encode())
+        began = time.monotonic()
         code, output = self.run([self.cache.uv, *args], env, [Path(self.cache.uv), *local_sources(env), *shown])
+        self.log.feed(f"volt: environment: uv {args[0]} took {time.monotonic() - began:.2f}s\n".encode())
         if code != 0:
             raise EnvError(f"uv {' '.join(args[:2])} failed: {_summary(output) or f'exit code {code}'}")
 

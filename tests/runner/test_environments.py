@@ -470,3 +470,22 @@ def test_the_runner_advertises_its_pythons_and_refuses_one_that_does_not_start(t
         settings("--python", str(tmp_path / "not-python"))
     with pytest.raises(SettingsError, match="--python: must be a version such as 3.12"):
         settings("--python", "python3")
+
+
+def test_byte_code_is_compiled_at_build_time_when_there_is_enough_to_pay(offline: Path, work: Path, tree: Path) -> None:
+    from envsupport import wheel
+
+    modules = {f"depbig/m{i}.py": f"X = {i}\n" for i in range(environments.COMPILE_ABOVE + 10)}
+    wheel(offline, "depbig", "1.0", {"depbig/__init__.py": "", **modules})
+    job = Job(work, tree)
+    write(tree, project(dependencies=("depone>=1",)))
+    with job.env() as (small, log):
+        assert "byte code compiled" not in log  # a handful of modules: compiled by each job, in a few ms
+    write(tree, project(dependencies=("depone>=1", "depbig")))
+    with job.env() as (big, log):
+        assert "byte code compiled" in log
+    site = environments._site_packages(big.venv)
+    assert list((site / "depbig" / "__pycache__").glob("m0.*.pyc"))
+    # pytest's came compiled with it, in both: the tests cannot write byte code.
+    for job_env in (small, big):
+        assert list((environments._site_packages(job_env.venv) / "_pytest" / "__pycache__").glob("main.*.pyc"))
