@@ -221,11 +221,11 @@ def settings_from(args: argparse.Namespace | None, environ: Mapping[str, str] | 
 def _have_labels(pythons: tuple[str, ...], allow_system: bool, environ: Mapping[str, str] | None) -> list[str]:
     """The labels for what this runner has: its Pythons (python3.12), and system-python where granted.
     They are labels so that the dispatcher's routing sends a job only where they are."""
-    from runner import environments
+    from runner import pythons as found_pythons
 
     try:
         # The same arguments as each job's look-up, which then finds them cached.
-        found = environments.find_pythons(pythons, environ.get("PATH") if environ is not None else None)
+        found = found_pythons.find_pythons(pythons, environ.get("PATH") if environ is not None else None)
     except ValueError as exc:
         raise SettingsError(f"--python: {exc}") from None
     labels = [voltfile.python_label(version) for version in found]

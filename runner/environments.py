@@ -1,14 +1,11 @@
 """A job's Python environment: built with uv from the project's own files, cached by what defines them.
 
-What goes in (`plan`): the project itself (editable unless `[env] editable =
-false` or its build backend cannot), its test dependencies from the first of
-these it has: a dependency group `test`/`tests`/`dev`, an extra
-`test`/`tests`/`testing`, `requirements-test.txt`, `requirements-dev.txt`,
-`test-requirements.txt`, `requirements/test.txt` (or what `[env]` names
-instead), its `requirements.txt`, `[env] install`, and pytest: the runner's
-own version, copied from the runner unless the project brought its own. With
-a `uv.lock` the project and its groups come from the lock (`uv sync
---locked`).
+What goes in is `runner/envplan.py`'s to say (the project, editable where it
+can be; its test dependencies; its requirements.txt; `[env] install`), and
+pytest: the runner's own version, from wheels made of the runner's copy
+(`runner/pytestwheels.py`), unless the project brought its own. The build runs
+in the caller's box (the runner's sandbox, with network), uv's steps one by
+one, each with the job's deadline and cancel flag.
 
 The cache, under the runner's workdir (`Environments`):
 
@@ -29,16 +26,11 @@ written last says it is whole, and a folder without one is what a crash left.
 
 from __future__ import annotations
 
-import configparser
 import contextlib
 import fcntl
-import functools
-import hashlib
-import importlib.metadata
 import json
 import logging
 import os
-import platform
 import re
 import select
 import shutil
@@ -47,77 +39,31 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.voltfile import ConfigError, EnvSpec
-from runner.execute import LogCollector, die_with_parent, read_tree_file
+from common.voltfile import EnvSpec
+from runner.envplan import EnvError, Plan, is_python_project, plan
+from runner.execute import LogCollector, die_with_parent
+from runner.pytestwheels import runner_wheels
+from runner.pythons import Interpreter, own_interpreter
 
 log = logging.getLogger(__name__)
 
-ENV_FORMAT = "1"  # bump when what an environment holds changes, so old ones are not reused
 COMPLETE = ".volt-env.json"
-PROJECT_FILES = ("pyproject.toml", "setup.py", "setup.cfg")
-TEST_GROUPS = ("test", "tests", "dev")
-TEST_EXTRAS = ("test", "tests", "testing")
-TEST_REQUIREMENTS = ("requirements-test.txt", "requirements-dev.txt", "test-requirements.txt", "requirements/test.txt")
 # The tests see the environment read-only, where Python cannot write byte
 # code: what is not compiled at build time is compiled again, in memory, by
 # every job that imports it. Compiling costs a build a few hundred ms of
 # process start-up alone, so it is done when that pays: for environments with
 # more than this many modules besides pytest's (which come compiled).
 COMPILE_ABOVE = 50
-MAX_FILE_BYTES = 16 * 1024 * 1024  # a uv.lock of a large project is a few MiB
-MAX_FILES = 200
 # The runner's environment that reaches uv: the operator's uv settings (an
 # index, find-links, ...) and how to get out to it. Nothing else of the runner's.
 _UV_PASSED_ON = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "SSL_CERT_FILE", "SSL_CERT_DIR")
 _PROXIES = ("http_proxy", "https_proxy", "no_proxy", "all_proxy")
-# `[env] install` options uv may get from a commit: what changes which
-# packages are picked, never where uv writes or which Python it changes.
-_INSTALL_OPTIONS = frozenset(
-    {
-        "--pre",
-        "--prerelease",
-        "--resolution",
-        "--upgrade",
-        "-U",
-        "--upgrade-package",
-        "-P",
-        "--index",
-        "--index-url",
-        "-i",
-        "--default-index",
-        "--extra-index-url",
-        "--index-strategy",
-        "--find-links",
-        "-f",
-        "--no-binary",
-        "--only-binary",
-        "--no-build-isolation",
-        "--no-build-isolation-package",
-        "--config-settings",
-        "-C",
-        "--editable",
-        "-e",
-        "--requirement",
-        "-r",
-        "--constraint",
-        "-c",
-        "--override",
-        "--no-sources",
-    }
-)
-_TAKES_VALUE = _INSTALL_OPTIONS - {"--pre", "--upgrade", "-U", "--no-build-isolation", "--no-sources"}
-_INCLUDE = re.compile(r"^\s*(?:-r|-c|--requirement|--constraint)(?:\s*=\s*|\s+)(\S+)", re.MULTILINE)
-
-
-class EnvError(Exception):
-    """The environment cannot be had; the message (after `environment: `) says why in one line."""
 
 
 class Stopped(Exception):
@@ -126,300 +72,6 @@ class Stopped(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-# -- interpreters ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Interpreter:
-    version: str  # "3.12": what `[env] python` names and the runner's label says
-    release: str  # "3.12.1"
-    executable: Path  # the real interpreter: not a venv's link, not a pyenv shim
-    prefix: Path  # its sys.base_prefix, which the box must show
-
-
-_PROBE = (
-    "import json, os, sys; print(json.dumps([list(sys.version_info[:3]), "
-    "os.path.realpath(getattr(sys, '_base_executable', None) or sys.executable), sys.base_prefix]))"
-)
-
-
-def own_interpreter() -> Interpreter:
-    """The interpreter the runner runs on (the base one, when the runner runs in a venv)."""
-    major, minor, micro = sys.version_info[:3]
-    base = getattr(sys, "_base_executable", None) or sys.executable
-    return Interpreter(
-        f"{major}.{minor}", f"{major}.{minor}.{micro}", Path(os.path.realpath(base)), Path(sys.base_prefix)
-    )
-
-
-def probe(*commands: str, timeout: float = 20.0) -> list[Interpreter | None]:
-    """The interpreter each of `commands` starts, or None for one that does not
-    (a pyenv shim for a version that is not active, say). All at once: a shim
-    takes a good part of a second to say no."""
-    procs: list[subprocess.Popen[str] | None] = []
-    for command in commands:
-        try:
-            procs.append(
-                subprocess.Popen(
-                    [command, "-I", "-c", _PROBE],
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.DEVNULL,
-                    text=True,
-                )
-            )
-        except OSError:
-            procs.append(None)
-    found: list[Interpreter | None] = []
-    deadline = time.monotonic() + timeout
-    for proc in procs:
-        if proc is None:
-            found.append(None)
-            continue
-        try:
-            out, _ = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
-            (major, minor, micro), executable, prefix = json.loads(out)
-            ok = proc.returncode == 0
-        except (subprocess.TimeoutExpired, ValueError, TypeError):
-            proc.kill()
-            proc.communicate()
-            ok = False
-        found.append(
-            Interpreter(f"{major}.{minor}", f"{major}.{minor}.{micro}", Path(executable), Path(prefix)) if ok else None
-        )
-    return found
-
-
-@functools.lru_cache(maxsize=8)
-def find_pythons(wanted: tuple[str, ...] = (), path: str | None = None) -> dict[str, Interpreter]:
-    """The Pythons this runner offers jobs, by version: its own, and either each
-    of `wanted` (a version such as "3.12", found as python3.12 on PATH, or a
-    path to an interpreter; ValueError for one that does not start) or, with
-    none wanted, every python3.N program on PATH that starts and is 3.N."""
-    found: dict[str, Interpreter] = {}
-    search = os.environ.get("PATH", os.defpath) if path is None else path
-    if wanted:
-        commands = [
-            (shutil.which(f"python{item}", path=search) or f"python{item}")
-            if re.fullmatch(r"3\.\d{1,2}", item)
-            else item
-            for item in wanted
-        ]
-        for item, got in zip(wanted, probe(*commands), strict=True):
-            if got is None or (re.fullmatch(r"3\.\d{1,2}", item) and got.version != item):
-                what = f"no working python{item} on PATH; give its path instead" if "/" not in item else ""
-                raise ValueError(what or f"{item} is not a Python interpreter that starts")
-            found.setdefault(got.version, got)
-    else:
-        names: set[str] = set()
-        for folder in search.split(os.pathsep):
-            with contextlib.suppress(OSError):
-                names.update(n for n in os.listdir(folder or ".") if re.fullmatch(r"python3\.\d{1,2}", n))
-        # Programs only: a script of that name is a shim (pyenv's, asdf's) that
-        # takes most of a second to start, or to say that version is not active.
-        named = [n for n in sorted(names) if _is_program(shutil.which(n, path=search))]
-        commands = [shutil.which(name, path=search) or name for name in named]
-        for name, got in zip(named, probe(*commands), strict=True):
-            if got is not None and f"python{got.version}" == name:
-                found.setdefault(got.version, got)
-    own = own_interpreter()
-    found[own.version] = own  # the runner's own wins its version: it is known to work
-    return dict(sorted(found.items(), key=lambda kv: [int(p) for p in kv[0].split(".")]))
-
-
-def _is_program(command: str | None) -> bool:
-    try:
-        with open(os.path.realpath(command or ""), "rb") as f:
-            return f.read(4) == b"\x7fELF"
-    except OSError:
-        return False
-
-
-# -- what to build -----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What a job's environment is made of, and the key it is cached under."""
-
-    key: str
-    repo: str
-    python: Interpreter
-    project: bool  # the tree is a project to install
-    editable: bool
-    locked: bool  # from uv.lock, with `uv sync --locked`
-    groups: tuple[str, ...]
-    extras: tuple[str, ...]
-    requirements: tuple[str, ...]  # files, relative to the tree
-    install: tuple[str, ...]  # more `uv pip install` arguments
-    pytest: str  # the runner's pytest version, put in unless the project brings its own
-
-    def describe(self) -> str:
-        parts = []
-        if self.project:
-            parts.append(
-                "the project" + (" (editable)" if self.editable else "") + (" from uv.lock" if self.locked else "")
-            )
-        parts += [f"group {g}" for g in self.groups] + [f"extra {e}" for e in self.extras]
-        parts += list(self.requirements)
-        if self.install:
-            parts.append("install " + " ".join(self.install))
-        parts.append(f"pytest (the project's, else the runner's {self.pytest})")
-        return ", ".join(parts)
-
-
-def is_python_project(tree: Path) -> bool:
-    """Whether the tree's root has what marks a Python project."""
-    return any((tree / name).exists() for name in PROJECT_FILES) or any(tree.glob("requirements*.txt"))
-
-
-def plan(
-    tree: Path,
-    spec: EnvSpec,
-    *,
-    repo: str,
-    python: Interpreter,
-    uv_settings: Mapping[str, str] | None = None,
-) -> Plan:
-    """Decide what the environment of `tree` holds; EnvError when its files say something impossible."""
-    files = _defining_files(tree, spec)
-    pyproject = _toml(files.get("pyproject.toml"), "pyproject.toml")
-    installable = "setup.py" in files or "project" in pyproject or "build-system" in pyproject
-    if "setup.cfg" in files and "pyproject.toml" not in files and "setup.py" not in files:
-        installable = "[metadata]" in files["setup.cfg"].decode("utf-8", "replace")
-    groups, extras = spec.groups, spec.extras
-    requirements = tuple(os.path.normpath(n) for n in spec.requirements)
-    if not spec.chooses_test_deps:
-        groups, extras, requirements = _test_dependencies(pyproject, files, installable)
-    if "requirements.txt" in files and "requirements.txt" not in requirements:
-        requirements = ("requirements.txt", *requirements)
-    for name in requirements:
-        if name not in files:
-            raise EnvError(f"{name} (in [env] requirements) is not in the repository")
-    if extras and not installable:
-        raise EnvError(f"extra {extras[0]} asked for, but the repository is no project to install")
-    declared = set(pyproject.get("dependency-groups", {}))
-    missing = [g for g in groups if g not in declared]
-    if missing:
-        raise EnvError(f"dependency group {missing[0]} is not in pyproject.toml [dependency-groups]")
-    _check_install(spec.install)
-    pytest_version = importlib.metadata.version("pytest")
-    digest = hashlib.sha256()
-    for part in (
-        ENV_FORMAT,
-        repo,
-        python.release,
-        str(python.executable),
-        sys.platform,
-        platform.machine(),
-        "-".join(platform.libc_ver()),
-        pytest_version,
-        spec.canonical(),
-        json.dumps(sorted((uv_settings or {}).items())),
-    ):
-        digest.update(part.encode() + b"\0")
-    for name in sorted(files):
-        digest.update(name.encode() + b"\0" + hashlib.sha256(files[name]).digest())
-    return Plan(
-        key=digest.hexdigest()[:24],
-        repo=repo,
-        python=python,
-        project=installable,
-        editable=spec.editable and installable,
-        locked=installable and "uv.lock" in files and "project" in pyproject,
-        groups=groups,
-        extras=extras,
-        requirements=requirements,
-        install=spec.install,
-        pytest=pytest_version,
-    )
-
-
-def _test_dependencies(
-    pyproject: dict[str, Any], files: Mapping[str, bytes], installable: bool
-) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
-    """The first of: a test dependency group, a test extra, a test requirements file."""
-    groups = pyproject.get("dependency-groups", {})
-    for name in TEST_GROUPS:
-        if name in groups:
-            return (name,), (), ()
-    if installable:
-        extras = set(pyproject.get("project", {}).get("optional-dependencies", {}))
-        if "setup.cfg" in files:
-            cfg = configparser.ConfigParser(interpolation=None)
-            with contextlib.suppress(configparser.Error, UnicodeDecodeError):
-                cfg.read_string(files["setup.cfg"].decode())
-                extras |= set(cfg["options.extras_require"]) if cfg.has_section("options.extras_require") else set()
-        for name in TEST_EXTRAS:
-            if name in extras:
-                return (), (name,), ()
-    for name in TEST_REQUIREMENTS:
-        if name in files:
-            return (), (), (name,)
-    return (), (), ()
-
-
-def _check_install(arguments: Sequence[str]) -> None:
-    expect_value = False
-    for arg in arguments:
-        if expect_value:
-            expect_value = False
-            continue
-        if arg.startswith("-"):
-            option = arg.split("=", 1)[0]
-            if option not in _INSTALL_OPTIONS:
-                raise EnvError(f"[env] install: uv pip option {option} is not allowed here")
-            expect_value = option in _TAKES_VALUE and "=" not in arg
-
-
-def _defining_files(tree: Path, spec: EnvSpec) -> dict[str, bytes]:
-    """The files that define the environment, by path in the tree, and what they hold."""
-    names = [n for n in (*PROJECT_FILES, "uv.lock") if (tree / n).exists() or (tree / n).is_symlink()]
-    names += sorted(p.name for p in tree.glob("requirements*.txt"))
-    names += sorted(f"requirements/{p.name}" for p in tree.glob("requirements/*.txt"))
-    names += [os.path.normpath(n) for n in spec.requirements]
-    files: dict[str, bytes] = {}
-    while names:
-        name = names.pop(0)
-        if name in files:
-            continue
-        if len(files) >= MAX_FILES:
-            raise EnvError(f"more than {MAX_FILES} files define the environment")
-        files[name] = data = _read(tree, name)
-        if name not in (*PROJECT_FILES, "uv.lock"):
-            # A requirements file may include others; they define the environment too.
-            base = os.path.dirname(name)
-            for include in _INCLUDE.findall(data.decode("utf-8", "replace")):
-                if "://" not in include:
-                    names.append(os.path.normpath(os.path.join(base, include)))
-    return files
-
-
-def _read(tree: Path, name: str) -> bytes:
-    real_tree = Path(os.path.realpath(tree))
-    path = Path(os.path.realpath(tree / name))
-    if real_tree not in path.parents:
-        raise EnvError(f"{name} is not a file inside the repository")
-    try:
-        text = read_tree_file(path, MAX_FILE_BYTES)
-    except ConfigError as exc:
-        raise EnvError(str(exc)) from None
-    except OSError as exc:
-        raise EnvError(f"cannot read {name}: {exc.strerror or exc}") from None
-    if text is None:
-        raise EnvError(f"{name} is not in the repository")
-    return text.encode()
-
-
-def _toml(data: bytes | None, name: str) -> dict[str, Any]:
-    if data is None:
-        return {}
-    try:
-        return tomllib.loads(data.decode())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise EnvError(f"{name} is not valid TOML: {' '.join(str(exc).split())[:200]}") from None
 
 
 # -- the cache ---------------------------------------------------------------
@@ -872,110 +524,6 @@ def _site_packages(env: Path) -> Path:
 
 def _canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def runner_wheels(root: Path, top: str, python: Interpreter) -> Path | None:
-    """A folder of wheels made of the runner's own `top` and what it needs on
-    `python`, made once per version; None when the runner cannot (something
-    missing, or not pure Python). Wheels, not copies: uv installs them through
-    the repository's cache like any other, and nothing links back to the
-    runner's own files, which a build could otherwise write through.
-
-    They carry their byte code, compiled by `python` and never checked against
-    the sources (which cannot change in an environment the tests see read-only):
-    pytest starts at full speed in every job, and no build compiles it again.
-    """
-    from packaging.markers import Marker
-    from packaging.requirements import Requirement
-
-    marker_env = {"python_version": python.version, "python_full_version": python.release, "extra": ""}
-    todo, chosen = [top], {}
-    while todo:
-        name = _canonical(todo.pop())
-        if name in chosen:
-            continue
-        try:
-            dist = importlib.metadata.distribution(name)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-        if "Root-Is-Purelib: true" not in (dist.read_text("WHEEL") or "") or dist.files is None:
-            return None
-        chosen[name] = dist
-        for text in dist.requires or []:
-            req = Requirement(text)
-            if req.marker is None or Marker(str(req.marker)).evaluate(marker_env):
-                todo.append(req.name)
-    label = "-".join([python.release, str(python.executable), *sorted(f"{n}{d.version}" for n, d in chosen.items())])
-    folder = root / hashlib.sha256(label.encode()).hexdigest()[:16]
-    if folder.is_dir():
-        return folder
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".new-{uuid.uuid4().hex[:8]}"
-    try:
-        for dist in chosen.values():
-            _wheel_of(dist, tmp / "wheels", tmp / "stage" / _canonical(dist.metadata["Name"]), python)
-        try:
-            (tmp / "wheels").rename(folder)
-        except OSError:  # another runner made it first
-            if not folder.is_dir():
-                raise
-    finally:
-        _remove(tmp)
-    return folder
-
-
-def _wheel_of(dist: importlib.metadata.Distribution, folder: Path, stage: Path, python: Interpreter) -> None:
-    """An installed pure-Python distribution packed back into a wheel, with its byte code and a RECORD of its own."""
-    import base64
-    import zipfile
-
-    name, version = dist.metadata["Name"], dist.version
-    info = None
-    for file in dist.files or []:
-        parts = file.parts
-        # Scripts are the installer's to make; the old byte code and records go.
-        if parts[0] == ".." or "__pycache__" in parts or parts[-1] in ("RECORD", "INSTALLER", "REQUESTED"):
-            continue
-        if parts[-1] == "direct_url.json":
-            continue
-        target = stage.joinpath(*parts)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(str(dist.locate_file(file)), target)
-        if parts[0].endswith(".dist-info"):
-            info = parts[0]
-    if info is None:
-        raise EnvError(f"the runner's {name} has no .dist-info to make a wheel of")
-    compiled = subprocess.run(
-        [
-            str(python.executable),
-            "-I",
-            "-m",
-            "compileall",
-            "-q",
-            "-j",
-            "0",
-            "--invalidation-mode",
-            "unchecked-hash",
-            str(stage),
-        ],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        timeout=300,
-    )
-    if compiled.returncode != 0:
-        raise EnvError(f"cannot compile the runner's {name} for Python {python.release}")
-    folder.mkdir(parents=True, exist_ok=True)
-    record = []
-    stem = f"{re.sub(r'[-_.]+', '_', name)}-{version}"
-    with zipfile.ZipFile(folder / f"{stem}-py3-none-any.whl", "w", zipfile.ZIP_DEFLATED) as wheel:
-        for path in sorted(p for p in stage.rglob("*") if p.is_file()):
-            member = path.relative_to(stage).as_posix()
-            data = path.read_bytes()
-            wheel.writestr(member, data)
-            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-            record.append(f"{member},sha256={digest},{len(data)}")
-        record.append(f"{info}/RECORD,,")
-        wheel.writestr(f"{info}/RECORD", "\n".join(record) + "\n")
 
 
 # -- a job's environment -----------------------------------------------------

@@ -56,7 +56,7 @@ from common.messages import (
     decode,
 )
 from common.settings import BrokerSettings, SettingsError
-from runner import environments, sandbox
+from runner import environments, pythons, sandbox
 from runner.execute import (
     ConfigError,
     LogCollector,
@@ -564,7 +564,7 @@ class Runner:
                 cache=environments.Environments(
                     self.s.workdir / "envs", size=self.s.env_cache_size, timeout=self.s.env_timeout
                 ),
-                pythons=environments.find_pythons(self.s.pythons),
+                pythons=pythons.find_pythons(self.s.pythons),
                 allow_system=self.s.allow_system_python,
                 log=build_log,
                 stop=stopped,

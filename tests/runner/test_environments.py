@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -16,12 +17,13 @@ import pytest
 from envsupport import BACKEND, dependency_wheels, project
 
 from common.voltfile import EnvSpec, env_of, tables
-from runner import environments, sandbox
-from runner.environments import EnvError, Environments, Stopped, for_job, plan
+from runner import environments, pythons, sandbox
+from runner.environments import Environments, Stopped, for_job
+from runner.envplan import EnvError, plan
 from runner.execute import LogCollector, runner_free_path
 from runner.execute import test_env as child_env
 
-OWN = environments.own_interpreter()
+OWN = pythons.own_interpreter()
 PYTHONS = {OWN.version: OWN}
 
 
@@ -159,14 +161,14 @@ def test_only_a_project_is_installed_as_one(tree: Path) -> None:
 def test_the_key_changes_with_what_defines_the_environment_and_nothing_else(tree: Path) -> None:
     write(tree, project(extras={"test": ["deptwo"]}) | {"requirements.txt": "-r base.txt\n", "base.txt": "x\n"})
 
-    def key(env_spec: EnvSpec | None = None, repo: str = "/srv/app", python: environments.Interpreter = OWN) -> str:
+    def key(env_spec: EnvSpec | None = None, repo: str = "/srv/app", python: pythons.Interpreter = OWN) -> str:
         return plan(tree, env_spec or EnvSpec(), repo=repo, python=python).key
 
     first = key()
     write(tree, {"src/app/__init__.py": "VALUE = 1\n", "tests/test_new.py": "", "README": "x"})
     assert key() == first  # code and tests are not what an environment is made of
     changed = {key(repo="/srv/other"), key(spec('[env]\ninstall = ["deptwo"]\n'))}
-    changed.add(key(python=environments.Interpreter("3.11", "3.11.99", OWN.executable, OWN.prefix)))
+    changed.add(key(python=pythons.Interpreter("3.11", "3.11.99", OWN.executable, OWN.prefix)))
     write(tree, {"base.txt": "y\n"})  # a file that requirements.txt includes
     changed.add(key())
     write(tree, {"base.txt": "x\n", "uv.lock": "version = 1\n"})
@@ -213,14 +215,14 @@ def test_the_runner_offers_the_pythons_on_path_that_start_and_says_no_to_the_res
     shim = bin_dir / "python3.97"  # a pyenv-style shim for a version that is not active
     shim.write_text("#!/bin/sh\necho 'pyenv: python3.97: command not found' >&2\nexit 127\n")
     shim.chmod(0o755)
-    found = environments.find_pythons((), str(bin_dir))
+    found = pythons.find_pythons((), str(bin_dir))
     assert list(found) == [OWN.version]
     assert found[OWN.version].executable == OWN.executable
     with pytest.raises(ValueError, match="no working python3.97 on PATH"):
-        environments.find_pythons(("3.97",), str(bin_dir))
+        pythons.find_pythons(("3.97",), str(bin_dir))
     with pytest.raises(ValueError, match="is not a Python interpreter that starts"):
-        environments.find_pythons((str(shim),), str(bin_dir))
-    assert list(environments.find_pythons((str(bin_dir / "python3.98"),), str(bin_dir))) == [OWN.version]
+        pythons.find_pythons((str(shim),), str(bin_dir))
+    assert list(pythons.find_pythons((str(bin_dir / "python3.98"),), str(bin_dir))) == [OWN.version]
 
 
 def test_a_python_the_runner_lacks_is_named_with_what_it_has(work: Path, tree: Path) -> None:
@@ -263,7 +265,7 @@ def test_an_environment_holds_the_project_its_dependencies_and_pytest_and_nothin
             "print([m for m in ('pika', 'git', 'common', 'runner', 'dispatcher') if u.find_spec(m)])",
         )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split("\n")[:2] == [f"42 {environments.importlib.metadata.version('pytest')}", "[]"]
+    assert done.stdout.split("\n")[:2] == [f"42 {importlib.metadata.version('pytest')}", "[]"]
     # pytest came from the runner, and also runs as a command.
     assert (job_env.venv / "bin" / "pytest").exists()
 
