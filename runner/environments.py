@@ -380,7 +380,11 @@ class _UvRun:
         return args + list(p.install)
 
     def reinstall_project(self, env: Path) -> None:
-        self.uv(["pip", "install", "--python", str(env / "bin" / "python"), "--no-deps", "--reinstall", "."])
+        """This commit's project into an environment built for another commit's,
+        its dependencies untouched. By name where it is known: --reinstall alone
+        would also ask the index about the build backend again."""
+        again = [f"--reinstall-package={self.plan.name}"] if self.plan.name else ["--reinstall"]
+        self.uv(["pip", "install", "--python", str(env / "bin" / "python"), "--no-deps", *again, "."])
 
     def add_pytest(self, env: Path) -> None:
         """pytest, the runner's version, unless the project installed a pytest of its own:

@@ -99,6 +99,7 @@ class Plan:
     requirements: tuple[str, ...]  # files, relative to the tree
     install: tuple[str, ...]  # more `uv pip install` arguments
     pytest: str  # the runner's pytest version, put in unless the project brings its own
+    name: str = ""  # the project's distribution name, when its files say it
 
     def describe(self) -> str:
         parts = []
@@ -178,7 +179,19 @@ def plan(
         requirements=requirements,
         install=spec.install,
         pytest=pytest_version,
+        name=_project_name(pyproject, files),
     )
+
+
+def _project_name(pyproject: dict[str, Any], files: Mapping[str, bytes]) -> str:
+    """The name in [project] or setup.cfg's [metadata]; "" when only setup.py knows it."""
+    name = pyproject.get("project", {}).get("name", "")
+    if not name and "setup.cfg" in files:
+        cfg = configparser.ConfigParser(interpolation=None)
+        with contextlib.suppress(configparser.Error, UnicodeDecodeError):
+            cfg.read_string(files["setup.cfg"].decode())
+            name = cfg.get("metadata", "name", fallback="")
+    return name if isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) else ""
 
 
 def _test_dependencies(

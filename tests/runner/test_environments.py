@@ -300,7 +300,7 @@ def test_a_backend_without_editable_installs_gets_the_project_whole_and_again_fo
         assert job.python(first, "import app; print(app.VALUE)").stdout.strip() == "1"
     write(tree, {"src/app/__init__.py": "VALUE = 2\n"})
     with job.env() as (second, log):
-        assert second.reused and "--no-deps --reinstall" in log
+        assert second.reused and "--no-deps --reinstall-package=app ." in log
         assert job.python(second, "import app; print(app.VALUE)").stdout.strip() == "2"
 
 
