@@ -25,7 +25,7 @@ from common import gitauth
 from common.gitutil import one_line
 from common.messages import check_branch
 from common.naming import is_local
-from common.voltfile import CONFIG_FILE, MAX_CONFIG_BYTES, ConfigError, labels_of, parse
+from common.voltfile import CONFIG_FILE, MAX_CONFIG_BYTES, ConfigError, needed_labels
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class WatchedRepo:
         takes the job ends it as `error` with the same reason."""
         try:
             text = self._config_text(commit)
-            return labels_of(parse(text)) if text else []
+            return needed_labels(text) if text else []
         except ConfigError as exc:
             log.warning("repo=%s commit=%s published without labels: %s", self.url, commit[:12], exc)
         except Exception as exc:  # noqa: BLE001 - whatever the commit holds, it is still published

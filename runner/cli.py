@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import re
 import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common import logs, naming
+from common import logs, naming, voltfile
 from common.messages import check_labels
 from common.settings import (
     BrokerSettings,
@@ -21,6 +22,7 @@ from common.settings import (
     gather,
     path,
     positive_float,
+    positive_int,
     repo_pattern,
     writable_dir,
 )
@@ -37,6 +39,14 @@ def _runner_id(raw: str) -> str:
 
 def _label(raw: str) -> str:
     return check_labels([raw])[0]
+
+
+def _python(raw: str) -> str:
+    if re.fullmatch(r"3\.\d{1,2}", raw):
+        return raw
+    if not raw.startswith("/"):
+        raise ValueError(f"must be a version such as 3.12, or the absolute path of an interpreter, got {raw!r:.80}")
+    return raw
 
 
 # The runner's settings as flags and VOLT_* variables (RunnerSettings.from_args reads them).
@@ -138,6 +148,46 @@ OPTIONS = (
         existing_file,
         metavar="FILE",
     ),
+    Option(
+        "pythons",
+        "--python",
+        "PYTHONS",
+        "a Python jobs may ask for with [env] python: a version (python3.12 on PATH) or an interpreter's path; "
+        "the runner's own is always there, and each is advertised as a label such as python3.12",
+        (),
+        _python,
+        many="lines",
+        metavar="VERSION_OR_PATH",
+        shown="every python3.X on PATH that starts",
+    ),
+    Option(
+        "env_cache_size",
+        "--env-cache-size",
+        "ENV_CACHE_SIZE",
+        "job environments kept on disk; the least recently used go first",
+        10,
+        positive_int,
+        metavar="N",
+    ),
+    Option(
+        "env_timeout",
+        "--env-timeout",
+        "ENV_TIMEOUT",
+        "seconds building a job's environment may take (uv's downloads and builds)",
+        900.0,
+        positive_float,
+        metavar="S",
+    ),
+    Option(
+        "allow_system_python",
+        "--allow-system-python",
+        "ALLOW_SYSTEM_PYTHON",
+        "grant [env] system = true: such jobs run with the runner's own Python and packages, no environment "
+        "(advertised as the label system-python)",
+        False,
+        switch=True,
+        shown="off",
+    ),
 )
 
 
@@ -164,7 +214,22 @@ def settings_from(args: argparse.Namespace | None, environ: Mapping[str, str] | 
         check_labels(list(values["labels"]))
     except ValueError as exc:
         raise SettingsError(f"--label: {exc}") from None
+    values["labels"] = (*values["labels"], *_have_labels(values["pythons"], values["allow_system_python"], environ))
     return RunnerSettings(broker=BrokerSettings.from_args(args, environ), **values)
+
+
+def _have_labels(pythons: tuple[str, ...], allow_system: bool, environ: Mapping[str, str] | None) -> list[str]:
+    """The labels for what this runner has: its Pythons (python3.12), and system-python where granted.
+    They are labels so that the dispatcher's routing sends a job only where they are."""
+    from runner import pythons as found_pythons
+
+    try:
+        # The same arguments as each job's look-up, which then finds them cached.
+        found = found_pythons.find_pythons(pythons, environ.get("PATH") if environ is not None else None)
+    except ValueError as exc:
+        raise SettingsError(f"--python: {exc}") from None
+    labels = [voltfile.python_label(version) for version in found]
+    return labels + ([voltfile.SYSTEM_PYTHON_LABEL] if allow_system else [])
 
 
 def main(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import errno
 import logging
 import math
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import voltfile
-from common.voltfile import CONFIG_FILE, ConfigError
+from common.voltfile import CONFIG_FILE, ConfigError, EnvSpec
 from runner.junit import Counts, read_junit
 
 log = logging.getLogger(__name__)
@@ -42,17 +43,26 @@ class TestConfig:
     timeout: float
     uses_default: bool = False
     network: bool = False  # [test] network = true: it asks for more than loopback
+    env: EnvSpec = EnvSpec()  # [env]: the job's Python environment
+    submodules: bool = True  # [checkout] submodules
 
 
-def default_command(junit_path: Path, tree: Path) -> list[str]:
-    """pytest with the runner's own Python; it also runs unittest-style tests."""
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit_path}"]
+def default_command(junit_path: Path, tree: Path, python: str | Path | None = None) -> list[str]:
+    """pytest under `python` (the job's environment's; the runner's own when
+    none is given); it also runs unittest-style tests."""
+    command = [str(python or sys.executable), "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    command.append(f"--junitxml={junit_path}")
     if not has_pytest_config(tree):
         # pytest looks for its settings from the tree upwards: a workdir inside
         # another project (the default is ./.volt/...) must not lend that
         # project's pytest settings to the repository under test.
         command += ["-c", os.devnull, f"--rootdir={tree}"]
     return command
+
+
+def with_default_command(config: TestConfig, junit_path: Path, tree: Path, python: str | Path) -> TestConfig:
+    """`config` with the default command run by `python` (the job environment's)."""
+    return dataclasses.replace(config, command=default_command(junit_path, tree, python))
 
 
 # Where pytest reads its settings from, and what marks its section there.
@@ -102,15 +112,17 @@ def read_tree_file(path: Path, limit: int) -> str | None:
 
 
 def load_config(tree: Path, junit_path: Path, default_timeout: float) -> TestConfig:
-    """Read `[test] command` and `timeout` from .volt.toml; pytest when absent."""
-    section: dict[str, object] = {}
+    """Read `[test]`, `[env]` and `[checkout]` from .volt.toml; pytest when absent."""
+    data: dict[str, object] = {}
     try:
         text = read_tree_file(tree / CONFIG_FILE, voltfile.MAX_CONFIG_BYTES)
     except OSError as exc:
         raise ConfigError(f"cannot read {CONFIG_FILE}: {exc.strerror or exc}") from None
     if text is not None:
-        section = voltfile.parse(text)
+        data = voltfile.tables(text)
+    section: dict[str, object] = data.get("test", {})  # type: ignore[assignment]
     voltfile.labels_of(section)  # a broken labels list is the job's error too
+    env, checkout = voltfile.env_of(data), voltfile.checkout_of(data)
     network = section.get("network", False)
     if not isinstance(network, bool):
         raise ConfigError(f"{CONFIG_FILE}: test.network must be true or false")
@@ -120,7 +132,14 @@ def load_config(tree: Path, junit_path: Path, default_timeout: float) -> TestCon
         raise ConfigError(f"{CONFIG_FILE}: test.timeout must be a positive number of seconds")
     raw = section.get("command")
     if raw is None:
-        return TestConfig(default_command(junit_path, tree), float(timeout), uses_default=True, network=network)
+        return TestConfig(
+            default_command(junit_path, tree),
+            float(timeout),
+            uses_default=True,
+            network=network,
+            env=env,
+            submodules=checkout.submodules,
+        )
     if isinstance(raw, str):
         try:
             command = shlex.split(raw)
@@ -132,7 +151,7 @@ def load_config(tree: Path, junit_path: Path, default_timeout: float) -> TestCon
         raise ConfigError(f"{CONFIG_FILE}: test.command must be a string or a list of strings")
     if not command:
         raise ConfigError(f"{CONFIG_FILE}: test.command is empty")
-    return TestConfig(command, float(timeout), network=network)
+    return TestConfig(command, float(timeout), network=network, env=env, submodules=checkout.submodules)
 
 
 class LogCollector:
@@ -211,14 +230,35 @@ class Outcome:
 _PASSED_ON = ("PATH", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TZ")
 
 
-def test_env(extra: dict[str, str]) -> dict[str, str]:
+def test_env(extra: dict[str, str], venv: Path | None = None) -> dict[str, str]:
     """The environment a test command gets, built from scratch: PATH and the
-    locale, CI=true, and the job's own facts in `extra` (VOLT_JOB_ID, ...)."""
+    locale, CI=true, and the job's own facts in `extra` (VOLT_JOB_ID, ...).
+
+    The runner's own virtual environment is taken off PATH (its `python` would
+    import the runner's packages); the job's environment `venv`, when it has
+    one, goes first, so `python` and `pytest` in a command are that one's.
+    """
     env = {k: os.environ[k] for k in _PASSED_ON if k in os.environ}
-    env.setdefault("PATH", os.defpath)
+    env["PATH"] = os.pathsep.join(runner_free_path(env.get("PATH", os.defpath)))
+    if venv is not None:
+        env["PATH"] = os.pathsep.join([str(venv / "bin"), env["PATH"]])
+        env["VIRTUAL_ENV"] = str(venv)
     env.update(extra)
     env["CI"] = "true"
     return env
+
+
+def runner_free_path(path: str) -> list[str]:
+    """The folders of PATH `path` that are not inside the runner's own virtual environment."""
+    if sys.prefix == sys.base_prefix:
+        return [p for p in path.split(os.pathsep) if p]  # no venv: the runner's Python is the system's
+    own = Path(os.path.realpath(sys.prefix))
+    kept = []
+    for folder in path.split(os.pathsep):
+        real = Path(os.path.realpath(folder)) if folder else None
+        if real is not None and real != own and own not in real.parents:
+            kept.append(folder)
+    return kept
 
 
 def find_command(command: list[str], cwd: Path, env: dict[str, str]) -> str | None:
@@ -244,17 +284,19 @@ def run_command(
     lease_lost: Callable[[], bool] = lambda: False,
     wrap: Callable[[list[str]], list[str]] | None = None,
     notes: Sequence[str] = (),
+    log_into: LogCollector | None = None,
 ) -> Outcome:
     """Run the test command in its own process group, bounded in time and log size.
 
     `wrap` turns the command into the one that runs it in the sandbox; `notes`
-    are lines the runner puts at the head of the log. On timeout or cancel the
+    are lines the runner puts at the head of the log, after what `log_into` holds
+    already (the environment's build). On timeout or cancel the
     whole group gets SIGTERM, then SIGKILL after the grace period (in the
     sandbox everything inside dies with it at once); when `lease_lost()` turns
     true, SIGKILL at once (the job may already be someone else's). Whatever the
     command does, this returns an Outcome.
     """
-    collector = LogCollector()
+    collector = log_into if log_into is not None else LogCollector()
     for note in notes:
         collector.feed(f"volt: {note}\n".encode())
     missing = find_command(config.command, cwd, env)
@@ -270,14 +312,14 @@ def run_command(
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
     except FileNotFoundError:
-        return Outcome("error", None, 0.0, reason=f"test command not found: {config.command[0]}")
+        return Outcome("error", None, 0.0, reason=f"test command not found: {config.command[0]}", log=collector)
     except PermissionError:
-        return Outcome("error", None, 0.0, reason=f"test command not executable: {config.command[0]}")
+        return Outcome("error", None, 0.0, reason=f"test command not executable: {config.command[0]}", log=collector)
     except OSError as exc:
-        return Outcome("error", None, 0.0, reason=f"cannot start test command: {exc}")
+        return Outcome("error", None, 0.0, reason=f"cannot start test command: {exc}", log=collector)
     if on_start is not None:
         on_start(proc.pid)
     assert proc.stdout is not None
@@ -363,7 +405,7 @@ except OSError:  # not Linux: the restarted runner still reaps the group
     _libc = None
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child before exec: get SIGKILL if the runner's job thread dies.
 
     A runner killed with SIGKILL cannot stop its test run; this makes the

@@ -57,8 +57,16 @@ from common.messages import (
     decode,
 )
 from common.settings import BrokerSettings, SettingsError
-from runner import sandbox
-from runner.execute import ConfigError, Outcome, load_config, run_command, test_env
+from runner import environments, pythons, sandbox
+from runner.execute import (
+    ConfigError,
+    LogCollector,
+    Outcome,
+    load_config,
+    run_command,
+    test_env,
+    with_default_command,
+)
 from runner.workspace import GIT_TIMEOUT, CheckoutError, Workspace
 
 log = logging.getLogger(__name__)
@@ -86,6 +94,13 @@ class RunnerSettings:
     git_timeout: float = GIT_TIMEOUT
     # A git-credential-store style file: credentials for the repositories it names.
     git_credentials: Path | None = None
+    # The Pythons jobs may ask for ([env] python), besides the runner's own:
+    # versions found as python3.X on PATH, or paths; none given: all on PATH.
+    pythons: tuple[str, ...] = ()
+    env_cache_size: int = 10  # environments kept, least recently used evicted
+    env_timeout: float = 900.0  # seconds an environment's build may take
+    # Whether `[env] system = true` (the runner's own interpreter and packages) is granted.
+    allow_system_python: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> RunnerSettings:
@@ -520,47 +535,93 @@ class Runner:
             config = load_config(tree, junit, self.s.job_timeout)
         except ConfigError as exc:
             return Outcome("error", None, 0.0, reason=str(exc))
-        env = test_env(
-            {
-                "VOLT_JUNIT_XML": str(junit),
-                "VOLT_JOB_ID": job.job_id,
-                "VOLT_COMMIT": job.commit,
-                "VOLT_BRANCH": job.branch,
-            }
-        )
-        notes = []
+        build_log = LogCollector()
+        try:
+            done = self.workspace.submodules(
+                job.repo, job.commit, tree, allowed=self.allowed, cancel=current.cancel, check_out=config.submodules
+            )
+        except CheckoutError as exc:
+            return Outcome("error", None, 0.0, reason=str(exc))
+        if done:
+            build_log.feed(f"volt: submodules checked out: {', '.join(done)}\n".encode())
+        hide = [*self.s.sandbox_hide, *([self.s.git_credentials] if self.s.git_credentials else [])]
         network = config.network and self.s.allow_network
+        notes = []
         if config.network and not network:
             notes.append("[test] network = true, but this runner does not grant it (--allow-network): loopback only")
-        wrap = None
-        if self.s.sandbox == "bwrap":
 
-            def wrap(command: list[str]) -> list[str]:
-                return sandbox.wrap(
-                    command,
+        def stopped() -> str | None:
+            return "lease lost" if current.lease_lost() else "cancelled" if current.cancel.is_set() else None
+
+        def build_box(argv: list[str], env: dict[str, str], writable: list[Path], shown: list[Path]) -> list[str]:
+            # The build runs the project's own code (its build backend, setup.py): in a box
+            # like the tests', with the network it needs and its repository's cache writable.
+            return sandbox.wrap(
+                argv, tree, env, workdir=self.s.workdir, hide=hide, expose=shown, writable=writable, network=True
+            )
+
+        try:
+            with environments.for_job(
+                config.env,
+                tree,
+                repo=job.repo,
+                uses_default=config.uses_default,
+                cache=environments.Environments(
+                    self.s.workdir / "envs", size=self.s.env_cache_size, timeout=self.s.env_timeout
+                ),
+                pythons=pythons.find_pythons(self.s.pythons),
+                allow_system=self.s.allow_system_python,
+                log=build_log,
+                stop=stopped,
+                box=build_box if self.s.sandbox == "bwrap" else None,
+                home=folder / "home",
+            ) as job_env:
+                if config.uses_default:
+                    config = with_default_command(config, junit, tree, job_env.python)
+                env = test_env(
+                    {
+                        "VOLT_JUNIT_XML": str(junit),
+                        "VOLT_JOB_ID": job.job_id,
+                        "VOLT_COMMIT": job.commit,
+                        "VOLT_BRANCH": job.branch,
+                    },
+                    venv=job_env.venv,
+                )
+                wrap = None
+                if self.s.sandbox == "bwrap":
+
+                    def wrap(command: list[str]) -> list[str]:
+                        return sandbox.wrap(
+                            command,
+                            tree,
+                            env,
+                            workdir=self.s.workdir,
+                            hide=hide,
+                            expose=list(job_env.shown),
+                            writable=[folder],
+                            network=network,
+                        )
+
+                else:
+                    env.update(HOME=str(folder / "home"), TMPDIR=str(folder / "home"))
+                return run_command(
+                    config,
                     tree,
                     env,
-                    workdir=self.s.workdir,
-                    hide=[*self.s.sandbox_hide, *([self.s.git_credentials] if self.s.git_credentials else [])],
-                    expose=[Path(sys.prefix)],
-                    writable=[folder],
-                    network=network,
+                    junit,
+                    current.cancel,
+                    grace=self.s.kill_grace,
+                    on_start=lambda pid: self._note_pgid(pid, current),
+                    lease_lost=current.lease_lost,
+                    wrap=wrap,
+                    notes=notes,
+                    log_into=build_log,
                 )
-
-        else:
-            env.update(HOME=str(folder / "home"), TMPDIR=str(folder / "home"))
-        return run_command(
-            config,
-            tree,
-            env,
-            junit,
-            current.cancel,
-            grace=self.s.kill_grace,
-            on_start=lambda pid: self._note_pgid(pid, current),
-            lease_lost=current.lease_lost,
-            wrap=wrap,
-            notes=notes,
-        )
+        except environments.EnvError as exc:
+            return Outcome("error", None, 0.0, reason=f"environment: {exc}", log=build_log)
+        except environments.Stopped as exc:
+            lost = exc.reason == "lease lost"
+            return Outcome("cancelled", None, 0.0, reason=exc.reason, log=build_log, abandoned=lost)
 
     def _note_pgid(self, pgid: int, current: Current) -> None:
         self.watchdog.tell(f"run {pgid} {current.lease_until if not current.held else math.inf}")

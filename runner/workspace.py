@@ -16,6 +16,13 @@ A repository on this machine is read in place through git's alternates (no
 fetch, ever); a URL is fetched from incrementally, by URL, with no remote
 configured. The git directories and trees stay between jobs, so a job
 rewrites only what changed.
+
+Submodules (`submodules()`) are checked out the same way, never by `git
+submodule`: each at the commit its superproject records, from a git directory
+of the runner's own (`repos/<slug>.modules/`, one per submodule path, so each
+has one work tree), fetched from its `.gitmodules` URL (a relative one taken
+from the superproject's) only when the caller allows that repository, with the
+credentials the runner has for it.
 """
 
 from __future__ import annotations
@@ -36,12 +43,15 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from common.messages import valid_commit
-from common.naming import is_local
+from common.naming import is_local, normalize_repo
 
 log = logging.getLogger(__name__)
 
 GIT_TIMEOUT = 300.0
 HEADS = "+refs/heads/*:refs/remotes/origin/*"
+# Submodules within submodules, this deep at most, and this many in all.
+SUBMODULE_DEPTH = 8
+MAX_SUBMODULES = 500
 
 # On every command line: command-line settings beat every config file git
 # might read, the cache's own included.
@@ -145,8 +155,107 @@ class Workspace:
         for git_dir in list(self._objects):
             self._forget(git_dir)
 
+    def submodules(
+        self,
+        repo: str,
+        commit: str,
+        tree: Path,
+        *,
+        allowed: Callable[[str], bool] = lambda repo: True,
+        cancel: threading.Event | None = None,
+        check_out: bool = True,
+    ) -> list[str]:
+        """Check out the submodules `commit` of `repo` records into its checked-out
+        `tree`, each at its recorded commit, theirs too; return their paths.
+        With `check_out` false, leave each one's folder empty instead, as a
+        clone without submodules has it (an earlier job may have filled it).
+
+        A submodule's repository must pass `allowed` (the runner's --allow-repo).
+        All of it takes at most `git_timeout` seconds; CheckoutError names the
+        submodule that could not be had, and why.
+        """
+        run = _Run(repo, self._env(repo), time.monotonic() + self.git_timeout, self.git_timeout, cancel)
+        done: list[str] = []
+        if check_out:
+            self._submodules(repo, commit, self.git_dir_for(repo), tree, "", allowed, run, done)
+            return done
+        try:
+            links = _gitlinks(run.git(self.git_dir_for(repo), "ls-tree", "-r", "-z", "--full-tree", commit))
+        except _GitFailed as exc:
+            raise CheckoutError(f"cannot read the submodules of {commit[:12]} of {repo}: {_one_line(exc)}") from None
+        for path, _ in links:
+            where = tree / path
+            if (
+                where.is_dir()
+                and not where.is_symlink()
+                and Path(os.path.realpath(where)) == Path(os.path.realpath(tree)) / path
+            ):
+                for child in where.iterdir():
+                    _remove(child)
+        return done
+
+    def _submodules(
+        self,
+        repo: str,
+        commit: str,
+        git_dir: Path,
+        tree: Path,
+        prefix: str,
+        allowed: Callable[[str], bool],
+        run: _Run,
+        done: list[str],
+    ) -> None:
+        if not (tree / ".gitmodules").is_file() or (tree / ".gitmodules").is_symlink():
+            return  # git itself needs .gitmodules to know where a submodule comes from
+        if prefix.count("/") >= SUBMODULE_DEPTH:
+            raise CheckoutError(f"submodule {prefix.rstrip('/')}: submodules nested more than {SUBMODULE_DEPTH} deep")
+        try:
+            links = _gitlinks(run.git(git_dir, "ls-tree", "-r", "-z", "--full-tree", commit))
+            urls = _module_urls(run.git(git_dir, "config", "-z", "--blob", f"{commit}:.gitmodules", "--list"))
+        except _GitFailed as exc:
+            raise CheckoutError(f"cannot read the submodules of {commit[:12]} of {repo}: {_one_line(exc)}") from None
+        top = self.root / "repos" / f"{_slug(run.repo)}.modules"
+        for path, sha in links:
+            name = f"{prefix}{path}"
+            if len(done) >= MAX_SUBMODULES:
+                raise CheckoutError(f"more than {MAX_SUBMODULES} submodules")
+            url = urls.get(path)
+            if url is None:
+                raise CheckoutError(f"submodule {name}: no url for it in .gitmodules")
+            try:
+                sub = normalize_repo(_resolve_url(repo, url))
+            except ValueError as exc:
+                raise CheckoutError(f"submodule {name}: {exc}") from None
+            if sub.startswith("-") or "::" in sub.split("/", 1)[0]:
+                raise CheckoutError(f"submodule {name}: refusing url {sub!r:.80}")
+            if not allowed(sub):
+                raise CheckoutError(f"submodule {name}: repository not allowed on this runner: {sub}")
+            where = tree / path
+            if Path(os.path.realpath(where)) != Path(os.path.realpath(tree)) / path:
+                raise CheckoutError(f"submodule {name}: its path goes through a link")
+            sub_dir = top / f"{_slug(sub)}-{hashlib.sha1(name.encode()).hexdigest()[:8]}.git"
+            sub_run = _Run(sub, self._env(sub), run.deadline, run.limit, run.cancel)
+            try:
+                self._checkout_into(sub, sha, sub_run, sub_dir, where)
+            except (_GitFailed, OSError) as exc:
+                log.warning("submodule %s of %s is broken (%s); making it again", name, repo, _one_line(exc))
+                self._forget(sub_dir)
+                _remove(sub_dir)
+                try:
+                    self._checkout_into(sub, sha, sub_run, sub_dir, where)
+                except (_GitFailed, OSError) as again:
+                    raise CheckoutError(
+                        f"submodule {name}: cannot check out {sha[:12]} of {sub}: {_one_line(again)}"
+                    ) from None
+            except CheckoutError as exc:
+                raise CheckoutError(f"submodule {name}: {exc}") from None
+            done.append(name)
+            self._submodules(sub, sha, sub_dir, where, f"{name}/", allowed, sub_run, done)
+
     def _checkout(self, repo: str, commit: str, run: _Run) -> Path:
-        git_dir, tree = self.git_dir_for(repo), self.tree_for(repo)
+        return self._checkout_into(repo, commit, run, self.git_dir_for(repo), self.tree_for(repo))
+
+    def _checkout_into(self, repo: str, commit: str, run: _Run, git_dir: Path, tree: Path) -> Path:
         fetched = False
         if not (git_dir / "HEAD").is_file():
             self._create(repo, commit, git_dir, run)
@@ -315,6 +424,49 @@ class _ObjectQuery:
 
     def close(self) -> None:
         _kill(self.proc)
+
+
+def _gitlinks(listing: str) -> list[tuple[str, str]]:
+    """The submodules in `git ls-tree -r -z` output: (path, recorded commit)."""
+    links = []
+    for entry in listing.split("\0"):
+        meta, _, path = entry.partition("\t")
+        parts = meta.split()
+        if len(parts) == 3 and parts[0] == "160000" and valid_commit(parts[2]):
+            links.append((path, parts[2]))
+    return links
+
+
+def _module_urls(listing: str) -> dict[str, str]:
+    """Path to url, from `git config -z --list` of a .gitmodules."""
+    paths: dict[str, str] = {}
+    urls: dict[str, str] = {}
+    for entry in listing.split("\0"):
+        key, _, value = entry.partition("\n")
+        if key.startswith("submodule.") and key.endswith((".path", ".url")):
+            name, field = key[len("submodule.") :].rsplit(".", 1)
+            (paths if field == "path" else urls)[name] = value
+    return {path.strip("/"): urls[name] for name, path in paths.items() if name in urls}
+
+
+def _resolve_url(base: str, url: str) -> str:
+    """A .gitmodules url, a relative one (`../lib.git`) taken from the superproject's as git does."""
+    if not url.startswith(("./", "../")):
+        return url
+    base = base.rstrip("/")
+    while url.startswith(("./", "../")):
+        if url.startswith("./"):
+            url = url[2:]
+            continue
+        url = url[3:]
+        head, sep, _ = base.rpartition("/")
+        if sep and head and not head.endswith((":/", ":")):
+            base = head
+        elif "://" not in base and ":" in base and not base.startswith("/"):
+            base = base.split(":", 1)[0] + ":"  # git@host:repo.git -> git@host:
+        else:
+            raise ValueError(f"relative url {url!r:.80} goes above {base!r:.80}")
+    return f"{base}{'' if base.endswith(':') else '/'}{url}"
 
 
 def _argv(git_dir: Path | None, *args: str, tree: Path | None = None) -> list[str]:

@@ -67,3 +67,52 @@ def test_a_huge_file_is_not_parsed() -> None:
     with pytest.raises(ConfigError, match="larger than 64 KiB"):
         parse("#" * (MAX_CONFIG_BYTES + 1))
     assert parse("#" * (MAX_CONFIG_BYTES - 1)) == {}
+
+
+@pytest.mark.parametrize(
+    ("text", "labels"),
+    [
+        ('[env]\npython = "3.12"\n', ["python3.12"]),
+        ('[test]\nlabels = ["gpu"]\n[env]\npython = "3.13"\n', ["gpu", "python3.13"]),
+        ("[env]\nsystem = true\n", ["system-python"]),
+        ('[env]\nextras = ["test"]\n', []),
+        ('[env]\npython = "3"\n', []),  # broken: the runner says so
+    ],
+)
+def test_an_env_table_asks_for_the_runners_that_have_its_python(text: str, labels: list[str]) -> None:
+    assert required_labels(text) == labels
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("[env]\npython = 3.12\n", "env.python must be a version"),
+        ('[env]\ninstall = "pytest-xdist"\n', "env.install must be a list of strings"),
+        ('[env]\nrequirements = ["../outside.txt"]\n', "not a path inside the repository"),
+        ('[env]\nrequirements = ["/etc/passwd"]\n', "not a path inside the repository"),
+        ('[env]\nextras = ["a b"]\n', "not an extra or group name"),
+        ('[env]\nsystem = true\ninstall = ["x"]\n', "nothing to install"),
+        ("[env]\npyhton = '3.12'\n", "has no setting 'pyhton'"),
+        ("[checkout]\nsubmodules = 'no'\n", "checkout.submodules must be true or false"),
+        ("env = 1\n", r"\[env\] must be a table"),
+    ],
+)
+def test_a_broken_env_or_checkout_table_says_what_is_wrong(text: str, why: str) -> None:
+    from common.voltfile import checkout_of, env_of, tables
+
+    with pytest.raises(ConfigError, match=why):
+        data = tables(text)
+        env_of(data)
+        checkout_of(data)
+
+
+def test_env_and_checkout_tables_are_read_whole() -> None:
+    from common.voltfile import CheckoutSpec, EnvSpec, checkout_of, env_of, tables
+
+    data = tables(
+        '[env]\npython = "3.12"\ninstall = ["--pre", "x>=1"]\nrequirements = ["ci/r.txt"]\n'
+        'extras = ["test"]\ngroups = ["lint"]\neditable = false\n[checkout]\nsubmodules = false\n'
+    )
+    assert env_of(data) == EnvSpec("3.12", ("--pre", "x>=1"), ("ci/r.txt",), ("test",), ("lint",), False, False)
+    assert checkout_of(data) == CheckoutSpec(submodules=False)
+    assert env_of({}) == EnvSpec() and checkout_of({}).submodules
