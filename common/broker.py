@@ -1028,6 +1028,7 @@ def shared_bindings(ns: str) -> dict[str, list[tuple[str, str]]]:
     rpc, dead = naming.dispatcher_rpc_queue(ns), naming.dead_letter_queue(ns)
     out[rpc] = [(naming.rpc_exchange(ns), rpc)]
     out[dead] = [(naming.dead_letter_exchange(ns), dead)]
+    out[naming.dispatcher_owner_queue(ns)] = []  # nothing routes to it: only the dispatcher reads and writes it
     return out
 
 
