@@ -253,6 +253,9 @@ class Broker:
         self._rpc_consuming = False
         self._hold = False
         self._ledger = AckLedger()
+        # basic.get has a channel (and so delivery tags) of its own.
+        self._get_ch: BlockingChannel | None = None
+        self._get_ledger = AckLedger()
         # Seconds pika waits on a broker that blocks publishers before it gives
         # the connection up (a worker then reconnects; a command says why).
         self.blocked_timeout = 60.0
@@ -340,7 +343,7 @@ class Broker:
         told.add_on_connection_unblocked_callback(lambda *_: self._set_blocked(False))
         self._ch = self._conn.channel()
         self._ch.confirm_delivery()
-        self._fire_ch = None
+        self._fire_ch = self._get_ch = None
         self._consumers = []
         self._rpc_consuming = False
         # Tags of the old channel mean nothing on this one; what they
@@ -420,7 +423,7 @@ class Broker:
         _sleep(delay, stopping)
 
     def close(self) -> None:
-        conn, self._conn, self._ch, self._fire_ch = self._conn, None, None, None
+        conn, self._conn, self._ch, self._fire_ch, self._get_ch = self._conn, None, None, None, None
         if conn is not None and conn.is_open:
             try:
                 conn.close()
@@ -710,7 +713,9 @@ class Broker:
         """Whether some connection holds `queue`'s lock."""
         return self.queue_depth(naming.lock_queue(queue)) is not None
 
-    def _delivery(self, queue: str, channel: BlockingChannel, method: Any, props: Any, body: bytes) -> Delivery:
+    def _delivery(
+        self, queue: str, channel: BlockingChannel, method: Any, props: Any, body: bytes, ledger: AckLedger | None = None
+    ) -> Delivery:
         return Delivery(
             body=body,
             queue=queue,
@@ -720,7 +725,7 @@ class Broker:
             correlation_id=props.correlation_id,
             _channel=channel,
             _tag=method.delivery_tag,
-            _ledger=self._ledger,
+            _ledger=ledger or self._ledger,
             _hold=self._hold,
             user_id=props.user_id,
         )
@@ -739,30 +744,40 @@ class Broker:
         self._hold = True
 
     def release_acks(self) -> None:
-        """Send the held acks: one multiple-ack for those below the ledger's floor
+        """Send the held acks: one multiple-ack for those below a channel's floor
         (every tag under it is settled), the rest one by one (delivery rule 2)."""
-        top, singles = self._ledger.release()
-        if self._ch is None or not self._ch.is_open:
-            return  # the channel died: the broker redelivers them all
-        with _translated():
-            if top is not None:
-                self._ch.basic_ack(top, multiple=True)
-            for tag in singles:
-                self._ch.basic_ack(tag)
+        for ch, ledger in ((self._ch, self._ledger), (self._get_ch, self._get_ledger)):
+            top, singles = ledger.release()
+            if ch is None or not ch.is_open:
+                continue  # the channel died: the broker redelivers them all
+            with _translated():
+                if top is not None:
+                    ch.basic_ack(top, multiple=True)
+                for tag in singles:
+                    ch.basic_ack(tag)
 
     def drop_held_acks(self) -> None:
         """Forget the held acks (what they were for did not become durable); the
         caller closes the connection so the broker delivers those messages again."""
         self._ledger.held.clear()
+        self._get_ledger.held.clear()
 
     def get(self, queue: str) -> Delivery | None:
-        """Take one message from a queue (basic.get), or None if it is empty."""
-        ch = self._channel()
+        """Take one message from a queue (basic.get), or None if it is empty.
+
+        On a channel of its own: the consuming channel's deliveries are then
+        handled in the order of their tags, so their acks go as one multiple-ack,
+        and so do the gets'."""
+        if self._get_ch is None or not self._get_ch.is_open:
+            with _translated():
+                self._get_ch = self._connection().channel()
+            self._get_ledger = AckLedger()
+        ch = self._get_ch
         with _translated():
             method, props, body = ch.basic_get(queue, auto_ack=False)
         if method is None:
             return None
-        return self._delivery(queue, ch, method, props, body)
+        return self._delivery(queue, ch, method, props, body, ledger=self._get_ledger)
 
     # -- request/reply ----------------------------------------------------
 

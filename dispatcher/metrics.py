@@ -74,7 +74,11 @@ class Metrics:
         if row is None or row.queued_at is None:
             return
         started = row.started_at or now
-        self.queue_wait.observe(max(0.0, started - row.queued_at))
+        self.queue_waited(max(0.0, started - row.queued_at))
+
+    def queue_waited(self, seconds: float | None) -> None:
+        if seconds is not None:
+            self.queue_wait.observe(seconds)
 
     def job_finished(self, duration_s: float | None) -> None:
         if duration_s is not None and duration_s >= 0:

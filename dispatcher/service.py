@@ -399,12 +399,15 @@ class Dispatcher:
             self._next_snapshot = self.clock() + 0.25
 
     def _make_durable(self) -> None:
-        """Commit the round so far, then ack what it handled; the round goes on."""
+        """Commit the round so far (before jobs go to runners); the round goes on.
+        Its acks wait for the round's end: later than durable is as safe, and
+        one multiple-ack a round costs the broker less than one per job."""
         self.store.checkpoint()
-        self._after_durable()
+        self._after_durable(acks=False)
 
-    def _after_durable(self) -> None:
-        self.broker.release_acks()
+    def _after_durable(self, acks: bool = True) -> None:
+        if acks:
+            self.broker.release_acks()
         todo, self._after_commit = self._after_commit, []
         for fn in todo:
             fn()
@@ -488,6 +491,9 @@ class Dispatcher:
         The assignments are made durable together before any job is sent.
         """
         if not (self._backlog_maybe or self._parked_maybe):
+            return
+        # The store is asked only when some runner says it is free.
+        if not self.registry.available(set()):
             return
         free = self.registry.available(self.store.busy_runners())
         if not free:
@@ -813,15 +819,19 @@ class Dispatcher:
         self.assign()
 
     def _started(self, msg: JobStarted, who: str) -> None:
-        row = self.store.get(msg.job_id)
-        if msg.lease and self.store.start(
-            msg.job_id, msg.lease, msg.runner_id, msg.session, msg.started_at, self.wall()
-        ):
+        queued_at = (
+            self.store.start(msg.job_id, msg.lease, msg.runner_id, msg.session, msg.started_at, self.wall())
+            if msg.lease
+            else None
+        )
+        if queued_at is not None:
             info = self.registry.get(msg.runner_id)
             if info is not None:
                 self.leases.watch(msg.job_id, msg.lease, self._lease_window(info))
-            self._after_commit.append(lambda: self.metrics.job_started(self.store.get(msg.job_id), self.wall()))
+            wait = max(0.0, msg.started_at - queued_at) if queued_at else None
+            self._after_commit.append(functools.partial(self.metrics.queue_waited, wait))
             return
+        row = self.store.get(msg.job_id)
         duplicate = row is not None and row.state == "running" and row.lease == msg.lease and bool(msg.lease)
         if not duplicate:
             log.warning(

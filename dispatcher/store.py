@@ -864,17 +864,22 @@ class Store:
         return cur.rowcount == 1
 
     @_store_op
-    def start(self, job_id: str, lease: str, runner: str, session: str, started_at: float, now: float) -> bool:
+    def start(
+        self, job_id: str, lease: str, runner: str, session: str, started_at: float, now: float
+    ) -> float | None:
+        """The assignment under `lease` started: returns when the job was queued
+        (0.0 if it never was), or None if it is not that assignment any more."""
         with self._tx() as db:
-            cur = db.execute(
+            row = db.execute(
                 "UPDATE jobs SET state = 'running', session = ?, started_at = ?"
-                " WHERE job_id = ? AND lease = ? AND runner = ? AND state = 'assigned'",
+                " WHERE job_id = ? AND lease = ? AND runner = ? AND state = 'assigned'"
+                " RETURNING attempt, queued_at",
                 (session, started_at, job_id, lease, runner),
-            )
-            if cur.rowcount:
-                row = db.execute("SELECT attempt FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-                self._event(db, job_id, row[0], runner, "started", now)
-        return cur.rowcount == 1
+            ).fetchone()
+            if row is None:
+                return None
+            self._event(db, job_id, row[0], runner, "started", now)
+        return float(row[1] or 0.0)
 
     @_store_op
     def requeue(self, job_id: str, lease: str, reason: str, now: float, *, failure: bool, max_failures: int) -> str:
@@ -942,7 +947,10 @@ class Store:
         with self._tx() as db:
             cur = db.execute(
                 "UPDATE jobs SET state = 'done', status = ?, exit_code = ?, passed = ?, failed = ?,"
-                " errors = ?, skipped = ?, duration_s = ?, reason = ?, finished_at = ?,"
+                " errors = ?, skipped = ?, duration_s = ?,"
+                # Why earlier attempts were lost stays beside the final reason.
+                " reason = CASE WHEN ? = '' THEN reason WHEN reason = '' THEN ? ELSE ? || ' (' || reason || ')' END,"
+                " finished_at = ?,"
                 " started_at = COALESCE(started_at, ?), log_head = ?, log_tail = ?, log_bytes = ?, log_full = ?,"
                 " lease = NULL"
                 " WHERE job_id = ? AND lease = ? AND runner = ? AND state IN ('assigned', 'running')",
@@ -954,7 +962,9 @@ class Store:
                     result.errors,
                     result.skipped,
                     result.duration_s,
-                    _join_reason(self._prior_reason(db, result.job_id), result.reason),
+                    result.reason,
+                    result.reason,
+                    result.reason,
                     now,
                     result.started_at or None,
                     result.log_head,
@@ -982,11 +992,6 @@ class Store:
                 detail=detail,
             )
         return accepted
-
-    @staticmethod
-    def _prior_reason(db: _Conn, job_id: str) -> str:
-        row = db.execute("SELECT reason FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-        return row[0] if row else ""
 
     @staticmethod
     def _event(
@@ -1044,10 +1049,3 @@ def _filters(repo: str | None, branch: str | None, commit: str | None, done_only
     if done_only:
         where.append("state = 'done'")
     return (f"WHERE {' AND '.join(where)}" if where else ""), args
-
-
-def _join_reason(prior: str, reason: str) -> str:
-    """Keep why earlier attempts were lost beside the final reason."""
-    if prior and reason:
-        return f"{reason} ({prior})"
-    return reason or prior
