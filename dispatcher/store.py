@@ -174,6 +174,9 @@ class Dialect:
     now = ""
     begin = "BEGIN"
     order = "rowid"  # insertion order in find()
+    # Whether one execute() may carry several statements (without parameters):
+    # each round trip saved counts when the database is a network hop away.
+    combines = False
 
     def connect(self, where: str, durable: bool, readonly: bool) -> Any:
         raise NotImplementedError
@@ -248,6 +251,7 @@ class SQLite(Dialect):
 
 class PostgreSQL(Dialect):
     name = "postgresql"
+    combines = True
     types = {
         "int": "BIGINT",
         "real": "DOUBLE PRECISION",
@@ -408,6 +412,7 @@ class Store:
         self._durable = durable
         self._readonly = readonly
         self._batch = False
+        self._release_pending = False  # a savepoint's RELEASE waits to go with the next statement
         self._lock_file: Any = None
         # (holder, term) while this store writes as the lease's holder: every
         # commit then checks and renews the lease first (see _commit).
@@ -600,9 +605,10 @@ class Store:
                 f"the dispatcher lease is held by {row[0] if row else '?'} (term {row[1] if row else '?'}) now"
             )
 
-    def _commit(self) -> None:
-        """COMMIT; with a fence, renew the lease in the same transaction first, so
-        nothing is committed by a dispatcher that no longer holds it."""
+    def _commit(self, then_begin: bool = False) -> None:
+        """COMMIT (and, with then_begin, start the next transaction); with a
+        fence, renew the lease in the same transaction first, so nothing is
+        committed by a dispatcher that no longer holds it."""
         if self.fence is not None:
             holder, term = self.fence
             renewed = self._x(
@@ -611,7 +617,13 @@ class Store:
             )
             if renewed.rowcount != 1:
                 raise LeaseLost(f"the dispatcher lease (term {term}) was taken over; nothing of this round is kept")
+        self._release_pending = False
+        if then_begin and self.dialect.combines:
+            self._x(f"COMMIT; {self.dialect.begin}")
+            return
         self._x("COMMIT")
+        if then_begin:
+            self._x(self.dialect.begin)
 
     # -- group commit ----------------------------------------------------
     #
@@ -644,17 +656,22 @@ class Store:
                 self._rollback()
                 raise
 
+    def _release(self, now: bool) -> None:
+        if now:
+            self._x("RELEASE change")
+        else:
+            self._release_pending = True
+
     @_store_op
     def checkpoint(self) -> None:
         """Make the batch so far durable and go on batching."""
         if self._batch:
             try:
-                self._commit()
+                self._commit(then_begin=True)
             except BaseException:
                 self._batch = False
                 self._rollback()
                 raise
-            self._x(self.dialect.begin)
 
     def rollback_batch(self) -> None:
         """Drop the batch's changes (a round that failed); never raises."""
@@ -662,6 +679,7 @@ class Store:
         self._rollback()
 
     def _rollback(self) -> None:
+        self._release_pending = False
         # SQLite may have rolled back by itself (a full disk does that), and
         # then ROLLBACK says "no transaction is active"; a PostgreSQL connection
         # may be gone: either way none is open now.
@@ -675,15 +693,19 @@ class Store:
     def _tx(self) -> Iterator[_Conn]:
         db = _Conn(self.dialect, self.db)
         if self._batch:
-            self._x("SAVEPOINT change")
+            # Where the database takes several statements at once, a change's
+            # RELEASE goes with the next one's SAVEPOINT (COMMIT and ROLLBACK
+            # release every savepoint anyway): one round trip a change, not two.
+            self._x("RELEASE change; SAVEPOINT change" if self._release_pending else "SAVEPOINT change")
+            self._release_pending = False
             try:
                 yield db
             except BaseException:
                 if self.dialect.in_transaction(self.db):  # a full disk may have rolled it all back already
                     self._x("ROLLBACK TO change")
-                    self._x("RELEASE change")
+                    self._release(now=not self.dialect.combines)
                 raise
-            self._x("RELEASE change")
+            self._release(now=not self.dialect.combines)
             return
         self._reopen_if_broken()
         db = _Conn(self.dialect, self.db)
