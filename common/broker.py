@@ -714,7 +714,13 @@ class Broker:
         return self.queue_depth(naming.lock_queue(queue)) is not None
 
     def _delivery(
-        self, queue: str, channel: BlockingChannel, method: Any, props: Any, body: bytes, ledger: AckLedger | None = None
+        self,
+        queue: str,
+        channel: BlockingChannel,
+        method: Any,
+        props: Any,
+        body: bytes,
+        ledger: AckLedger | None = None,
     ) -> Delivery:
         return Delivery(
             body=body,

@@ -886,9 +886,7 @@ class Store:
         return cur.rowcount == 1
 
     @_store_op
-    def start(
-        self, job_id: str, lease: str, runner: str, session: str, started_at: float, now: float
-    ) -> float | None:
+    def start(self, job_id: str, lease: str, runner: str, session: str, started_at: float, now: float) -> float | None:
         """The assignment under `lease` started: returns when the job was queued
         (0.0 if it never was), or None if it is not that assignment any more."""
         with self._tx() as db:
