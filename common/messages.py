@@ -26,7 +26,10 @@ _COMMIT = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
 # A finished job's status, and the states a job and a runner go through: the
 # one home of these names (the store, the registry, metrics and page use them).
 STATUSES = ("passed", "failed", "error", "timeout", "cancelled")
-JOB_STATES = ("pending", "queued", "parked", "assigned", "running", "done")
+# "split": a job whose suite its shards run (dispatcher/runs.py).
+JOB_STATES = ("pending", "queued", "parked", "assigned", "running", "split", "done")
+# A test's outcome; "flaky": it failed, then passed when run again on the same commit.
+TEST_OUTCOMES = ("passed", "failed", "error", "skipped", "flaky")
 RUNNER_STATES = ("idle", "busy", "paused", "draining")
 
 
@@ -51,6 +54,18 @@ def check_labels(labels: list[str]) -> list[str]:
         if not isinstance(label, str) or not _LABEL.fullmatch(label):
             raise ValueError(f"not a label (letters, digits and _.:=+-, at most 64): {label!r:.80}")
     return labels
+
+
+MAX_SPLIT = 64
+MAX_RERUNS = 5
+
+
+def check_split(split: int, reruns: int) -> None:
+    """Raise ValueError unless `[test] split` and `rerun_failures` are in range."""
+    if isinstance(split, bool) or not isinstance(split, int) or not 1 <= split <= MAX_SPLIT:
+        raise ValueError(f"split must be a whole number from 1 to {MAX_SPLIT}, not {split!r:.20}")
+    if isinstance(reruns, bool) or not isinstance(reruns, int) or not 0 <= reruns <= MAX_RERUNS:
+        raise ValueError(f"rerun_failures must be a whole number from 0 to {MAX_RERUNS}, not {reruns!r:.20}")
 
 
 def check_commit(sha: str) -> str:
@@ -119,12 +134,19 @@ class CommitSeen(Message):
     source: str = "poll"
     # Runner labels the commit's .volt.toml requires ([test] labels).
     labels: list[str] = field(default_factory=list)
+    # [test] split and rerun_failures of the commit's .volt.toml.
+    split: int = 1
+    rerun_failures: int = 0
+    # The commit's first line and author, for people reading the results.
+    subject: str = ""
+    author: str = ""
 
     def __post_init__(self) -> None:
         check_commit(self.commit)
         check_labels(self.labels)
         _check_nonempty(repo=self.repo, branch=self.branch)
         check_branch(self.branch)
+        check_split(self.split, self.rerun_failures)
 
 
 @dataclass(frozen=True)
@@ -144,6 +166,9 @@ class Job(Message):
     # without a heartbeat echoing it. Empty in the backlog.
     lease: str = ""
     lease_s: float = 0.0
+    # A shard of a split run (dispatcher/runs.py): the run's job id. The
+    # runner then runs the tests the dispatcher hands it, chunk by chunk.
+    run: str = ""
 
     def __post_init__(self) -> None:
         check_commit(self.commit)
@@ -283,10 +308,42 @@ class JobResult(Message):
     # zlib-compressed, base64-encoded whole log; empty when it was too big to ship.
     log_full: str = ""
     lease: str = ""  # a result counts only with the lease of the job's current assignment
+    # One [node id, outcome, seconds] per test, from the JUnit XML (runner/junit.py).
+    tests: list[list[Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
             raise ValueError(f"unknown status {self.status!r}")
+
+
+@dataclass(frozen=True)
+class ChunkRequest(Message):
+    """A shard's runner to the dispatcher: what it collected (first), the tests
+    it finished since it last asked, and whether it wants more. `seq` numbers
+    the asks of one assignment, so one sent again is answered again, not twice."""
+
+    TYPE: ClassVar[str] = "chunk_request"
+    job_id: str  # the shard's
+    attempt: int
+    runner_id: str
+    lease: str
+    seq: int
+    collected: list[str] | None = None  # node ids, sorted: only with the first ask
+    results: list[list[Any]] = field(default_factory=list)  # [node id, outcome, seconds]
+    more: bool = True
+
+
+@dataclass(frozen=True)
+class Chunk(Message):
+    """The dispatcher's answer to a ChunkRequest: tests to run next (none: the
+    run needs no more of this shard), or why the shard must stop."""
+
+    TYPE: ClassVar[str] = "chunk"
+    job_id: str
+    lease: str
+    seq: int
+    tests: list[str] = field(default_factory=list)
+    stop: str = ""
 
 
 @dataclass(frozen=True)
@@ -326,6 +383,8 @@ TYPES: dict[str, type[Message]] = {
         JobRejected,
         JobAbandoned,
         JobResult,
+        ChunkRequest,
+        Chunk,
         Request,
         Reply,
     )

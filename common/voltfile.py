@@ -4,6 +4,8 @@
     command = "make test"     # read by the runner (runner/execute.py)
     timeout = 600
     labels = ["linux", "gpu"] # only runners with every one of these take the job
+    split = 4                 # run the pytest suite on up to 4 runners at once
+    rerun_failures = 1        # run a failing test again; failed-then-passed is flaky
 
     [env]                     # the job's Python environment (runner/environments.py)
     python = "3.12"           # only runners that have Python 3.12 take the job
@@ -17,9 +19,11 @@
     [checkout]
     submodules = true
 
-The observer reads the labels at each commit (`required_labels`) so the
-dispatcher can route the job to a runner that has them: `[test] labels`, plus
-`python3.12` for `[env] python = "3.12"` and `system-python` for `system = true`.
+The observer reads what the job asks of the dispatcher at each commit
+(`required_asks`): the runner labels, so the job goes to a runner that has
+them (`[test] labels`, plus `python3.12` for `[env] python = "3.12"` and
+`system-python` for `system = true`), and `split` and `rerun_failures`, which
+make the job a split run (dispatcher/runs.py).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import tomllib
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from common.messages import check_labels
+from common.messages import check_labels, check_split
 
 CONFIG_FILE = ".volt.toml"
 
@@ -171,24 +175,65 @@ def env_labels(spec: EnvSpec) -> list[str]:
     return [python_label(spec.python)] if spec.python else []
 
 
+@dataclass(frozen=True)
+class Asks:
+    """What a commit's job asks of the dispatcher: runners with these labels,
+    and how its suite is run (`[test] split`, `[test] rerun_failures`)."""
+
+    labels: tuple[str, ...] = ()
+    split: int = 1
+    rerun_failures: int = 0
+
+    @property
+    def is_run(self) -> bool:
+        """Whether the job runs as a split run (shards pulling chunks of tests)."""
+        return self.split > 1 or self.rerun_failures > 0
+
+
+def split_of(section: dict[str, Any]) -> tuple[int, int]:
+    """`[test] split` and `rerun_failures`, checked; they need the default
+    command (pytest), since only its tests can be handed out one by one."""
+    split, reruns = section.get("split", 1), section.get("rerun_failures", 0)
+    try:
+        check_split(split, reruns)
+    except ValueError as exc:
+        raise ConfigError(f"{CONFIG_FILE}: test.{exc}") from None
+    if (split > 1 or reruns > 0) and "command" in section:
+        raise ConfigError(f"{CONFIG_FILE}: test.split and test.rerun_failures work with pytest, not a test.command")
+    return split, reruns
+
+
+def needed_asks(text: str) -> Asks:
+    """What a .volt.toml asks for; ConfigError when it is broken."""
+    data = tables(text)
+    section = data.get("test", {})
+    split, reruns = split_of(section)
+    labels = sorted({*labels_of(section), *env_labels(env_of(data))})
+    return Asks(tuple(labels), split, reruns)
+
+
 def needed_labels(text: str) -> list[str]:
     """The labels a .volt.toml asks for, sorted; ConfigError when it is broken."""
-    data = tables(text)
-    return sorted({*labels_of(data.get("test", {})), *env_labels(env_of(data))})
+    return list(needed_asks(text).labels)
+
+
+def required_asks(text: str | None) -> Asks:
+    """What a commit's .volt.toml asks for; nothing when there is no file.
+
+    A broken file asks for nothing here: the runner that checks it out
+    reports what is wrong with it as the job's error.
+    """
+    if not text:
+        return Asks()
+    try:
+        return needed_asks(text)
+    except ConfigError:
+        return Asks()
 
 
 def required_labels(text: str | None) -> list[str]:
-    """The labels a commit's .volt.toml asks for; none when there is no file.
-
-    A broken file needs no labels here: the runner that checks it out reports
-    what is wrong with it as the job's error.
-    """
-    if not text:
-        return []
-    try:
-        return needed_labels(text)
-    except ConfigError:
-        return []
+    """The labels a commit's .volt.toml asks for; none when there is no file or it is broken."""
+    return list(required_asks(text).labels)
 
 
 def _strings(raw: dict[str, Any], key: str, check: Any) -> tuple[str, ...]:

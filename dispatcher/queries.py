@@ -67,7 +67,12 @@ def job_dict(row: JobRow, events: list[dict[str, Any]] | None = None) -> dict[st
         "queued_at": iso(row.queued_at),
         "started_at": iso(row.started_at),
         "finished_at": iso(row.finished_at),
+        "subject": row.subject,
+        "author": row.author,
+        "split": row.split,
     }
+    if row.parent:
+        data["run"] = row.parent
     if events is not None:
         data["history"] = [{**e, "at": iso(e["at"])} for e in events]
     return data
@@ -170,10 +175,16 @@ def _results_and_total(store: Store, params: dict[str, Any], total: bool) -> tup
             raise QueryError(f"not a commit id or prefix: {commit!r:.80}")
     repo, branch, done_only = params.get("repo"), params.get("branch"), bool(params.get("done_only", True))
     rows = store.find(repo=repo, branch=branch, commit=commit, limit=limit, done_only=done_only)
-    found = [job_dict(r, store.events(r.job_id)) for r in rows]
+    tests = store.test_summary([r.job_id for r in rows])
+    found = [{**job_dict(r, store.events(r.job_id)), **tests.get(r.job_id, _NO_TESTS)} for r in rows]
     if not total or len(found) < limit:
         return found, len(found)
     return found, store.count(repo=repo, branch=branch, commit=commit, done_only=done_only)
+
+
+_NO_TESTS: dict[str, list[str]] = {"failing_tests": [], "flaky": []}
+# A job id (16 hex digits), a shard's (with .N), or a commit id or prefix.
+_JOB_KEY = re.compile(r"[0-9a-fA-F]{4,64}|[0-9a-f]{16}\.[0-9]{1,3}")
 
 
 def job_log(store: Store, key: str, max_bytes: int | None = None) -> dict[str, Any]:
@@ -182,7 +193,7 @@ def job_log(store: Store, key: str, max_bytes: int | None = None) -> dict[str, A
     the whole of it; `cut` says why the whole log is not in the reply when it was kept."""
     limit = MAX_LOG_REPLY_BYTES if max_bytes is None else max_bytes
     key = key.strip()
-    if not re.fullmatch(r"[0-9a-fA-F]{4,64}", key):
+    if not _JOB_KEY.fullmatch(key):
         raise QueryError(f"not a job id or commit: {key!r:.80}")
     row = store.get(key)
     if row is None:

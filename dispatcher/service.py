@@ -42,6 +42,7 @@ from common.broker import Broker, BrokerError, BrokerUnavailable, Delivery, InUs
 from common.logs import ids
 from common.messages import (
     CancelJob,
+    ChunkRequest,
     CommitSeen,
     DecodeError,
     Goodbye,
@@ -61,8 +62,9 @@ from dispatcher import queries
 from dispatcher.leases import Leases, why_gone
 from dispatcher.metrics import Metrics
 from dispatcher.registry import Registry, RunnerInfo, first_able
+from dispatcher.runs import Runs
 from dispatcher.snapshot import Snapshot, take_snapshot
-from dispatcher.store import LeaseLost, Store, StoreError, StoreGone
+from dispatcher.store import JobRow, LeaseLost, Store, StoreError, StoreGone, is_shard, run_of
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +165,7 @@ class Dispatcher:
         # Standby dispatchers: who this one is to the lease, and its term once it holds it.
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.term: int | None = None
+        self.runs = Runs(self)
 
     # -- lifecycle --------------------------------------------------------
 
@@ -270,7 +273,7 @@ class Dispatcher:
         self.store.begin_batch()
         try:
             for row in self.store.in_state("pending"):
-                self._enqueue(row.as_job())
+                self._pend(row)
             backlog = b.queue_depth(naming.backlog_queue(self.ns))
             if backlog is not None and backlog[0] == 0:
                 self._repair_backlog()
@@ -442,7 +445,7 @@ class Dispatcher:
             return
         row = self.store.add_job(msg, now=self.wall())
         if row.state == "pending":
-            self._enqueue(row.as_job())
+            self._pend(row)
             self._later(
                 logging.INFO,
                 "job=%s commit=%s repo=%s branch=%s queued",
@@ -461,6 +464,14 @@ class Dispatcher:
                 )
         d.ack()
         self.assign()
+
+    def _pend(self, row: JobRow) -> None:
+        """A pending job to the backlog; a split run's shards in its stead."""
+        if not row.is_run:
+            self._enqueue(row.as_job())
+            return
+        for shard in self.store.make_run(row.job_id, self.wall()):
+            self._enqueue(shard.as_job())
 
     def _enqueue(self, job: Job) -> None:
         """Put a pending job in the backlog queue; queued once confirmed."""
@@ -607,6 +618,8 @@ class Dispatcher:
             if now - since >= self.s.park_timeout:
                 reason = f"no live runner has had labels {', '.join(row.labels)} for {now - since:.0f}s"
                 if self.store.expire_parked(row.job_id, reason, self.wall()):
+                    if row.parent:
+                        self.runs.shard_expired(row, reason)
                     self._later(
                         logging.ERROR,
                         "job=%s commit=%s ended as error: %s",
@@ -758,6 +771,8 @@ class Dispatcher:
         if outcome == "stale":
             return False
         self.leases.drop(job_id)
+        if is_shard(job_id):
+            self.runs.shard_taken_back(job_id, lease, outcome, reason)
         if outcome == "pending":
             row = self.store.get(job_id)
             assert row is not None
@@ -778,16 +793,23 @@ class Dispatcher:
     # -- results ----------------------------------------------------------
 
     def on_result(self, d: Delivery) -> None:
-        msg = self._decode(d, JobStarted, JobResult, JobRejected, JobAbandoned)
+        msg = self._decode(d, JobStarted, JobResult, JobRejected, JobAbandoned, ChunkRequest)
         if msg is None:
+            return
+        if isinstance(msg, ChunkRequest):
+            self.runs.on_request(msg)
+            d.ack()
             return
         who = f"runner={msg.runner_id} job={msg.job_id} attempt={msg.attempt}"
         fields = ids(runner=msg.runner_id, job=msg.job_id, attempt=msg.attempt)
         if isinstance(msg, JobStarted):
             self._started(msg, who)
         elif isinstance(msg, JobResult):
+            shard = self.store.get(msg.job_id) if is_shard(msg.job_id) else None
             if self.store.finish(msg, self.wall()):
                 self.leases.drop(msg.job_id)
+                if shard is not None and shard.parent:
+                    self.runs.shard_ended(shard, msg.lease, msg.status, msg.reason)
                 self._after_commit.append(functools.partial(self.metrics.job_finished, msg.duration_s))
                 self._later(
                     logging.INFO,
@@ -825,6 +847,8 @@ class Dispatcher:
             else None
         )
         if queued_at is not None:
+            if is_shard(msg.job_id):
+                self.store.run_started(run_of(msg.job_id), msg.started_at)
             info = self.registry.get(msg.runner_id)
             if info is not None:
                 self.leases.watch(msg.job_id, msg.lease, self._lease_window(info))

@@ -42,10 +42,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from common.messages import CommitSeen, Job, JobResult
+from common.messages import TEST_OUTCOMES, CommitSeen, Job, JobResult
 from common.settings import redact_url
 
 ACTIVE = ("assigned", "running")
+# Tests kept per job, and characters of a node id.
+MAX_TESTS = 100_000
+MAX_NODE_ID = 1000
+# Characters of a commit's subject and author kept.
+MAX_SUBJECT = 200
 # The most a stored full log may inflate to when read back; above that only
 # head and tail are shown.
 LOG_FULL_MAX_BYTES = 64 * 1024 * 1024
@@ -138,8 +143,59 @@ CREATE TABLE IF NOT EXISTS meta (
 )
 """,
     ),
+    (
+        # Per-test results, split runs (dispatcher/runs.py), and what a person
+        # reading the results looks for first: the commit's subject and author
+        # (the jobs table's new columns are in LATER_COLUMNS).
+        4,
+        """
+CREATE INDEX IF NOT EXISTS jobs_parent ON jobs(parent);
+CREATE TABLE IF NOT EXISTS test_results (
+    job_id     TEXT NOT NULL,
+    node_id    TEXT NOT NULL,
+    outcome    TEXT NOT NULL,
+    duration_s {real} NOT NULL DEFAULT 0,
+    runs       {int} NOT NULL DEFAULT 1,
+    chunk      {int} NOT NULL DEFAULT -1,
+    runner     TEXT,
+    PRIMARY KEY (job_id, node_id)
+);
+CREATE INDEX IF NOT EXISTS test_results_node ON test_results(node_id);
+CREATE TABLE IF NOT EXISTS runs (
+    job_id       TEXT PRIMARY KEY,
+    digest       TEXT,
+    collected    {int} NOT NULL DEFAULT 0,
+    collected_by TEXT,
+    quit         TEXT NOT NULL DEFAULT '[]'
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    job_id  TEXT NOT NULL,
+    chunk   {int} NOT NULL,
+    tests   TEXT NOT NULL,
+    est_s   {real} NOT NULL DEFAULT 0,
+    state   TEXT NOT NULL DEFAULT 'pending',
+    lease   TEXT,
+    seq     {int},
+    avoid   TEXT,
+    rerun   {int} NOT NULL DEFAULT 0,
+    PRIMARY KEY (job_id, chunk)
+)
+""",
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+# Columns added to the jobs table after SCHEMA was first written: added where
+# missing (a column cannot be added twice, and SQLite has no IF NOT EXISTS).
+LATER_COLUMNS = (
+    ("labels", "TEXT NOT NULL DEFAULT '[]'"),
+    ("lease", "TEXT"),
+    ("parked_at", "{real}"),
+    ("parent", "TEXT"),  # schema 4 on
+    ("split", "{int} NOT NULL DEFAULT 1"),
+    ("reruns", "{int} NOT NULL DEFAULT 0"),
+    ("subject", "TEXT NOT NULL DEFAULT ''"),
+    ("author", "TEXT NOT NULL DEFAULT ''"),
+)
 
 
 class StoreError(Exception):
@@ -316,6 +372,10 @@ class _Conn:
     def execute(self, sql: str, args: Sequence[Any] = ()) -> Any:
         return self.raw.execute(self.dialect.sql(sql), self.dialect.params(args))
 
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        if rows:  # one round trip for them all (psycopg pipelines them)
+            self.raw.executemany(self.dialect.sql(sql), [self.dialect.params(r) for r in rows])
+
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -371,10 +431,20 @@ class JobRow:
     labels_json: str
     lease: str | None
     parked_at: float | None
+    parent: str | None = None  # the split run this job is a shard of
+    split: int = 1
+    reruns: int = 0
+    subject: str = ""
+    author: str = ""
 
     @property
     def labels(self) -> list[str]:
         return list(json.loads(self.labels_json))
+
+    @property
+    def is_run(self) -> bool:
+        """Whether the job's suite runs as a split run (its shards pull chunks of tests)."""
+        return self.parent is None and (self.split > 1 or self.reruns > 0)
 
     def as_job(self) -> Job:
         return Job(
@@ -384,10 +454,56 @@ class JobRow:
             branch=self.branch,
             commit=self.commit_sha,
             labels=self.labels,
+            run=self.parent or "",
         )
 
 
 _ROW_COLUMNS = ", ".join(JobRow.__dataclass_fields__).replace("labels_json", "labels")
+
+
+def shard_id(run: str, k: int) -> str:
+    """The job id of a split run's k-th shard (from 1)."""
+    return f"{run}.{k}"
+
+
+def is_shard(job_id: str) -> bool:
+    """Whether a job id is a shard's (a job's own id is hex, without a dot)."""
+    return "." in job_id
+
+
+def run_of(job_id: str) -> str:
+    """The split run a shard's job id belongs to."""
+    return job_id.rsplit(".", 1)[0]
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a split run's shards agreed on: the digest of the node ids the first
+    one collected (None until then), how many, and the shards that want no more."""
+
+    digest: str | None
+    collected: int
+    collected_by: str | None
+    quit: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ChunkRow:
+    chunk: int
+    tests: tuple[str, ...]
+    est_s: float
+    state: str  # pending | taken | done
+    lease: str | None
+    seq: int | None
+    avoid: str | None  # a rerun: the runner it failed on
+
+
+@dataclass(frozen=True)
+class TestRow:
+    node_id: str
+    outcome: str
+    duration_s: float
+    runs: int
 
 
 @dataclass(frozen=True)
@@ -472,8 +588,8 @@ class Store:
                 )
             if version == 0:
                 d.script(self.db, SCHEMA)
-                self._catch_up_columns()
                 version = 1
+            self._catch_up_columns()
             for target, script in MIGRATIONS:
                 if target > version:
                     d.script(self.db, script)
@@ -504,9 +620,9 @@ class Store:
         return True
 
     def _catch_up_columns(self) -> None:
-        """A SQLite store from before schema versions may lack later columns."""
+        """A store from an older Volt CI lacks the later columns."""
         columns = self.dialect.columns(self.db, "jobs")
-        for name, kind in (("labels", "TEXT NOT NULL DEFAULT '[]'"), ("lease", "TEXT"), ("parked_at", "{real}")):
+        for name, kind in LATER_COLUMNS:
             if name not in columns:
                 self._x(f"ALTER TABLE jobs ADD COLUMN {name} {kind.format(**self.dialect.types)}")
 
@@ -742,7 +858,7 @@ class Store:
 
     @_store_op
     def count_by_status(self) -> dict[str, int]:
-        rows = self._x("SELECT status, COUNT(*) FROM jobs WHERE state = 'done' GROUP BY status")
+        rows = self._x("SELECT status, COUNT(*) FROM jobs WHERE state = 'done' AND parent IS NULL GROUP BY status")
         return dict(rows.fetchall())
 
     @_store_op
@@ -802,8 +918,8 @@ class Store:
         job_id = job_id_for(seen.repo, seen.branch, seen.commit)
         with self._tx() as db:
             db.execute(
-                "INSERT INTO jobs (job_id, repo, branch, commit_sha, state, seen_at, labels)"
-                " VALUES (?, ?, ?, ?, 'pending', ?, ?) ON CONFLICT DO NOTHING",
+                "INSERT INTO jobs (job_id, repo, branch, commit_sha, state, seen_at, labels, split, reruns,"
+                " subject, author) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 (
                     job_id,
                     seen.repo,
@@ -811,6 +927,10 @@ class Store:
                     seen.commit,
                     seen.seen_at or now or time.time(),
                     json.dumps(sorted(set(seen.labels))),
+                    seen.split,
+                    seen.rerun_failures,
+                    seen.subject[:MAX_SUBJECT],
+                    seen.author[:MAX_SUBJECT],
                 ),
             )
         row = self.get(job_id)
@@ -997,6 +1117,8 @@ class Store:
                 ),
             )
             accepted = cur.rowcount == 1
+            if accepted and result.tests:
+                self._record_tests(db, result.job_id, result.tests, chunk=-1, runner=result.runner_id)
             detail = json.dumps(
                 {k: getattr(result, k) for k in ("passed", "failed", "errors", "skipped", "duration_s", "exit_code")}
             )
@@ -1012,6 +1134,250 @@ class Store:
                 detail=detail,
             )
         return accepted
+
+    # -- split runs (dispatcher/runs.py) ------------------------------------
+    #
+    # A split run is a job in state `split` whose suite its shards run: jobs
+    # of their own (`parent` names the run), each assigned, leased and taken
+    # back like any other. `runs` keeps what the first shard collected,
+    # `chunks` the work queue of tests, `test_results` each test once.
+
+    @_store_op
+    def make_run(self, job_id: str, now: float) -> list[JobRow]:
+        """Turn a pending job into a split run: its shards, one per runner it may
+        use, wait in the backlog for it; it waits as `split`. Returns the shards."""
+        with self._tx() as db:
+            row = db.execute(
+                f"SELECT {_ROW_COLUMNS} FROM jobs WHERE job_id = ? AND state = 'pending'", (job_id,)
+            ).fetchone()
+            if row is None:
+                return []
+            run = JobRow(*row)
+            db.execute("UPDATE jobs SET state = 'split', queued_at = ? WHERE job_id = ?", (now, job_id))
+            db.execute("INSERT INTO runs (job_id) VALUES (?) ON CONFLICT DO NOTHING", (job_id,))
+            db.executemany(
+                "INSERT INTO jobs (job_id, repo, branch, commit_sha, state, seen_at, labels, parent, subject, author)"
+                " VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                [
+                    (shard_id(job_id, k), run.repo, run.branch, run.commit_sha, run.seen_at, run.labels_json)
+                    + (job_id, run.subject, run.author)
+                    for k in range(1, run.split + 1)
+                ],
+            )
+            self._event(db, job_id, run.attempt, None, "split", now, reason=f"into {run.split} shard(s)")
+        return self.shards(job_id, "pending")
+
+    @_store_op
+    def shards(self, job_id: str, *states: str) -> list[JobRow]:
+        """The shards of a split run (in those states, if any are given), in order."""
+        where, args = "parent = ?", [job_id]
+        if states:
+            where += f" AND state IN ({','.join('?' * len(states))})"
+            args += states
+        rows = self._x(f"SELECT {_ROW_COLUMNS} FROM jobs WHERE {where} ORDER BY job_id", args).fetchall()
+        return [JobRow(*r) for r in rows]
+
+    @_store_op
+    def run_info(self, job_id: str) -> RunInfo | None:
+        row = self._x("SELECT digest, collected, collected_by, quit FROM runs WHERE job_id = ?", (job_id,)).fetchone()
+        return RunInfo(row[0], int(row[1]), row[2], tuple(json.loads(row[3]))) if row else None
+
+    @_store_op
+    def set_collection(self, job_id: str, digest: str, count: int, by: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE runs SET digest = ?, collected = ?, collected_by = ? WHERE job_id = ? AND digest IS NULL",
+                (digest, count, by, job_id),
+            )
+
+    @_store_op
+    def shard_quit(self, job_id: str, shard: str) -> None:
+        """`shard` wants no more chunks of the run."""
+        with self._tx() as db:
+            row = db.execute("SELECT quit FROM runs WHERE job_id = ?", (job_id,)).fetchone()
+            quit = set(json.loads(row[0])) if row else set()
+            if row is not None and shard not in quit:
+                db.execute("UPDATE runs SET quit = ? WHERE job_id = ?", (json.dumps(sorted(quit | {shard})), job_id))
+
+    @_store_op
+    def add_chunks(self, job_id: str, chunks: Sequence[tuple[Sequence[str], float]], avoid: str | None = None) -> None:
+        """Put chunks of tests at the end of the run's work queue; `avoid`: a
+        rerun, best taken by a runner other than the one that failed it."""
+        with self._tx() as db:
+            last = db.execute("SELECT MAX(chunk) FROM chunks WHERE job_id = ?", (job_id,)).fetchone()[0]
+            first = -1 if last is None else int(last)
+            db.executemany(
+                "INSERT INTO chunks (job_id, chunk, tests, est_s, avoid, rerun) VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (job_id, first + 1 + i, json.dumps(list(tests)), est, avoid, 1 if avoid else 0)
+                    for i, (tests, est) in enumerate(chunks)
+                ],
+            )
+
+    @_store_op
+    def chunks(self, job_id: str, *states: str) -> list[ChunkRow]:
+        where, args = "job_id = ?", [job_id]
+        if states:
+            where += f" AND state IN ({','.join('?' * len(states))})"
+            args += states
+        rows = self._x(
+            f"SELECT chunk, tests, est_s, state, lease, seq, avoid FROM chunks WHERE {where} ORDER BY chunk", args
+        ).fetchall()
+        return [ChunkRow(int(r[0]), tuple(json.loads(r[1])), float(r[2]), r[3], r[4], r[5], r[6]) for r in rows]
+
+    @_store_op
+    def take_chunk(self, job_id: str, chunk: int, lease: str, seq: int) -> bool:
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE chunks SET state = 'taken', lease = ?, seq = ? WHERE job_id = ? AND chunk = ? AND state = 'pending'",
+                (lease, seq, job_id, chunk),
+            )
+        return cur.rowcount == 1
+
+    @_store_op
+    def release_chunks(self, job_id: str, lease: str) -> int:
+        """Put back the chunks an assignment took and did not finish (its runner was lost)."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE chunks SET state = 'pending', lease = NULL, seq = NULL"
+                " WHERE job_id = ? AND lease = ? AND state = 'taken'",
+                (job_id, lease),
+            )
+        return int(cur.rowcount)
+
+    @_store_op
+    def record_chunk(
+        self, job_id: str, results: Sequence[tuple[str, str, float, int]], runner: str
+    ) -> list[tuple[str, int]]:
+        """Keep each (node id, outcome, seconds, chunk) once per chunk: the first
+        report from a chunk counts, a chunk run again after its runner was lost
+        adds nothing, and a rerun updates its test (failed, then passed: flaky).
+        Marks the chunks now complete done; returns the (node id, runs) that failed."""
+        failing = []
+        with self._tx() as db:
+            touched = set()
+            for node, outcome, seconds, chunk in results:
+                old = db.execute(
+                    "SELECT outcome, runs, chunk FROM test_results WHERE job_id = ? AND node_id = ?", (job_id, node)
+                ).fetchone()
+                if old is None:
+                    db.execute(
+                        "INSERT INTO test_results (job_id, node_id, outcome, duration_s, chunk, runner)"
+                        " VALUES (?, ?, ?, ?, ?, ?)",
+                        (job_id, node, outcome, seconds, chunk, runner),
+                    )
+                    runs = 1
+                elif int(old[2]) == chunk:
+                    continue
+                else:
+                    runs = int(old[1]) + 1
+                    if outcome == "passed" and old[0] in ("failed", "error", "flaky"):
+                        outcome = "flaky"
+                    db.execute(
+                        "UPDATE test_results SET outcome = ?, duration_s = ?, runs = ?, chunk = ?, runner = ?"
+                        " WHERE job_id = ? AND node_id = ?",
+                        (outcome, seconds, runs, chunk, runner, job_id, node),
+                    )
+                touched.add(chunk)
+                if outcome in ("failed", "error"):
+                    failing.append((node, runs))
+            for chunk in touched:
+                row = db.execute(
+                    "SELECT tests FROM chunks WHERE job_id = ? AND chunk = ? AND state = 'taken'", (job_id, chunk)
+                ).fetchone()
+                if row is None:
+                    continue
+                done = db.execute(
+                    "SELECT COUNT(*) FROM test_results WHERE job_id = ? AND chunk = ?", (job_id, chunk)
+                ).fetchone()[0]
+                if int(done) >= len(json.loads(row[0])):
+                    db.execute("UPDATE chunks SET state = 'done' WHERE job_id = ? AND chunk = ?", (job_id, chunk))
+        return failing
+
+    @_store_op
+    def tests(self, job_id: str) -> list[TestRow]:
+        """Each test of a job (a split run's: all its shards'), by node id."""
+        rows = self._x(
+            "SELECT node_id, outcome, duration_s, runs FROM test_results WHERE job_id = ? ORDER BY node_id", (job_id,)
+        ).fetchall()
+        return [TestRow(r[0], r[1], float(r[2]), int(r[3])) for r in rows]
+
+    @_store_op
+    def test_summary(self, job_ids: Sequence[str]) -> dict[str, dict[str, list[str]]]:
+        """For each job that has any: its failing tests' node ids (failed or
+        error) and its flaky ones, sorted."""
+        out: dict[str, dict[str, list[str]]] = {}
+        for i in range(0, len(job_ids), 500):
+            part = list(job_ids[i : i + 500])
+            rows = self._x(
+                f"SELECT job_id, node_id, outcome FROM test_results WHERE job_id IN ({','.join('?' * len(part))})"
+                " AND outcome IN ('failed', 'error', 'flaky') ORDER BY node_id",
+                part,
+            ).fetchall()
+            for job_id, node, outcome in rows:
+                entry = out.setdefault(job_id, {"failing_tests": [], "flaky": []})
+                entry["flaky" if outcome == "flaky" else "failing_tests"].append(node)
+        return out
+
+    @_store_op
+    def past_durations(self, repo: str, branch: str) -> dict[str, float]:
+        """How long each test took in the last job of `repo` that kept its tests
+        (on `branch` if it has one): what a split run's chunks are planned by."""
+        rows = self._x(
+            "SELECT node_id, duration_s FROM test_results WHERE job_id = ("
+            " SELECT j.job_id FROM jobs j WHERE j.repo = ? AND j.state = 'done' AND j.parent IS NULL"
+            " AND EXISTS (SELECT 1 FROM test_results t WHERE t.job_id = j.job_id)"
+            " ORDER BY CASE WHEN j.branch = ? THEN 0 ELSE 1 END, j.finished_at DESC LIMIT 1)",
+            (repo, branch),
+        ).fetchall()
+        return {r[0]: float(r[1]) for r in rows}
+
+    @_store_op
+    def run_started(self, job_id: str, started_at: float) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET started_at = COALESCE(started_at, ?) WHERE job_id = ? AND state = 'split'",
+                (started_at, job_id),
+            )
+
+    @_store_op
+    def finish_run(
+        self, job_id: str, status: str, counts: Sequence[int], reason: str, log_head: str, now: float
+    ) -> bool:
+        """Record a split run's one result (counts: passed, failed, errors, skipped),
+        and end its shards that never started (cancelled: not needed)."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE jobs SET state = 'done', status = ?, passed = ?, failed = ?, errors = ?, skipped = ?,"
+                " reason = ?, log_head = ?, log_bytes = ?, finished_at = ?,"
+                " duration_s = ? - COALESCE(started_at, queued_at, seen_at) WHERE job_id = ? AND state = 'split'",
+                (status, *counts, reason, log_head, len(log_head.encode()), now, now, job_id),
+            )
+            if cur.rowcount != 1:
+                return False
+            db.execute(
+                "UPDATE jobs SET state = 'done', status = 'cancelled', reason = 'not needed: the run ended',"
+                " finished_at = ? WHERE parent = ? AND state IN ('pending', 'queued', 'parked')",
+                (now, job_id),
+            )
+            db.execute("UPDATE chunks SET state = 'done' WHERE job_id = ? AND state <> 'done'", (job_id,))
+            self._event(db, job_id, 1, None, "result", now, status=status, reason=reason)
+        return True
+
+    @staticmethod
+    def _record_tests(db: _Conn, job_id: str, tests: Sequence[Sequence[Any]], chunk: int, runner: str) -> None:
+        """Keep the outcome of each well-formed [node id, outcome, seconds] once."""
+        rows = []
+        for test in tests[:MAX_TESTS]:
+            if len(test) != 3 or not isinstance(test[0], str) or not test[0] or test[1] not in TEST_OUTCOMES:
+                continue
+            seconds = test[2] if isinstance(test[2], (int, float)) and 0 <= test[2] < 1e7 else 0.0
+            rows.append((job_id, test[0][:MAX_NODE_ID], test[1], float(seconds), chunk, runner))
+        db.executemany(
+            "INSERT INTO test_results (job_id, node_id, outcome, duration_s, chunk, runner)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            rows,
+        )
 
     @staticmethod
     def _event(
@@ -1056,7 +1422,7 @@ def _inflate(blob: bytes, limit: int | None = None) -> str | None:
 
 def _filters(repo: str | None, branch: str | None, commit: str | None, done_only: bool) -> tuple[str, list[str]]:
     """The WHERE clause of find() and count()."""
-    where, args = [], []
+    where, args = ["parent IS NULL"], []  # a split run's shards are its own business
     if repo:
         where.append("repo = ?")
         args.append(repo)
@@ -1068,4 +1434,4 @@ def _filters(repo: str | None, branch: str | None, commit: str | None, done_only
         args.append(commit.lower() + "%")
     if done_only:
         where.append("state = 'done'")
-    return (f"WHERE {' AND '.join(where)}" if where else ""), args
+    return f"WHERE {' AND '.join(where)}", args

@@ -13,22 +13,36 @@ from collections.abc import Iterable
 from common import naming
 from common.broker import Broker
 from common.messages import CommitSeen
-from common.voltfile import CONFIG_FILE, MAX_CONFIG_BYTES, required_labels
+from common.voltfile import CONFIG_FILE, MAX_CONFIG_BYTES, Asks, required_asks
 
 
 def publish_commit(
-    broker: Broker, repo: str, branch: str, commit: str, source: str, labels: Iterable[str] = ()
+    broker: Broker,
+    repo: str,
+    branch: str,
+    commit: str,
+    source: str,
+    labels: Iterable[str] = (),
+    asks: Asks | None = None,
 ) -> None:
     """Publish one CommitSeen and wait for the broker's confirm."""
+    asks = asks or Asks()
     seen = CommitSeen(
-        repo=repo, branch=branch, commit=commit, seen_at=time.time(), source=source, labels=sorted(set(labels))
+        repo=repo,
+        branch=branch,
+        commit=commit,
+        seen_at=time.time(),
+        source=source,
+        labels=sorted({*labels, *asks.labels}),
+        split=asks.split,
+        rerun_failures=asks.rerun_failures,
     )
     broker.publish(naming.commits_exchange(broker.ns), "", seen)
 
 
-class LabelsRead:
-    """The runner labels the .volt.toml at a commit of a local repository asks
-    for, read by a `git cat-file` that runs while the caller does other work.
+class AsksRead:
+    """What the .volt.toml at a commit of a local repository asks for (labels,
+    split), read by a `git cat-file` that runs while the caller does other work.
     None when the file is missing or broken: the runner reports a broken one."""
 
     def __init__(self, repo_path: str, commit: str) -> None:
@@ -42,9 +56,9 @@ class LabelsRead:
         except OSError:
             self.proc = None
 
-    def result(self) -> list[str]:
+    def result(self) -> Asks:
         if self.proc is None or self.proc.stdout is None:
-            return []
+            return Asks()
         # Read no more than a .volt.toml may hold, whatever the commit put there.
         out = self.proc.stdout.read(MAX_CONFIG_BYTES + 1)
         self.proc.stdout.close()
@@ -55,7 +69,7 @@ class LabelsRead:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-            return []
+            return Asks()
         if code != 0:
-            return []  # no .volt.toml there (or no such commit: the runner will say so)
-        return required_labels(out.decode("utf-8", "replace"))
+            return Asks()  # no .volt.toml there (or no such commit: the runner will say so)
+        return required_asks(out.decode("utf-8", "replace"))

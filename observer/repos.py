@@ -25,7 +25,7 @@ from common import gitauth
 from common.gitutil import one_line
 from common.messages import check_branch
 from common.naming import is_local
-from common.voltfile import CONFIG_FILE, MAX_CONFIG_BYTES, ConfigError, needed_labels
+from common.voltfile import CONFIG_FILE, MAX_CONFIG_BYTES, Asks, ConfigError, needed_asks
 
 log = logging.getLogger(__name__)
 
@@ -133,12 +133,15 @@ class WatchedRepo:
             raise RepoError(f"cannot read commit {commit[:12]} of {self.url}: {one_line(exc)}") from None
 
     def labels_at(self, commit: str) -> list[str]:
-        """The runner labels the commit's .volt.toml asks for: none without one,
-        and none (with a line saying why) when it is broken; the runner that
-        takes the job ends it as `error` with the same reason."""
+        return list(self.asks_at(commit).labels)
+
+    def asks_at(self, commit: str) -> Asks:
+        """What the commit's .volt.toml asks for (labels, split): nothing without
+        one, and nothing (with a line saying why) when it is broken; the runner
+        that takes the job ends it as `error` with the same reason."""
         try:
             text = self._config_text(commit)
-            return needed_labels(text) if text else []
+            return needed_asks(text) if text else Asks()
         except ConfigError as exc:
             log.warning("repo=%s commit=%s published without labels: %s", self.url, commit[:12], exc)
         except Exception as exc:  # noqa: BLE001 - whatever the commit holds, it is still published
@@ -149,7 +152,7 @@ class WatchedRepo:
                 CONFIG_FILE,
                 one_line(exc),
             )
-        return []
+        return Asks()
 
     def _config_text(self, commit: str) -> str | None:
         # git's own cat-file reads the blob (GitPython keeps one running), and

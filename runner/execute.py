@@ -122,6 +122,7 @@ def load_config(tree: Path, junit_path: Path, default_timeout: float) -> TestCon
         data = voltfile.tables(text)
     section: dict[str, object] = data.get("test", {})  # type: ignore[assignment]
     voltfile.labels_of(section)  # a broken labels list is the job's error too
+    voltfile.split_of(section)  # and so is a split the dispatcher could not read
     env, checkout = voltfile.env_of(data), voltfile.checkout_of(data)
     network = section.get("network", False)
     if not isinstance(network, bool):
@@ -222,6 +223,8 @@ class Outcome:
     # Stopped because the runner's lease on the job ran out: not a result, the
     # dispatcher gives the job to another runner.
     abandoned: bool = False
+    # [node id, outcome, seconds] of each test the JUnit XML names.
+    tests: list[list[object]] = field(default_factory=list)
 
 
 # All a test gets of the runner's environment: where programs are, and the
@@ -285,12 +288,14 @@ def run_command(
     wrap: Callable[[list[str]], list[str]] | None = None,
     notes: Sequence[str] = (),
     log_into: LogCollector | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> Outcome:
     """Run the test command in its own process group, bounded in time and log size.
 
     `wrap` turns the command into the one that runs it in the sandbox; `notes`
     are lines the runner puts at the head of the log, after what `log_into` holds
-    already (the environment's build). On timeout or cancel the
+    already (the environment's build); `pass_fds` the descriptors the command
+    inherits (a split run's shard link). On timeout or cancel the
     whole group gets SIGTERM, then SIGKILL after the grace period (in the
     sandbox everything inside dies with it at once); when `lease_lost()` turns
     true, SIGKILL at once (the job may already be someone else's). Whatever the
@@ -313,6 +318,7 @@ def run_command(
             stderr=subprocess.STDOUT,
             start_new_session=True,
             preexec_fn=die_with_parent,
+            pass_fds=tuple(pass_fds),
         )
     except FileNotFoundError:
         return Outcome("error", None, 0.0, reason=f"test command not found: {config.command[0]}", log=collector)
@@ -366,7 +372,10 @@ def run_command(
     if stopped_for == "cancelled":
         return Outcome("cancelled", code, duration, reason="cancelled", log=collector)
     junit = read_junit(junit_path)
-    return classify(code, junit.counts if junit else None, duration, collector)
+    outcome = classify(code, junit.counts if junit else None, duration, collector)
+    if junit is not None:
+        outcome.tests = [[c.node_id, c.outcome, round(c.duration_s, 4)] for c in junit.cases]
+    return outcome
 
 
 def classify(code: int, counts: Counts | None, duration: float, collector: LogCollector) -> Outcome:

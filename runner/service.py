@@ -18,11 +18,13 @@ job never runs here and on its next runner at the same time.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fnmatch
 import json
 import logging
 import math
 import os
+import queue
 import shutil
 import signal
 import socket
@@ -32,6 +34,7 @@ import threading
 import time
 import uuid
 from base64 import b64encode
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +46,8 @@ from common.health import write_health
 from common.logs import ids
 from common.messages import (
     CancelJob,
+    Chunk,
+    ChunkRequest,
     DecodeError,
     Goodbye,
     Heartbeat,
@@ -57,7 +62,7 @@ from common.messages import (
     decode,
 )
 from common.settings import BrokerSettings, SettingsError
-from runner import environments, pythons, sandbox
+from runner import environments, pythons, sandbox, shard
 from runner.execute import (
     ConfigError,
     LogCollector,
@@ -130,6 +135,8 @@ class Current:
     # heartbeat, suspended while the broker blocks publishers.
     lease_until: float = math.inf
     held: bool = False
+    # A shard of a split run: the dispatcher's answers to its chunk requests.
+    chunks: queue.Queue[Chunk] = field(default_factory=queue.Queue)
 
     def lease_lost(self) -> bool:
         return not self.held and time.monotonic() > self.lease_until
@@ -196,6 +203,8 @@ class Runner:
         self._warned: set[str] = set()
         # Results and hand-backs that could not go to the outbox or the broker yet.
         self._unsent: list[Message] = []
+        # A shard's chunk requests, from its job thread, for the main thread to publish.
+        self._asks: deque[ChunkRequest] = deque()
 
     # -- lifecycle --------------------------------------------------------
 
@@ -286,6 +295,7 @@ class Runner:
         """Process events until it is time to exit (True)."""
         while True:
             self._finish_thread()
+            self._send_asks()
             self.flush_outbox()
             nothing_left = self.current is None and not self._outbox_files() and not self._unsent
             if self.draining and nothing_left:
@@ -331,6 +341,11 @@ class Runner:
             self._take(msg, delivery)
         elif isinstance(msg, RunnerCommand):
             self._command(msg)
+            delivery.ack()
+        elif isinstance(msg, Chunk):
+            current = self.current
+            if current and current.job.job_id == msg.job_id and current.job.lease == msg.lease:
+                current.chunks.put(msg)
             delivery.ack()
         elif isinstance(msg, CancelJob):
             current = self.current
@@ -578,15 +593,20 @@ class Runner:
             ) as job_env:
                 if config.uses_default:
                     config = with_default_command(config, junit, tree, job_env.python)
-                env = test_env(
-                    {
-                        "VOLT_JUNIT_XML": str(junit),
-                        "VOLT_JOB_ID": job.job_id,
-                        "VOLT_COMMIT": job.commit,
-                        "VOLT_BRANCH": job.branch,
-                    },
-                    venv=job_env.venv,
-                )
+                facts = {
+                    "VOLT_JUNIT_XML": str(junit),
+                    "VOLT_JOB_ID": job.job_id,
+                    "VOLT_COMMIT": job.commit,
+                    "VOLT_BRANCH": job.branch,
+                }
+                link = None
+                if job.run:
+                    if not config.uses_default:
+                        return Outcome("error", None, 0.0, reason="a split run needs pytest, not a test.command")
+                    link = shard.ShardLink(job, self.s.runner_id, self._ask, current.chunks, stopped)
+                    config = dataclasses.replace(config, command=[*config.command, "-p", shard.PLUGIN])
+                    facts.update(VOLT_SHARD_FD=str(link.fd), PYTHONPATH=str(shard.plugin_dir(folder)))
+                env = test_env(facts, venv=job_env.venv)
                 wrap = None
                 if self.s.sandbox == "bwrap":
 
@@ -604,19 +624,34 @@ class Runner:
 
                 else:
                     env.update(HOME=str(folder / "home"), TMPDIR=str(folder / "home"))
-                return run_command(
-                    config,
-                    tree,
-                    env,
-                    junit,
-                    current.cancel,
-                    grace=self.s.kill_grace,
-                    on_start=lambda pid: self._note_pgid(pid, current),
-                    lease_lost=current.lease_lost,
-                    wrap=wrap,
-                    notes=notes,
-                    log_into=build_log,
-                )
+
+                def on_start(pid: int) -> None:
+                    self._note_pgid(pid, current)
+                    if link is not None:
+                        link.started()
+
+                try:
+                    outcome = run_command(
+                        config,
+                        tree,
+                        env,
+                        junit,
+                        current.cancel,
+                        grace=self.s.kill_grace,
+                        on_start=on_start,
+                        lease_lost=current.lease_lost,
+                        wrap=wrap,
+                        notes=notes,
+                        log_into=build_log,
+                        pass_fds=[link.fd] if link is not None else [],
+                    )
+                finally:
+                    if link is not None:
+                        link.close()
+                if link is not None:
+                    outcome.tests = []  # the dispatcher has them, chunk by chunk
+                    build_log.feed(f"volt: shard of run {job.run}: {link.chunks} chunk(s)\n".encode())
+                return outcome
         except environments.EnvError as exc:
             return Outcome("error", None, 0.0, reason=f"environment: {exc}", log=build_log)
         except environments.Stopped as exc:
@@ -676,6 +711,20 @@ class Runner:
             self._send_status(Heartbeat)
 
     # -- messages out -----------------------------------------------------
+
+    def _ask(self, request: ChunkRequest) -> None:
+        """From a shard's job thread: have the main thread publish `request`."""
+        self._asks.append(request)
+        try:
+            self.broker.call_threadsafe(lambda: None)  # wake it
+        except BrokerUnavailable:
+            pass  # sent once it reconnects (and asked again if the answer does not come)
+
+    def _send_asks(self) -> None:
+        while self._asks and self.broker.connected:
+            if not self._publish(self._asks[0]):
+                return
+            self._asks.popleft()
 
     def _outbox_files(self) -> list[Path]:
         return sorted(self.outbox.glob("*.json"))
@@ -821,4 +870,5 @@ def _result_from(job: Job, runner_id: str, outcome: Outcome, started_at: float) 
         log_bytes=outcome.log.total,
         log_full=b64encode(full).decode() if full else "",
         lease=job.lease,
+        tests=outcome.tests,
     )

@@ -386,7 +386,7 @@ def test_a_store_from_before_labels_is_brought_up_to_date(sqlite_path: Path) -> 
 
 
 def test_a_new_store_has_the_current_schema_version(store: Store, db_path: Path | str) -> None:
-    assert store.schema_version() == store_module.SCHEMA_VERSION == 3
+    assert store.schema_version() == store_module.SCHEMA_VERSION == 4
     assert len(store.store_id) == 32
     store.close()
     again = Store(db_path, durable=False)  # opening it again migrates nothing
@@ -408,7 +408,7 @@ def test_a_version_1_store_gains_the_lease_table(db_path: Path | str) -> None:
     first.close()
     again = Store(db_path, durable=False)
     try:
-        assert again.schema_version() == 3
+        assert again.schema_version() == store_module.SCHEMA_VERSION
         assert again.lease().term == 0
         assert len(again.store_id) == 32
         assert again.get(row.job_id) is not None  # the jobs are kept
