@@ -26,12 +26,11 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from harness import OUT, ROOT, Repo, System, median, progress, report
+from harness import Repo, System, median, plain_install, progress, report
 
 from dispatcher.client import ask
 
@@ -47,22 +46,6 @@ def pyproject(variant: int) -> str:
         f'[project]\nname = "benchapp"\nversion = "0.1"\ndescription = "variant {variant}"\n'
         'dependencies = ["python-slugify>=8"]\n\n[tool.hatch.build.targets.wheel]\npackages = ["src/benchapp"]\n'
     )
-
-
-def plain_install() -> Path:
-    """Volt CI installed as an operator would, in a venv of its own; its python."""
-    venv = OUT / "plain" / "venv"
-    shutil.rmtree(venv, ignore_errors=True)
-    uv = Path(sys.executable).with_name("uv")
-    subprocess.run([str(uv), "venv", "-q", "--python", sys.executable, str(venv)], check=True)
-    subprocess.run(
-        # Byte code compiled, as pip does by default: the runner's own packages are
-        # read-only to the jobs that use them ([env] system = true).
-        [str(uv), "pip", "install", "-q", "--compile-bytecode", "--python", str(venv / "bin" / "python"), str(ROOT)],
-        check=True,
-        env={**os.environ, "UV_CACHE_DIR": str(OUT / "plain" / "uv-cache")},
-    )
-    return venv / "bin" / "python"
 
 
 def job_time(system: System, sha: str) -> tuple[float, dict]:

@@ -253,6 +253,24 @@ def stop_profiler(spy: subprocess.Popen[bytes]) -> None:
 # -- repositories -------------------------------------------------------------
 
 
+def plain_install() -> Path:
+    """Volt CI installed as an operator would, in a venv of its own (no test
+    extras, not editable, bytecode compiled); its python. A runner under a
+    benchmark runs from it: the dev venv's pytest plugins are not the user's."""
+    venv = OUT / "plain" / "venv"
+    shutil.rmtree(venv, ignore_errors=True)
+    uv = Path(sys.executable).with_name("uv")
+    subprocess.run([str(uv), "venv", "-q", "--python", sys.executable, str(venv)], check=True)
+    subprocess.run(
+        # Byte code compiled, as pip does by default: the runner's own packages are
+        # read-only to the jobs that use them ([env] system = true).
+        [str(uv), "pip", "install", "-q", "--compile-bytecode", "--python", str(venv / "bin" / "python"), str(ROOT)],
+        check=True,
+        env={**os.environ, "UV_CACHE_DIR": str(OUT / "plain" / "uv-cache")},
+    )
+    return venv / "bin" / "python"
+
+
 def tree_path(i: int) -> str:
     """Where file number i lives in a generated tree: 100 files to a folder."""
     return f"src/d{i // 100:03d}/f{i % 100:02d}.txt"
@@ -418,9 +436,13 @@ class System:
     # -- processes
 
     def start(
-        self, name: str, *args: str, python_args: tuple[str, ...] = ("-m", "common.cli")
+        self,
+        name: str,
+        *args: str,
+        python_args: tuple[str, ...] = ("-m", "common.cli"),
+        program: str = sys.executable,
     ) -> subprocess.Popen[bytes]:
-        argv = [sys.executable, *python_args, *args, "--amqp-url", self.amqp_url, "--namespace", self.ns]
+        argv = [program, *python_args, *args, "--amqp-url", self.amqp_url, "--namespace", self.ns]
         log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115
         env = {**os.environ, "VOLT_QUEUE_TYPE": self.queue_type}
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
@@ -440,11 +462,16 @@ class System:
         if wait_ready:
             ask(self.settings, "ping", timeout=30)  # answers once it consumes
 
-    def runners(self, count: int, *extra: str) -> None:
+    def runners(self, count: int, *extra: str, python: Path | None = None) -> None:
+        """`count` runners; with `python` (a plain install's, see plain_install) its `volt`."""
         for _ in range(count):
             rid = f"r{len(self.runner_ids) + 1}"
             self.runner_ids.append(rid)
-            self.start(rid, "runner", "--id", rid, "--workdir", str(self.tmp / rid), *extra)
+            args = ("runner", "--id", rid, "--workdir", str(self.tmp / rid), *extra)
+            if python is None:
+                self.start(rid, *args)
+            else:
+                self.start(rid, *args, python_args=(), program=str(python.with_name("volt")))
         self.wait_for_runners(len(self.runner_ids))
 
     def simulated_runners(self, name: str, count: int, mode: str, *extra: str) -> None:
@@ -471,10 +498,13 @@ class System:
         args = [a for r in repos for a in ("--repo", str(r))]
         self.start("observer", "observer", *args, "--poll", str(poll), "--state-dir", str(self.tmp / "obs"))
 
-    def publish(self, repo: Path | str, commit: str) -> None:
-        from observer.publish import publish_commit
+    def publish(self, repo: Path | str, commit: str, read_asks: bool = False) -> None:
+        """Publish a commit; with `read_asks`, with what its .volt.toml asks for
+        (labels, split), as the observer would."""
+        from observer.publish import AsksRead, publish_commit
 
-        publish_commit(self.broker, str(repo), "main", commit, source="bench")
+        asks = AsksRead(str(repo), commit).result() if read_asks else None
+        publish_commit(self.broker, str(repo), "main", commit, source="bench", asks=asks)
 
     # -- results, read from the dispatcher's store (read-only: no load on the dispatcher)
 
@@ -526,15 +556,19 @@ class System:
     def close(self) -> None:
         if self._db is not None:
             self._db.close()
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        # Runners first: one that drains finishes its job (a split run's shard
+        # asks the dispatcher for more) while the dispatcher still answers.
+        for last in (False, True):
+            group = [proc for name, proc in self.procs.items() if name.startswith("dispatcher") == last]
+            for proc in group:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            for proc in group:
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
         # A fresh connection: the old one may have sat unserviced past its
         # heartbeat timeout during a long run, and the broker dropped it.
         self.broker.close()

@@ -144,6 +144,9 @@ class Runs:
         if run is None or run.state != "split":
             self._reply(msg, [])  # the run has its result: nothing more to do
             return
+        before = store.ask_seen(msg.lease, msg.seq)
+        if msg.seq < before:
+            return  # an old copy of an ask answered since: the shard has moved on
         if msg.collected is not None and not self._collected(run, shard, msg.collected):
             self.d._make_durable()
             self._reply(msg, stop="the run ended: its shards collected different tests")
@@ -155,9 +158,9 @@ class Runs:
             for node, runs in store.record_chunk(run.job_id, results, msg.runner_id):
                 if runs <= run.reruns:
                     store.add_chunks(run.job_id, [([node], 0.0)], avoid=msg.runner_id)
-        again = [c for c in held if c.seq == msg.seq]
-        if again:  # asked twice (the answer was lost): the same answer
-            tests = list(again[0].tests)
+        if msg.seq == before:  # asked again (the answer was late or lost): the same answer
+            again = [c for c in held if c.seq == msg.seq]
+            tests = list(again[0].tests) if again else []
         elif msg.more:
             tests = self._take(run, shard, msg)
         else:
@@ -248,16 +251,18 @@ class Runs:
         store.release_chunks(run.job_id, lease)
         self._stranded(run, f"{status}{': ' + reason if reason else ''}")
 
-    def shard_taken_back(self, job_id: str, lease: str, outcome: str, reason: str) -> None:
+    def shard_taken_back(self, job_id: str, lease: str, outcome: str, reason: str) -> bool:
         """A shard's runner was lost (or gave it up): its chunks go back to the
-        queue; the shard itself waits for its next attempt ('pending') or ended."""
+        queue; the shard itself waits for its next attempt ('pending') or ended.
+        False if the shard is not needed any more (it ended here)."""
         store = self.d.store
         shard = store.get(job_id)
         if shard is None or shard.parent is None:
-            return
+            return True
         run = store.get(shard.parent)
         if run is None or run.state != "split":
-            return
+            store.end_shard(job_id, "not needed: the run has its result", self.d.wall())
+            return False
         if store.release_chunks(run.job_id, lease):
             self.d._later(
                 logging.WARNING,
@@ -268,6 +273,7 @@ class Runs:
             )
         if outcome != "pending":
             self._stranded(run, reason)
+        return True
 
     def shard_expired(self, shard: JobRow, reason: str) -> None:
         run = self.d.store.get(shard.parent or "")

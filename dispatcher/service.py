@@ -771,8 +771,8 @@ class Dispatcher:
         if outcome == "stale":
             return False
         self.leases.drop(job_id)
-        if is_shard(job_id):
-            self.runs.shard_taken_back(job_id, lease, outcome, reason)
+        if is_shard(job_id) and not self.runs.shard_taken_back(job_id, lease, outcome, reason):
+            return True
         if outcome == "pending":
             row = self.store.get(job_id)
             assert row is not None

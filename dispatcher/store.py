@@ -168,6 +168,10 @@ CREATE TABLE IF NOT EXISTS runs (
     collected_by TEXT,
     quit         TEXT NOT NULL DEFAULT '[]'
 );
+CREATE TABLE IF NOT EXISTS chunk_asks (
+    lease TEXT PRIMARY KEY,
+    seq   {int} NOT NULL
+);
 CREATE TABLE IF NOT EXISTS chunks (
     job_id  TEXT NOT NULL,
     chunk   {int} NOT NULL,
@@ -1191,6 +1195,20 @@ class Store:
             )
 
     @_store_op
+    def ask_seen(self, lease: str, seq: int) -> int:
+        """Note that the shard under `lease` asked for the `seq`-th time; returns the
+        highest `seq` it had asked before (0 for none): a repeat is not a new ask."""
+        with self._tx() as db:
+            row = db.execute("SELECT seq FROM chunk_asks WHERE lease = ?", (lease,)).fetchone()
+            before = int(row[0]) if row else 0
+            if seq > before:
+                db.execute(
+                    "INSERT INTO chunk_asks (lease, seq) VALUES (?, ?) ON CONFLICT (lease) DO UPDATE SET seq = ?",
+                    (lease, seq, seq),
+                )
+        return before
+
+    @_store_op
     def shard_quit(self, job_id: str, shard: str) -> None:
         """`shard` wants no more chunks of the run."""
         with self._tx() as db:
@@ -1333,6 +1351,16 @@ class Store:
         return {r[0]: float(r[1]) for r in rows}
 
     @_store_op
+    def end_shard(self, job_id: str, reason: str, now: float) -> None:
+        """A shard no longer needed (its run has its result): done, cancelled."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET state = 'done', status = 'cancelled', reason = ?, finished_at = ?, lease = NULL"
+                " WHERE job_id = ? AND state <> 'done'",
+                (reason, now, job_id),
+            )
+
+    @_store_op
     def run_started(self, job_id: str, started_at: float) -> None:
         with self._tx() as db:
             db.execute(
@@ -1361,6 +1389,10 @@ class Store:
                 (now, job_id),
             )
             db.execute("UPDATE chunks SET state = 'done' WHERE job_id = ? AND state <> 'done'", (job_id,))
+            db.execute(
+                "DELETE FROM chunk_asks WHERE lease IN (SELECT lease FROM chunks WHERE job_id = ? AND lease IS NOT NULL)",
+                (job_id,),
+            )
             self._event(db, job_id, 1, None, "result", now, status=status, reason=reason)
         return True
 

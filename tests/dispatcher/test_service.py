@@ -15,6 +15,8 @@ from common import naming
 from common.broker import Broker, InUse
 from common.messages import (
     CancelJob,
+    Chunk,
+    ChunkRequest,
     CommitSeen,
     Goodbye,
     Heartbeat,
@@ -527,3 +529,198 @@ def _no_sleep(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     # Broker.run's back-off sleeps; the rounds here run on the fake clock.
     monkeypatch.setattr("common.broker.random.uniform", lambda a, b: 0.0)
     yield
+
+
+# -- split runs (dispatcher/runs.py) ---------------------------------------------
+
+
+def split_commit(peer: Peer, i: int, split: int, reruns: int = 0) -> None:
+    msg = CommitSeen(repo=REPO, branch="main", commit=sha(i), seen_at=float(i), split=split, rerun_failures=reruns)
+    peer.b.publish(naming.commits_exchange(NS), "", msg)
+
+
+class Shard:
+    """A runner's side of one shard: takes its job, starts it, asks for chunks."""
+
+    def __init__(self, rabbit: FakeRabbit, peer: Peer, runner: str) -> None:
+        self.rabbit, self.peer, self.runner = rabbit, peer, runner
+        self.job: Job | None = None
+        self.seq = 0
+        self.answers: list[Chunk] = []
+
+    def take(self) -> Job:
+        for msg in runner_queue(self.rabbit, self.runner):
+            if isinstance(msg, Job):
+                self.job = msg
+            elif isinstance(msg, Chunk):
+                self.answers.append(msg)
+        assert self.job is not None and self.job.run, f"no shard for {self.runner}"
+        self.peer.send(
+            JobStarted(
+                job_id=self.job.job_id,
+                attempt=self.job.attempt,
+                runner_id=self.runner,
+                session="s1",
+                started_at=1.0,
+                lease=self.job.lease,
+            )
+        )
+        return self.job
+
+    def ask(self, d: Dispatcher, *, collected: list[str] | None = None, results=(), more=True, seq=None) -> Chunk:
+        assert self.job is not None
+        if seq is None:
+            self.seq += 1
+        self.peer.send(
+            ChunkRequest(
+                job_id=self.job.job_id,
+                attempt=self.job.attempt,
+                runner_id=self.runner,
+                lease=self.job.lease,
+                seq=self.seq if seq is None else seq,
+                collected=collected,
+                results=[list(r) for r in results],
+                more=more,
+            )
+        )
+        d.run_once()
+        answers = [m for m in runner_queue(self.rabbit, self.runner) if isinstance(m, Chunk)]
+        assert answers, "no answer"
+        return answers[-1]
+
+    def finish(self, d: Dispatcher, status: str = "passed") -> None:
+        assert self.job is not None
+        self.peer.send(
+            JobResult(
+                job_id=self.job.job_id,
+                attempt=self.job.attempt,
+                runner_id=self.runner,
+                status=status,
+                lease=self.job.lease,
+            )
+        )
+        d.run_once()
+
+
+TESTS = [f"tests/test_{f}.py::test_{t}" for f in "abcd" for t in range(2)]
+
+
+def split_start(
+    rabbit: FakeRabbit, peer: Peer, tmp_path: Path, clock: Clock, runners: int, split: int, reruns: int = 0
+):
+    d = start(tmp_path, clock)
+    shards = [Shard(rabbit, peer, f"r{i}") for i in range(runners)]
+    for s in shards:
+        runner_queue(rabbit, s.runner)
+        peer.hello(s.runner)
+    rounds(d, clock, 1)
+    split_commit(peer, 1, split, reruns)
+    rounds(d, clock, 2)
+    for s in shards:
+        s.take()
+    rounds(d, clock, 1)
+    return d, shards
+
+
+def run_row(d: Dispatcher) -> Any:
+    (row,) = d.store.find(limit=10, done_only=False)
+    return row
+
+
+def test_a_split_run_hands_each_test_out_once_and_records_one_result(
+    rabbit: FakeRabbit, peer: Peer, tmp_path: Path, clock: Clock
+) -> None:
+    d, (a, b) = split_start(rabbit, peer, tmp_path, clock, runners=2, split=3)
+    assert run_row(d).state == "split" and len(d.store.shards(run_row(d).job_id)) == 3
+    first = a.ask(d, collected=TESTS)
+    second = b.ask(d, collected=list(reversed(TESTS)))  # the same tests, in another order: the same collection
+    assert first.tests and second.tests and not set(first.tests) & set(second.tests)
+    handed = [*first.tests, *second.tests]
+    for shard, chunk in ((a, first), (b, second)):
+        while chunk.tests:
+            chunk = shard.ask(d, results=[(n, "passed", 0.1) for n in chunk.tests])
+            handed += chunk.tests
+    assert sorted(handed) == sorted(TESTS)
+    row = run_row(d)
+    assert (row.state, row.status, row.passed, row.failed) == ("done", "passed", 8, 0)
+    third = d.store.shards(row.job_id, "done")
+    assert any(s.status == "cancelled" for s in third)  # the shard no runner took is not needed
+
+
+def test_an_ask_sent_twice_gets_the_same_answer_and_takes_nothing_more(
+    rabbit: FakeRabbit, peer: Peer, tmp_path: Path, clock: Clock
+) -> None:
+    d, (a,) = split_start(rabbit, peer, tmp_path, clock, runners=1, split=2)
+    first = a.ask(d, collected=TESTS)
+    again = a.ask(d, collected=TESTS, seq=a.seq)
+    assert again.tests == first.tests
+    taken = d.store.chunks(run_row(d).job_id, "taken")
+    assert len(taken) == 1
+
+
+def test_shards_that_collect_different_tests_end_the_run_and_the_others_are_told_to_stop(
+    rabbit: FakeRabbit, peer: Peer, tmp_path: Path, clock: Clock
+) -> None:
+    d, (a, b) = split_start(rabbit, peer, tmp_path, clock, runners=2, split=2)
+    a.ask(d, collected=TESTS)
+    answer = b.ask(d, collected=[*TESTS, "tests/test_e.py::test_extra"])
+    assert answer.stop and not answer.tests
+    row = run_row(d)
+    assert row.status == "error" and "tests/test_e.py::test_extra" in row.reason
+    rounds(d, clock, 1)
+    assert any(isinstance(m, CancelJob) for m in runner_queue(rabbit, "r0"))
+
+
+def test_a_lost_shard_gives_its_chunk_back_and_each_test_is_recorded_once(
+    rabbit: FakeRabbit, peer: Peer, tmp_path: Path, clock: Clock
+) -> None:
+    d, (a, b) = split_start(rabbit, peer, tmp_path, clock, runners=2, split=2)
+    lost = a.ask(d, collected=TESTS).tests
+    chunk = b.ask(d, collected=TESTS)
+    # r0 falls silent; r1 keeps heartbeating and working.
+    for _ in range(30):
+        clock.advance(0.5)
+        assert b.job is not None
+        peer.hello("r1", job=b.job)
+        d.run_once()
+    handed = list(chunk.tests)
+    while chunk.tests:
+        chunk = b.ask(d, results=[(n, "passed", 0.1) for n in chunk.tests])
+        handed += chunk.tests
+    assert set(lost) <= set(handed)  # the lost chunk went to the shard still at work
+    row = run_row(d)
+    assert (row.status, row.passed) == ("passed", 8)
+    assert [t.runs for t in d.store.tests(row.job_id)] == [1] * 8
+
+
+def test_a_failing_test_runs_again_on_another_shard_and_failed_then_passed_is_flaky(
+    rabbit: FakeRabbit, peer: Peer, tmp_path: Path, clock: Clock
+) -> None:
+    d, (a, b) = split_start(rabbit, peer, tmp_path, clock, runners=2, split=2, reruns=1)
+    mine = a.ask(d, collected=TESTS).tests
+    theirs = b.ask(d, collected=TESTS).tests
+    flaky = mine[0]
+    nxt = a.ask(d, results=[(n, "failed" if n == flaky else "passed", 0.1) for n in mine])
+    while flaky not in theirs:
+        assert flaky not in nxt.tests  # never back to the runner it failed on while another asks
+        theirs = b.ask(d, results=[(n, "passed", 0.1) for n in theirs]).tests
+        if nxt.tests:
+            nxt = a.ask(d, results=[(n, "passed", 0.1) for n in nxt.tests])
+    rest = b.ask(d, results=[(n, "passed", 0.1) for n in theirs])
+    while rest.tests:
+        rest = b.ask(d, results=[(n, "passed", 0.1) for n in rest.tests])
+    while nxt.tests:
+        nxt = a.ask(d, results=[(n, "passed", 0.1) for n in nxt.tests])
+    row = run_row(d)
+    assert (row.status, row.passed, row.failed) == ("passed", 8, 0)
+    assert d.store.test_summary([row.job_id]) == {row.job_id: {"failing_tests": [], "flaky": [flaky]}}
+
+
+def test_a_shard_that_stops_in_the_middle_of_a_chunk_ends_the_run_with_its_status(
+    rabbit: FakeRabbit, peer: Peer, tmp_path: Path, clock: Clock
+) -> None:
+    d, (a,) = split_start(rabbit, peer, tmp_path, clock, runners=1, split=2)
+    a.ask(d, collected=TESTS)
+    a.finish(d, status="timeout")
+    row = run_row(d)
+    assert row.status == "timeout" and "stopped in the middle of its tests" in row.reason
