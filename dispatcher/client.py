@@ -38,6 +38,8 @@ RESULTS_LIMIT = 50
 RESULTS_MAX = 10000  # what the dispatcher answers at most (queries.results)
 # Past the command's own timeout, the backstop that ends it whatever pika is doing.
 DEADLINE_SLACK = 1.5
+# Failing and flaky tests shown per job by `volt results` (all of them with --json).
+SHOWN_TESTS = 5
 BLOCKED = "RabbitMQ is blocking publishers (a memory or disk alarm? see `rabbitmqctl status`)"
 
 
@@ -245,6 +247,12 @@ def status_main(args: argparse.Namespace) -> int:
         print("\nRUNNING")
         for j in data["running"]:
             print(f"  {j['job_id']}  {j['commit'][:12]}  {j['branch']:<12} on {j['runner']}  attempt {j['attempts']}")
+    if data.get("split_runs"):
+        print("\nSPLIT RUNS")
+        for j in data["split_runs"]:
+            shards = ", ".join(f"{k.rsplit('.', 1)[1]} {v}" for k, v in j["shards"].items())
+            progress = f"chunks {j['chunks_done']}/{j['chunks']}" if j["chunks"] else "collecting"
+            print(f"  {j['job_id']}  {j['commit'][:12]}  {j['branch']:<12} {progress}  shards: {shards}")
     if data["waiting_count"]:
         print(f"\nWAITING ({data['waiting_count']})")
         for j in data["waiting"]:
@@ -276,11 +284,18 @@ def results_main(args: argparse.Namespace) -> int:
         status = r["status"] or r["state"]
         counts = f"{r['passed']} passed, {r['failed']} failed, {r['errors']} errors, {r['skipped']} skipped"
         dur = f"{r['duration_s']:.2f}s" if r["duration_s"] is not None else "-"
+        where = r["runner"] or (f"split {r['split']}" if r.get("split", 1) > 1 else "-")
         print(
-            f"{r['commit'][:12]}  {status:<9} {counts:<48} {dur:>8}  {r['branch']:<12} attempt {r['attempts']}  {r['runner'] or '-'}  {r['job_id']}"
+            f"{r['commit'][:12]}  {status:<9} {counts:<48} {dur:>8}  {r['branch']:<12} attempt {r['attempts']}  {where}  {r['job_id']}"
         )
         if r["reason"] and status != "passed":
             print(f"              {r['reason']}")
+        for kind, key in (("FAILED", "failing_tests"), ("FLAKY", "flaky")):
+            names = r.get(key, [])
+            for name in names[:SHOWN_TESTS]:
+                print(f"              {kind} {name}")
+            if len(names) > SHOWN_TESTS:
+                print(f"              ... and {len(names) - SHOWN_TESTS} more (--json has them all)")
     if more:
         print(more)
     return exits.OK

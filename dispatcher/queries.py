@@ -134,6 +134,19 @@ def status(store: Store, ns: str, runners: Iterable[RunnerInfo], now: float, dep
         "waiting": [{**job_dict(r), "why": why_waiting(r, live, busy)} for r in waiting[:50]],
         "waiting_count": len(waiting),
         "running": [job_dict(r) for r in busy.values()],
+        "split_runs": [split_run(store, r) for r in store.in_state("split")[:50]],
+    }
+
+
+def split_run(store: Store, row: JobRow) -> dict[str, Any]:
+    """A split run under way: its shards' states and how far its work queue is."""
+    chunks = store.chunks(row.job_id)
+    shards = store.shards(row.job_id)
+    return {
+        **job_dict(row),
+        "shards": {s.job_id: s.state for s in shards},
+        "chunks": len(chunks),
+        "chunks_done": sum(c.state == "done" for c in chunks),
     }
 
 

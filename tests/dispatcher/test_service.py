@@ -30,6 +30,7 @@ from common.messages import (
     decode,
 )
 from common.settings import BrokerSettings, SettingsError
+from dispatcher import queries
 from dispatcher.service import Dispatcher, DispatcherSettings
 from dispatcher.store import Store, StoreError
 
@@ -635,6 +636,9 @@ def test_a_split_run_hands_each_test_out_once_and_records_one_result(
     first = a.ask(d, collected=TESTS)
     second = b.ask(d, collected=list(reversed(TESTS)))  # the same tests, in another order: the same collection
     assert first.tests and second.tests and not set(first.tests) & set(second.tests)
+    under_way = queries.split_run(d.store, run_row(d))  # what `volt status` shows of it
+    assert under_way["chunks_done"] == 0 < under_way["chunks"] and len(under_way["shards"]) == 3
+    assert sorted(under_way["shards"].values()) == ["queued", "running", "running"]
     handed = [*first.tests, *second.tests]
     for shard, chunk in ((a, first), (b, second)):
         while chunk.tests:
