@@ -249,7 +249,15 @@ class Runs:
             )
             return
         store.release_chunks(run.job_id, lease)
-        self._stranded(run, f"{status}{': ' + reason if reason else ''}")
+        why = f"{status}{': ' + reason if reason else ''}"
+        if status in ("passed", "failed") and self._needs_shard(run):
+            # It ran its chunks and left (its runner drains, or a rerun waited for
+            # another runner): the tests left get a shard of their own.
+            more = store.add_shard(run.job_id)
+            if more is not None:
+                self.d._enqueue(more.as_job())
+                return
+        self._stranded(run, why)
 
     def shard_taken_back(self, job_id: str, lease: str, outcome: str, reason: str) -> bool:
         """A shard's runner was lost (or gave it up): its chunks go back to the
@@ -279,6 +287,14 @@ class Runs:
         run = self.d.store.get(shard.parent or "")
         if run is not None and run.state == "split":
             self._stranded(run, reason)
+
+    def _needs_shard(self, run: JobRow) -> bool:
+        """Whether tests wait with no shard left to take them, and the run may
+        have one more (at most three times its split in all: no endless loop)."""
+        store = self.d.store
+        if not store.chunks(run.job_id, "pending") or store.shards(run.job_id, *LIVE):
+            return False
+        return len(store.shards(run.job_id)) < 3 * run.split
 
     def _stranded(self, run: JobRow, why: str) -> None:
         """End a run whose shards have all ended: with its result if its tests all

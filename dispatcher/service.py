@@ -150,6 +150,8 @@ class Dispatcher:
         # set again at every (re)connect in case someone else did.
         self._backlog_maybe = True
         self._parked_maybe = True
+        # A handler freed a runner or brought a job: assign at the end of the round.
+        self._assign_due = False
         self._lost_reasons: dict[str, str] = {}
         self.leases = Leases(clock)
         # label set -> when a live runner last had all of them
@@ -369,6 +371,11 @@ class Dispatcher:
         self.store.begin_batch()
         try:
             self.broker.process(time_limit)
+            if self._assign_due:
+                # Once a round, for every runner the round freed and every job it
+                # brought: one commit makes all of the round's assignments durable.
+                self._assign_due = False
+                self.assign()
             if self.clock() >= self._next_sweep:
                 self.store.check_identity()
                 self.sweep()
@@ -463,7 +470,7 @@ class Dispatcher:
                     extra=ids(job=row.job_id),
                 )
         d.ack()
-        self.assign()
+        self._assign_due = True
 
     def _pend(self, row: JobRow) -> None:
         """A pending job to the backlog; a split run's shards in its stead."""
@@ -684,7 +691,7 @@ class Dispatcher:
                 self._echoed(msg, seen.info)
             d.ack()
             if seen.changed:  # a runner that heartbeats as before has not become free
-                self.assign()
+                self._assign_due = True
             return
         log.info("runner=%s left: %s", msg.runner_id, msg.reason or "goodbye", extra=ids(runner=msg.runner_id))
         info = self.registry.get(msg.runner_id)
@@ -701,7 +708,7 @@ class Dispatcher:
                 elif msg.lease and row.lease == msg.lease:
                     self._requeue(row.job_id, row.lease, why, failure=False)
         d.ack()
-        self.assign()
+        self._assign_due = True
 
     def _echoed(self, msg: Hello, info: RunnerInfo) -> None:
         """A heartbeat says its runner runs a job: renew the lease it echoes, or
@@ -838,7 +845,7 @@ class Dispatcher:
             if not self._requeue(msg.job_id, msg.lease, why, failure=True):
                 self.store.note(msg.job_id, msg.attempt, msg.runner_id, "late_abandoned", msg.reason, self.wall())
         d.ack()
-        self.assign()
+        self._assign_due = True
 
     def _started(self, msg: JobStarted, who: str) -> None:
         queued_at = (

@@ -921,9 +921,10 @@ class Store:
         """Insert the job for a commit unless it exists (idempotent, delivery rule 4)."""
         job_id = job_id_for(seen.repo, seen.branch, seen.commit)
         with self._tx() as db:
-            db.execute(
+            new = db.execute(
                 "INSERT INTO jobs (job_id, repo, branch, commit_sha, state, seen_at, labels, split, reruns,"
-                " subject, author) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                " subject, author) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
+                f" RETURNING {_ROW_COLUMNS}",
                 (
                     job_id,
                     seen.repo,
@@ -936,8 +937,8 @@ class Store:
                     seen.subject[:MAX_SUBJECT],
                     seen.author[:MAX_SUBJECT],
                 ),
-            )
-        row = self.get(job_id)
+            ).fetchone()
+        row = JobRow(*new) if new is not None else self.get(job_id)  # new, or the one there already
         assert row is not None
         return row
 
@@ -1170,6 +1171,25 @@ class Store:
             )
             self._event(db, job_id, run.attempt, None, "split", now, reason=f"into {run.split} shard(s)")
         return self.shards(job_id, "pending")
+
+    @_store_op
+    def add_shard(self, job_id: str) -> JobRow | None:
+        """One more shard for a split run (pending), numbered after the others."""
+        with self._tx() as db:
+            run = db.execute(
+                f"SELECT {_ROW_COLUMNS} FROM jobs WHERE job_id = ? AND state = 'split'", (job_id,)
+            ).fetchone()
+            if run is None:
+                return None
+            row = JobRow(*run)
+            count = int(db.execute("SELECT COUNT(*) FROM jobs WHERE parent = ?", (job_id,)).fetchone()[0])
+            db.execute(
+                "INSERT INTO jobs (job_id, repo, branch, commit_sha, state, seen_at, labels, parent, subject, author)"
+                " VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?)",
+                (shard_id(job_id, count + 1), row.repo, row.branch, row.commit_sha, row.seen_at, row.labels_json)
+                + (job_id, row.subject, row.author),
+            )
+        return self.get(shard_id(job_id, count + 1))
 
     @_store_op
     def shards(self, job_id: str, *states: str) -> list[JobRow]:

@@ -603,7 +603,9 @@ class Runner:
                 if job.run:
                     if not config.uses_default:
                         return Outcome("error", None, 0.0, reason="a split run needs pytest, not a test.command")
-                    link = shard.ShardLink(job, self.s.runner_id, self._ask, current.chunks, stopped)
+                    link = shard.ShardLink(
+                        job, self.s.runner_id, self._ask, current.chunks, stopped, draining=lambda: self.draining
+                    )
                     config = dataclasses.replace(config, command=[*config.command, "-p", shard.PLUGIN])
                     facts.update(VOLT_SHARD_FD=str(link.fd), PYTHONPATH=str(shard.plugin_dir(folder)))
                 env = test_env(facts, venv=job_env.venv)

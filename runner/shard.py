@@ -47,7 +47,9 @@ class ShardLink:
 
     `send` hands a ChunkRequest to the runner's main thread to publish;
     answers come back through `answers` (the runner puts every Chunk for this
-    assignment there); `stopped` says why to give up (cancelled, lease lost).
+    assignment there); `stopped` says why to give up (cancelled, lease lost);
+    while `draining` is true the shard asks for nothing new: it finishes what
+    it holds and hands the rest of the run to the other shards.
     """
 
     def __init__(
@@ -57,9 +59,10 @@ class ShardLink:
         send: Callable[[ChunkRequest], None],
         answers: queue.Queue[Chunk],
         stopped: Callable[[], str | None],
+        draining: Callable[[], bool] = lambda: False,
     ) -> None:
         self.job, self.runner_id = job, runner_id
-        self.send, self.answers, self.stopped = send, answers, stopped
+        self.send, self.answers, self.stopped, self.draining = send, answers, stopped, draining
         self.sock, self.theirs = socket.socketpair()
         self.fd = self.theirs.fileno()
         self.seq = 0
@@ -130,7 +133,7 @@ class ShardLink:
             seq=self.seq,
             collected=collected,
             results=results,
-            more=bool(ask.get("more", True)),
+            more=bool(ask.get("more", True)) and not self.draining(),
         )
         chunk = self._ask(request)
         if chunk is None:

@@ -728,3 +728,25 @@ def test_a_shard_that_stops_in_the_middle_of_a_chunk_ends_the_run_with_its_statu
     a.finish(d, status="timeout")
     row = run_row(d)
     assert row.status == "timeout" and "stopped in the middle of its tests" in row.reason
+
+
+def test_a_shard_that_leaves_with_tests_still_waiting_gets_a_successor(
+    rabbit: FakeRabbit, peer: Peer, tmp_path: Path, clock: Clock
+) -> None:
+    d, (a,) = split_start(rabbit, peer, tmp_path, clock, runners=1, split=1, reruns=1)
+    chunk = a.ask(d, collected=TESTS)
+    # Its runner drains: it reports what it ran and wants nothing more.
+    a.ask(d, results=[(n, "passed", 0.1) for n in chunk.tests], more=False)
+    a.finish(d)
+    run = run_row(d)
+    assert run.state == "split"
+    b = Shard(rabbit, peer, "r0")  # the same runner, come back: the new shard is in the backlog
+    peer.hello("r0")
+    rounds(d, clock, 2)
+    job = b.take()
+    assert job.job_id == f"{run.job_id}.2"
+    rounds(d, clock, 1)
+    nxt = b.ask(d, collected=TESTS)
+    while nxt.tests:
+        nxt = b.ask(d, results=[(n, "passed", 0.1) for n in nxt.tests])
+    assert (run_row(d).status, run_row(d).passed) == ("passed", 8)
