@@ -141,3 +141,15 @@ def test_shards_that_collect_different_tests_end_the_run_as_error(volt, repo):
     result = result_of(volt, sha, 120)
     assert result["status"] == "error", result
     assert "collected different tests" in result["reason"] and "test_only_on_the_second_shard" in result["reason"]
+
+
+def test_a_split_run_in_the_sandbox_reaches_the_dispatcher_through_its_inherited_socket(volt, repo):
+    volt.dispatcher()
+    volt.runner("boxed-a", sandbox="bwrap")
+    volt.runner("boxed-b", sandbox="bwrap")
+    sha = repo.commit(sleepy_suite(8, 2, 0.2, split=2))
+    publish(volt, repo, sha)
+    result = result_of(volt, sha, 120)
+    assert (result["status"], result["passed"], result["failed"], result["failing_tests"]) == ("passed", 16, 0, [])
+    shards = [volt.ask("log", {"id": f"{result['job_id']}.{k}"})["job"] for k in (1, 2)]
+    assert {s["runner"] for s in shards} <= {"boxed-a", "boxed-b"}
