@@ -963,12 +963,13 @@ def was_blocked(exc: BaseException) -> bool:
     return isinstance(exc.__context__, pika.exceptions.ConnectionBlockedTimeout)
 
 
-def exchange_exists(broker: Broker, exchange: str) -> bool:
-    """Whether an exchange exists (a passive declare, on a throwaway channel)."""
+def _passes(broker: Broker, check: Callable[[BlockingChannel], Any]) -> bool:
+    """Whether `check` passes on a throwaway channel: False when the broker
+    refuses it (and so closes that channel), BrokerUnavailable when it is gone."""
     with _translated():
         ch = broker._connection().channel()
     try:
-        ch.exchange_declare(exchange, passive=True)
+        check(ch)
         return True
     except pika.exceptions.ChannelClosedByBroker:
         return False
@@ -978,6 +979,11 @@ def exchange_exists(broker: Broker, exchange: str) -> bool:
         if ch.is_open:
             with _translated():
                 ch.close()
+
+
+def exchange_exists(broker: Broker, exchange: str) -> bool:
+    """Whether an exchange exists (a passive declare, on a throwaway channel)."""
+    return _passes(broker, lambda ch: ch.exchange_declare(exchange, passive=True))
 
 
 def purge_counted(broker: Broker, queue: str) -> int:
@@ -1055,19 +1061,7 @@ def shared_bindings(ns: str) -> dict[str, list[tuple[str, str]]]:
 
 def declares_as(broker: Broker, queue: str, arguments: dict[str, Any]) -> bool:
     """Whether `queue` exists with exactly these arguments (a redeclare on a throwaway channel)."""
-    with _translated():
-        ch = broker._connection().channel()
-    try:
-        ch.queue_declare(queue, durable=True, arguments=arguments)
-        return True
-    except pika.exceptions.ChannelClosedByBroker:
-        return False
-    except (pika.exceptions.AMQPError, OSError) as exc:
-        raise BrokerUnavailable(_describe(exc)) from None
-    finally:
-        if ch.is_open:
-            with _translated():
-                ch.close()
+    return _passes(broker, lambda ch: ch.queue_declare(queue, durable=True, arguments=arguments))
 
 
 def migrate_queue(broker: Broker, queue: str, arguments: dict[str, Any], bindings: list[tuple[str, str]]) -> int:

@@ -1160,15 +1160,7 @@ class Store:
             run = JobRow(*row)
             db.execute("UPDATE jobs SET state = 'split', queued_at = ? WHERE job_id = ?", (now, job_id))
             db.execute("INSERT INTO runs (job_id) VALUES (?) ON CONFLICT DO NOTHING", (job_id,))
-            db.executemany(
-                "INSERT INTO jobs (job_id, repo, branch, commit_sha, state, seen_at, labels, parent, subject, author)"
-                " VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                [
-                    (shard_id(job_id, k), run.repo, run.branch, run.commit_sha, run.seen_at, run.labels_json)
-                    + (job_id, run.subject, run.author)
-                    for k in range(1, run.split + 1)
-                ],
-            )
+            self._insert_shards(db, run, range(1, run.split + 1))
             self._event(db, job_id, run.attempt, None, "split", now, reason=f"into {run.split} shard(s)")
         return self.shards(job_id, "pending")
 
@@ -1183,21 +1175,25 @@ class Store:
                 return None
             row = JobRow(*run)
             count = int(db.execute("SELECT COUNT(*) FROM jobs WHERE parent = ?", (job_id,)).fetchone()[0])
-            db.execute(
-                "INSERT INTO jobs (job_id, repo, branch, commit_sha, state, seen_at, labels, parent, subject, author)"
-                " VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?)",
-                (shard_id(job_id, count + 1), row.repo, row.branch, row.commit_sha, row.seen_at, row.labels_json)
-                + (job_id, row.subject, row.author),
-            )
+            self._insert_shards(db, row, [count + 1])
         return self.get(shard_id(job_id, count + 1))
+
+    @staticmethod
+    def _insert_shards(db: _Conn, run: JobRow, numbers: Sequence[int]) -> None:
+        db.executemany(
+            "INSERT INTO jobs (job_id, repo, branch, commit_sha, state, seen_at, labels, parent, subject, author)"
+            " VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            [
+                (shard_id(run.job_id, k), run.repo, run.branch, run.commit_sha, run.seen_at, run.labels_json)
+                + (run.job_id, run.subject, run.author)
+                for k in numbers
+            ],
+        )
 
     @_store_op
     def shards(self, job_id: str, *states: str) -> list[JobRow]:
         """The shards of a split run (in those states, if any are given), in order."""
-        where, args = "parent = ?", [job_id]
-        if states:
-            where += f" AND state IN ({','.join('?' * len(states))})"
-            args += states
+        where, args = _in_states("parent = ?", [job_id], states)
         rows = self._x(f"SELECT {_ROW_COLUMNS} FROM jobs WHERE {where} ORDER BY job_id", args).fetchall()
         return [JobRow(*r) for r in rows]
 
@@ -1254,10 +1250,7 @@ class Store:
 
     @_store_op
     def chunks(self, job_id: str, *states: str) -> list[ChunkRow]:
-        where, args = "job_id = ?", [job_id]
-        if states:
-            where += f" AND state IN ({','.join('?' * len(states))})"
-            args += states
+        where, args = _in_states("job_id = ?", [job_id], states)
         rows = self._x(
             f"SELECT chunk, tests, est_s, state, lease, seq, avoid FROM chunks WHERE {where} ORDER BY chunk", args
         ).fetchall()
@@ -1470,6 +1463,13 @@ def _inflate(blob: bytes, limit: int | None = None) -> str | None:
     if not z.eof:  # cut short, or more than the limit
         return None
     return data.decode("utf-8", errors="replace")
+
+
+def _in_states(where: str, args: list[str], states: Sequence[str]) -> tuple[str, list[str]]:
+    """`where` and its `args`, narrowed to rows in one of `states` (all of them when none)."""
+    if not states:
+        return where, args
+    return f"{where} AND state IN ({','.join('?' * len(states))})", [*args, *states]
 
 
 def _filters(repo: str | None, branch: str | None, commit: str | None, done_only: bool) -> tuple[str, list[str]]:
