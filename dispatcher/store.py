@@ -374,7 +374,12 @@ class _Conn:
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         if rows:  # one round trip for them all (psycopg pipelines them)
-            self.raw.executemany(self.dialect.sql(sql), [self.dialect.params(r) for r in rows])
+            # A cursor's: psycopg's connection has execute() but no executemany().
+            cur = self.raw.cursor()
+            try:
+                cur.executemany(self.dialect.sql(sql), [self.dialect.params(r) for r in rows])
+            finally:
+                cur.close()
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])

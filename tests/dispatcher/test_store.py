@@ -668,3 +668,13 @@ def test_a_failed_change_in_a_batch_undoes_only_itself(store: Store, monkeypatch
     store.commit_batch()
     assert current(store, kept).state == "queued"
     assert store.assign(kept.job_id, 1, "r1", now=3.0)
+
+
+def test_a_results_tests_are_kept_on_both_databases(store: Store) -> None:
+    row = running(store)
+    tests = [["t::a", "passed", 0.5], ["t::b", "failed", 1.5], ["t::c", "bogus", 1.0]]
+    assert store.finish(result(row, status="failed", tests=tests), now=104.0)
+    assert [(t.node_id, t.outcome, t.duration_s) for t in store.tests(row.job_id)] == [
+        ("t::a", "passed", 0.5),
+        ("t::b", "failed", 1.5),
+    ]
