@@ -6,14 +6,13 @@ without importing GitPython.
 
 from __future__ import annotations
 
-import re
 import subprocess
 import time
 from collections.abc import Iterable, Sequence
 
 from common import naming
 from common.broker import Broker
-from common.messages import CommitSeen
+from common.messages import CommitSeen, one_line
 from common.voltfile import CONFIG_FILE, MAX_CONFIG_BYTES, Asks, required_asks
 
 # Characters of a commit's subject and author sent (the store keeps as many).
@@ -22,8 +21,6 @@ MAX_COMMIT_TEXT = 200
 # signature takes a few KiB) and its message. A bigger one is published
 # without them, rather than read into memory.
 MAX_COMMIT_BYTES = 256 * 1024
-# C0 and C1 controls, and the bidi overrides that make a line read other than it is.
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 def publish_commit(
@@ -57,8 +54,7 @@ def publish_commit(
 def commit_line(text: str) -> str:
     """The first line of a commit's text, without control characters, at most
     MAX_COMMIT_TEXT characters: it comes from the commit, so from anyone."""
-    line = text.strip().split("\n", 1)[0]
-    return " ".join(_UNPRINTABLE.sub(" ", line).split())[:MAX_COMMIT_TEXT]
+    return one_line(text, MAX_COMMIT_TEXT)
 
 
 def commit_about(raw: bytes) -> tuple[str, str]:
