@@ -84,12 +84,13 @@ def trend_line(t: dict[str, Any] | None) -> str:
     """The trend in a few words: 'median 1.20 s over the last 10 runs, 0.80 s over the 10 before (+50%)'."""
     if t is None:
         return "no timed runs"
-    line = f"median {t['recent_median_s']:.2f} s over the last {_runs(t['recent_runs'])}"
+    line = f"median {t['recent_median_s']:.2f} s over the last {runs_text(t['recent_runs'])}"
     if t["before_median_s"] is None:
         return line
     line += f", {t['before_median_s']:.2f} s over the {t['before_runs']} before"
     return line + (f" ({t['change']:+.0%})" if t["change"] is not None else "")
 
 
-def _runs(n: int) -> str:
+def runs_text(n: int) -> str:
+    """ "1 run", "5 runs"."""
     return f"{n} run" if n == 1 else f"{n} runs"

@@ -88,6 +88,7 @@ def finished_job(
     author: str = "",
     split: int = 1,
     duration_s: float = 7.0,
+    wait_s: float = 2.0,
 ) -> JobRow:
     """A job seen at `at` and taken to its result as the dispatcher records one:
     its (node id, outcome, seconds) reported by its runner, or with split > 1 a
@@ -101,17 +102,17 @@ def finished_job(
         (first, *_) = store.make_run(job, at + 1)
         job = first.job_id
     store.mark_queued(job, 1, at + 1)
-    lease = store.assign(job, 1, "r1", at + 2)
-    assert lease and store.start(job, lease, "r1", "s", started_at=at + 3, now=at + 3)
+    lease = store.assign(job, 1, "r1", at + 1 + wait_s)
+    assert lease and store.start(job, lease, "r1", "s", started_at=at + 1 + wait_s, now=at + 1 + wait_s)
     counts = {k: sum(1 for t in tests if t[1] == k) for k in ("passed", "failed")}
     if split > 1:
-        store.run_started(row.job_id, at + 3)
+        store.run_started(row.job_id, at + 1 + wait_s)
         store.add_chunks(row.job_id, [([t[0] for t in tests], 1.0)])
         assert store.take_chunk(row.job_id, 0, lease, 1)
         store.record_chunk(row.job_id, [(node, outcome, secs, 0) for node, outcome, secs in tests], "r1")
         done = JobResult(job_id=job, attempt=1, runner_id="r1", status="passed", lease=lease)
-        assert store.finish(done, at + 9)
-        assert store.finish_run(row.job_id, status, (counts["passed"], counts["failed"], 0, 0), "", "", at + 10)
+        assert store.finish(done, at + 9 + wait_s)
+        assert store.finish_run(row.job_id, status, (counts["passed"], counts["failed"], 0, 0), "", "", at + 10 + wait_s)
     else:
         done = JobResult(
             job_id=job,
@@ -123,7 +124,7 @@ def finished_job(
             duration_s=duration_s,
             **counts,
         )
-        assert store.finish(done, at + 10)
+        assert store.finish(done, at + 10 + wait_s)
     got = store.get(row.job_id)
     assert got is not None
     return got
