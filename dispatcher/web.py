@@ -126,6 +126,7 @@ pre { background: #fff; border: 1px solid #ddd; padding: .7em; overflow-x: auto;
 dl { display: grid; grid-template-columns: max-content auto; gap: .2em 1em; }
 dt { font-weight: 600; } dd { margin: 0; }
 .subject { color: #333; } .author { color: #777; font-size: .85em; }
+table.jobs td:last-child, #runs td:last-child { white-space: nowrap; }
 h3 .tests-link { font-weight: normal; font-size: .85em; margin-left: .6em; }
 svg.chart { display: block; background: #fff; border: 1px solid #e4e4e4; margin: .2em 0 .6em; font-family: system-ui, sans-serif; }
 #failing-tests code, #flaky-tests code, #flaky code, #test-name { word-break: break-all; }
