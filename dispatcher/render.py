@@ -78,8 +78,8 @@ def commit_ref(ref: dict[str, Any] | None) -> str:
 
 def streak(item: dict[str, Any]) -> str:
     """'failing since <commit>' and 'passed before on <commit>', for a test that fails."""
-    if item["failing_since"] is None:
-        return '<span class="muted">not failing</span>'
+    if item["failing_since"] is None:  # a job older than the history kept
+        return '<span class="muted">-</span>'
     out = f'<span class="since">failing since {commit_ref(item["failing_since"])}</span>'
     before = item["passed_before"]
     if before is None:
