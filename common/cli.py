@@ -25,6 +25,7 @@ COMMANDS = {
     "up": "common.up",
     "status": "dispatcher.client",
     "results": "dispatcher.client",
+    "tests": "dispatcher.client",
     "log": "dispatcher.client",
     "runner-ctl": "dispatcher.client",
     "check": "dispatcher.client",
@@ -34,7 +35,7 @@ COMMANDS = {
 }
 # Commands that answer and end: their output is the answer, so they log only
 # warnings unless --log-level (or VOLT_LOG_LEVEL) asks for more.
-ONE_SHOT = {"status", "results", "log", "runner-ctl", "check", "dead-letters", "migrate-queues"}
+ONE_SHOT = {"status", "results", "tests", "log", "runner-ctl", "check", "dead-letters", "migrate-queues"}
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -101,6 +101,18 @@ def check_branch(name: str) -> str:
     return name
 
 
+# C0 and C1 controls, and the bidi overrides that make a line read other than it is.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def one_line(text: str, limit: int) -> str:
+    """The first line of `text` (which a commit or a test suite wrote, so anyone),
+    without control characters, its spaces folded, at most `limit` characters:
+    fit for a terminal, a log line or a table cell."""
+    line = text.strip().split("\n", 1)[0]
+    return " ".join(_UNPRINTABLE.sub(" ", line).split())[:limit]
+
+
 @dataclass(frozen=True)
 class Message:
     TYPE: ClassVar[str] = ""

@@ -1,4 +1,4 @@
-"""`volt status`, `results`, `log`, `runner-ctl`, `check`: questions to the dispatcher.
+"""`volt status`, `results`, `tests`, `log`, `runner-ctl`, `check`: questions to the dispatcher.
 
 One-shot commands: they print their answer and nothing else (no INFO lines
 unless --log-level asks), fail with one line, and keep to their --timeout:
@@ -29,9 +29,10 @@ from common.broker import (
     exchange_exists,
     was_blocked,
 )
-from common.messages import DecodeError, Reply, Request, RunnerCommand
+from common.messages import DecodeError, Reply, Request, RunnerCommand, one_line
 from common.settings import BrokerSettings
-from dispatcher.queries import log_text
+from dispatcher.history import trend_line
+from dispatcher.queries import TESTS_MAX, log_text
 
 DEFAULT_TIMEOUT = 10.0
 RESULTS_LIMIT = 50
@@ -144,13 +145,13 @@ def _positive(text: str) -> float:
     return value
 
 
-def _limit(text: str) -> int:
+def _limit(text: str, most: int = RESULTS_MAX) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if not 1 <= value <= RESULTS_MAX:
-        raise argparse.ArgumentTypeError(f"must be from 1 to {RESULTS_MAX}")
+    if not 1 <= value <= most:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {most}")
     return value
 
 
@@ -189,6 +190,36 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.add_argument("--json", action="store_true", help="print the results as a JSON list (default: one line each)")
     add_timeout(p)
     p.set_defaults(func=results_main)
+
+    p = sub.add_parser("tests", help="a test's history on a branch, the tests failing now, or the flaky ones")
+    p.add_argument(
+        "--repo",
+        type=naming.normalize_repo,
+        required=True,
+        help="the repository, however written (required: no default)",
+    )
+    p.add_argument("--branch", help="the branch (default: the branch of the repository's latest finished job)")
+    p.add_argument(
+        "--test",
+        metavar="NODEID",
+        help="this test's runs, newest first, since when it fails and its duration trend "
+        "(default: the tests failing on the branch's latest finished job)",
+    )
+    p.add_argument(
+        "--flaky",
+        action="store_true",
+        help="the tests flaky in any of the last 100 jobs (on --branch, if given), most often first (default: off)",
+    )
+    p.add_argument(
+        "--limit",
+        type=lambda text: _limit(text, TESTS_MAX),
+        default=RESULTS_LIMIT,
+        metavar="N",
+        help=f"show at most N lines (default {RESULTS_LIMIT}, at most {TESTS_MAX})",
+    )
+    p.add_argument("--json", action="store_true", help="print the dispatcher's answer as JSON (default: lines)")
+    add_timeout(p)
+    p.set_defaults(func=tests_main)
 
     p = sub.add_parser("log", help="a job's test log")
     p.add_argument("id", metavar="JOB_ID_OR_COMMIT", help="a job id, or a commit id or prefix")
@@ -299,6 +330,75 @@ def results_main(args: argparse.Namespace) -> int:
     if more:
         print(more)
     return exits.OK
+
+
+def tests_main(args: argparse.Namespace) -> int:
+    if args.flaky and args.test:
+        raise QueryFailed("--flaky and --test do not go together")
+    params = {"repo": args.repo, "branch": args.branch, "test": args.test, "flaky": args.flaky, "limit": args.limit}
+    data = _ask(args, "tests", {k: v for k, v in params.items() if v is not None})
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return exits.OK
+    lines = _flaky_lines(data) if args.flaky else _history_lines(data) if args.test else _failing_lines(data)
+    shown = len(data.get("flaky", data.get("runs", data.get("failing", []))))
+    if data.get("total", 0) > shown:
+        lines.append(f"showing {shown} of {data['total']}; --limit N shows more")
+    print("\n".join(lines))
+    return exits.OK
+
+
+def _clean(text: str | None, limit: int = 200) -> str:
+    # Node ids come from the tested commit's suite: no escape sequences for the terminal.
+    return one_line(text or "", limit)
+
+
+def _commit(ref: dict[str, Any]) -> str:
+    return f"{ref['commit'][:12]} ({_clean(ref['subject'], 72) or 'no subject'})"
+
+
+def _streak(item: dict[str, Any]) -> str:
+    since, before = item["failing_since"], item["passed_before"]
+    if since is None:
+        return "not failing"
+    line = f"failing since {_commit(since)}"
+    return line + (f"; passed before on {_commit(before)}" if before else "; failed in every run kept")
+
+
+def _where(data: dict[str, Any]) -> str:
+    return f"on {_clean(data['branch'])} of {_clean(data['repo'])}" if data["branch"] else f"in {_clean(data['repo'])}"
+
+
+def _history_lines(data: dict[str, Any]) -> list[str]:
+    if not data["runs"]:
+        return [f"no runs of {_clean(data['test'], 1000)} {_where(data)}"]
+    lines = [f"{_clean(data['test'], 1000)} {_where(data)}", _streak(data), f"duration: {trend_line(data['trend'])}"]
+    for r in data["runs"]:
+        lines.append(
+            f"{r['commit'][:12]}  {r['outcome']:<8} {r['duration_s']:>8.2f}s  {_clean(r['subject'], 60):<60}  job {r['job_id']}"
+        )
+    return lines
+
+
+def _failing_lines(data: dict[str, Any]) -> list[str]:
+    job = data["job"]
+    if job is None:
+        return [f"no finished job {_where(data)}"]
+    head = f"latest finished job {_where(data)}: {_commit(job)} {job['status']}, job {job['job_id']}"
+    if not data["failing"]:
+        return [head, "no failing tests"]
+    lines = [head, f"{data['total']} failing:"]
+    for item in data["failing"]:
+        lines.append(f"  {_clean(item['test'], 1000)}")
+        lines.append(f"      {_streak(item)}")
+    return lines
+
+
+def _flaky_lines(data: dict[str, Any]) -> list[str]:
+    lines = [f"flaky tests in the last {data['jobs']} finished jobs {_where(data)}:"]
+    if not data["flaky"]:
+        return [*lines, "  none"]
+    return lines + [f"  {f['flaky_runs']:>4}  {_clean(f['test'], 1000)}" for f in data["flaky"]]
 
 
 def log_main(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""Answers to `volt status`, `volt results` and `volt log`, asked over request/reply.
+"""Answers to `volt status`, `volt results`, `volt tests` and `volt log`, asked over request/reply.
 
 Runners and queue depths come from the dispatcher's snapshot (dispatcher/snapshot.py),
 never from the broker: a question costs the dispatcher's loop no round trip.
@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from common import naming
 from common.messages import MAX_MESSAGE_BYTES, Request, RunnerCommand
+from dispatcher import history
 from dispatcher.registry import TAKES_JOBS, RunnerInfo, has_labels
-from dispatcher.store import JobRow, Store
+from dispatcher.store import MAX_NODE_ID, JobRow, Store
 
 if TYPE_CHECKING:
     from dispatcher.service import Dispatcher
@@ -196,8 +197,72 @@ def _results_and_total(store: Store, params: dict[str, Any], total: bool) -> tup
 
 
 _NO_TESTS: dict[str, list[str]] = {"failing_tests": [], "flaky": []}
-# A job id (16 hex digits), a shard's (with .N), or a commit id or prefix.
-_JOB_KEY = re.compile(r"[0-9a-fA-F]{4,64}|[0-9a-f]{16}\.[0-9]{1,3}")
+# A job's id: 16 hex digits, and a shard's .N after its run's.
+JOB_ID = r"[0-9a-f]{16}(?:\.[0-9]{1,3})?"
+# A job id, or a commit id or prefix.
+_JOB_KEY = re.compile(rf"[0-9a-fA-F]{{4,64}}|{JOB_ID}")
+# The runs of a repository `volt tests --flaky` looks at.
+FLAKY_JOBS = 100
+TESTS_MAX = 1000
+
+
+def tests(store: Store, params: dict[str, Any]) -> dict[str, Any]:
+    """`volt tests`: one test's history on a branch (`test`), the tests that fail
+    on the branch's latest finished job, or (`flaky`) the tests flaky lately."""
+    repo, branch, test = params.get("repo"), params.get("branch"), params.get("test")
+    limit = params.get("limit", 50)
+    if not isinstance(repo, str) or not repo:
+        raise QueryError("tests needs a repo")
+    if branch is not None and not isinstance(branch, str):
+        raise QueryError("branch must be a string")
+    if test is not None and (not isinstance(test, str) or not 0 < len(test) <= MAX_NODE_ID):
+        raise QueryError(f"test must be a node id of 1 to {MAX_NODE_ID} characters")
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= TESTS_MAX:
+        raise QueryError(f"limit must be a whole number from 1 to {TESTS_MAX}")
+    if params.get("flaky"):
+        looked, flaky = store.flaky_tests(repo, branch, FLAKY_JOBS)
+        return {
+            "repo": repo,
+            "branch": branch,
+            "jobs": looked,
+            "flaky": [{"test": node, "flaky_runs": count} for node, count in flaky[:limit]],
+            "total": len(flaky),
+        }
+    latest = store.find(repo=repo, branch=branch, limit=1, done_only=True)
+    if branch is None:  # the branch of the repository's latest finished job
+        branch = latest[0].branch if latest else None
+    answer: dict[str, Any] = {"repo": repo, "branch": branch}
+    if test is not None:
+        runs = store.test_runs(repo, branch, [test])[test] if branch else []
+        return {
+            **answer,
+            "test": test,
+            "runs": [_test_run(r) for r in runs[:limit]],
+            "total": len(runs),
+            **history.streak_dict(history.failing_streak(runs)),
+            "trend": history.trend(runs),
+        }
+    job = latest[0] if latest else None
+    failing = [t.node_id for t in store.tests(job.job_id) if t.outcome in history.FAILING] if job else []
+    found = store.test_runs(job.repo, job.branch, failing[:limit]) if job else {}
+    return {
+        **answer,
+        "job": job_dict(job) if job else None,
+        "failing": [{"test": node, **history.streak_dict(history.failing_streak(found[node]))} for node in found],
+        "total": len(failing),
+    }
+
+
+def _test_run(run: history.TestRun) -> dict[str, Any]:
+    return {
+        "job_id": run.job_id,
+        "commit": run.commit_sha,
+        "subject": run.subject,
+        "author": run.author,
+        "outcome": run.outcome,
+        "duration_s": run.duration_s,
+        "finished_at": iso(run.finished_at),
+    }
 
 
 def job_log(store: Store, key: str, max_bytes: int | None = None) -> dict[str, Any]:
@@ -264,6 +329,10 @@ def _results(d: Dispatcher, params: dict[str, Any]) -> list[dict[str, Any]] | di
     return results(d.store, params)
 
 
+def _tests(d: Dispatcher, params: dict[str, Any]) -> dict[str, Any]:
+    return tests(d.store, params)
+
+
 def _log(d: Dispatcher, params: dict[str, Any]) -> dict[str, Any]:
     return job_log(d.store, str(params.get("id", "")))
 
@@ -282,6 +351,7 @@ def _ping(d: Dispatcher, params: dict[str, Any]) -> dict[str, Any]:
 _HANDLERS = {
     "status": _status,
     "results": _results,
+    "tests": _tests,
     "log": _log,
     "ping": _ping,
 }

@@ -51,6 +51,8 @@ MAX_TESTS = 100_000
 MAX_NODE_ID = 1000
 # Characters of a commit's subject and author kept.
 MAX_SUBJECT = 200
+# A test's history reaches back this many finished jobs of its branch.
+HISTORY_JOBS = 1000
 # The most a stored full log may inflate to when read back; above that only
 # head and tail are shown.
 LOG_FULL_MAX_BYTES = 64 * 1024 * 1024
@@ -378,7 +380,12 @@ class _Conn:
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         if rows:  # one round trip for them all (psycopg pipelines them)
-            self.raw.executemany(self.dialect.sql(sql), [self.dialect.params(r) for r in rows])
+            # A cursor's: psycopg's connection has execute() but no executemany().
+            cur = self.raw.cursor()
+            try:
+                cur.executemany(self.dialect.sql(sql), [self.dialect.params(r) for r in rows])
+            finally:
+                cur.close()
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -508,6 +515,20 @@ class TestRow:
     outcome: str
     duration_s: float
     runs: int
+
+
+@dataclass(frozen=True)
+class TestRun:
+    """One test in one finished job (a run's, never a shard's), for its history."""
+
+    node_id: str
+    outcome: str
+    duration_s: float
+    job_id: str
+    commit_sha: str
+    subject: str
+    author: str
+    finished_at: float | None
 
 
 @dataclass(frozen=True)
@@ -1139,6 +1160,50 @@ class Store:
                 detail=detail,
             )
         return accepted
+
+    # -- test history (dispatcher/history.py) --------------------------------
+    #
+    # What tests did across a branch's commits. Only a job's own rows count:
+    # a split run keeps its tests under its own id, and its shards' rows
+    # (parent set) are the run's business, never results.
+
+    @_store_op
+    def test_runs(
+        self, repo: str, branch: str, node_ids: Sequence[str], jobs: int = HISTORY_JOBS
+    ) -> dict[str, list[TestRun]]:
+        """Each of `node_ids` in the branch's last `jobs` finished jobs that ran it, newest first."""
+        out: dict[str, list[TestRun]] = {node: [] for node in node_ids}
+        order = self.dialect.order
+        for i in range(0, len(node_ids), 500):
+            part = list(node_ids[i : i + 500])
+            rows = self._x(
+                "SELECT t.node_id, t.outcome, t.duration_s, j.job_id, j.commit_sha, j.subject, j.author,"
+                " j.finished_at FROM test_results t JOIN jobs j ON j.job_id = t.job_id"
+                " WHERE j.job_id IN (SELECT job_id FROM jobs WHERE repo = ? AND branch = ? AND parent IS NULL"
+                f" AND state = 'done' ORDER BY seen_at DESC, {order} DESC LIMIT ?)"
+                f" AND t.node_id IN ({','.join('?' * len(part))}) ORDER BY j.seen_at DESC, j.{order} DESC",
+                (repo, branch, jobs, *part),
+            ).fetchall()
+            for r in rows:
+                out[r[0]].append(TestRun(r[0], r[1], float(r[2]), r[3], r[4], r[5], r[6], r[7]))
+        return out
+
+    @_store_op
+    def flaky_tests(self, repo: str, branch: str | None, jobs: int) -> tuple[int, list[tuple[str, int]]]:
+        """How many finished jobs the last `jobs` of `repo` (on `branch`, if given)
+        are, and each test that was flaky in any of them with how many, most first."""
+        where, args = "repo = ? AND parent IS NULL AND state = 'done'", [repo]
+        if branch is not None:
+            where += " AND branch = ?"
+            args.append(branch)
+        recent = f"SELECT job_id FROM jobs WHERE {where} ORDER BY seen_at DESC, {self.dialect.order} DESC LIMIT ?"
+        looked = self._x(f"SELECT COUNT(*) FROM ({recent}) recent", (*args, jobs)).fetchone()[0]
+        rows = self._x(
+            "SELECT node_id, COUNT(*) FROM test_results WHERE outcome = 'flaky'"
+            f" AND job_id IN ({recent}) GROUP BY node_id ORDER BY COUNT(*) DESC, node_id",
+            (*args, jobs),
+        ).fetchall()
+        return int(looked), [(r[0], int(r[1])) for r in rows]
 
     # -- split runs (dispatcher/runs.py) ------------------------------------
     #

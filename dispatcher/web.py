@@ -8,7 +8,9 @@ connection: each request opens its own read-only connection to the store
 come from the snapshot the main thread swaps in (dispatcher/snapshot.py).
 
     /                      recent jobs per repository and branch, live runners, queues
-    /jobs/<job_id>         a job: status, counts, reason, history, head and tail of its log
+    /jobs/<job_id>         a job: status, counts, reason, failing and flaky tests, shards, history, its log
+    /tests?repo=&branch=   a branch's failing tests (since when) and, with &test=, one test's history;
+                           &flaky=1: the tests flaky in its last 100 jobs
     /jobs/<job_id>/log.txt the whole log, streamed (or head, a marker and tail when it was not kept)
     /api/status            the `volt status` answer
     /api/results           the `volt results` answer (?repo= &branch= &commit= &limit= &done_only=0)
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import html
 import json
 import logging
 import re
@@ -39,9 +40,24 @@ from string import Template
 from typing import TYPE_CHECKING, Any
 
 from common.settings import SettingsError
-from dispatcher import queries
+from dispatcher import history, queries
+from dispatcher.chart import chart
 from dispatcher.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from dispatcher.metrics import Live, Metrics
+from dispatcher.render import (
+    TESTS_SHOWN,
+    badge,
+    counts,
+    duration,
+    e,
+    job_link,
+    job_tests,
+    shards,
+    subject,
+    tests_href,
+    tests_page,
+    when,
+)
 from dispatcher.snapshot import Snapshot
 from dispatcher.store import LOG_FULL_MAX_BYTES, Store, StoreError, is_url
 
@@ -56,9 +72,11 @@ log = logging.getLogger(__name__)
 MAX_REQUESTS = 16
 LOG_CHUNK = 256 * 1024  # bytes of a log inflated and sent at a time
 RECENT_JOBS = 200  # jobs the results page reads, newest first
+JOBS_CHARTED = 50  # finished jobs in a branch's chart
 PER_BRANCH = 20  # of those, shown per repository and branch
 REFRESH_MS = 2000
-JOB_PATH = re.compile(r"(/jobs/|/api/jobs/)([0-9a-f]{16})(/log\.txt)?")
+JOB_PATH = re.compile(rf"(/jobs/|/api/jobs/)({queries.JOB_ID})(/log\.txt)?")
+CHARTS = 20  # branches of the results page that get a chart, the most recently active first
 
 # Refreshes the part of the page marked #live in place, by fetching the same
 # page's fragment (one renderer for both), while it says data-refresh="1".
@@ -107,6 +125,12 @@ pre { background: #fff; border: 1px solid #ddd; padding: .7em; overflow-x: auto;
 .marker { color: #9a6700; font-style: italic; margin: .5em 0; }
 dl { display: grid; grid-template-columns: max-content auto; gap: .2em 1em; }
 dt { font-weight: 600; } dd { margin: 0; }
+.subject { color: #333; } .author { color: #777; font-size: .85em; }
+table.jobs td:last-child, #runs td:last-child { white-space: nowrap; }
+h3 .tests-link { font-weight: normal; font-size: .85em; margin-left: .6em; }
+svg.chart { display: block; background: #fff; border: 1px solid #e4e4e4; margin: .2em 0 .6em; font-family: system-ui, sans-serif; }
+#failing-tests code, #flaky-tests code, #flaky code, #test-name { word-break: break-all; }
+.since { color: #cf222e; } .before { color: #1a7f37; }
 """
 
 
@@ -136,11 +160,6 @@ $body
 </body>
 </html>
 """)
-
-
-def e(value: object) -> str:
-    """Escaped for HTML text and attribute values; None shows as a dash."""
-    return "-" if value is None else html.escape(str(value), quote=True)
 
 
 @dataclass(frozen=True)
@@ -216,6 +235,8 @@ class Web:
                 return self.api_status()
             if path == "/api/results":
                 return self.api_results(query)
+            if path == "/tests":
+                return self.tests(query)
             found = JOB_PATH.fullmatch(path)
             if found:
                 prefix, job_id, suffix = found.groups()
@@ -312,9 +333,17 @@ class Web:
         with self.reader() as store:
             status = queries.status(store, self.ns, snap.runners, snap.now(self.wall()), snap.depth)
             jobs = queries.results(store, {"limit": RECENT_JOBS, "done_only": False})
+            branches = list(dict.fromkeys((j["repo"], j["branch"]) for j in jobs))[:CHARTS]
+            charts = {
+                (repo, branch): chart(
+                    store.find(repo=repo, branch=branch, limit=JOBS_CHARTED, done_only=True),
+                    f"duration and queue wait of the last jobs on {branch}",
+                )
+                for repo, branch in branches
+            }
         live = (
-            f'<div id="live" data-refresh="1">{_summary(status)}{_runners(status)}{_waiting(status)}{_jobs(jobs)}'
-            f"{_queues(status)}</div>"
+            f'<div id="live" data-refresh="1">{_summary(status)}{_runners(status)}{_waiting(status)}'
+            f"{_jobs(jobs, charts)}{_queues(status)}</div>"
         )
         if fragment:
             return Response(200, "text/html; charset=utf-8", live.encode())
@@ -327,50 +356,49 @@ class Web:
                 return _text(404, f"no job {job_id}")
             job = queries.job_dict(row, store.events(job_id))
             stored = store.log(job_id) or {}
-        live = _job(job, stored)
+            tests = "" if row.parent else self._job_tests(store, job)
+            parts = shards([queries.job_dict(s) for s in store.shards(job_id)]) if row.is_run else ""
+        if row.parent:
+            parts = f'<p id="run-link">a shard of the split run {job_link(row.parent, row.commit_sha)}</p>'
+        live = _job(job, stored, tests + parts)
         if fragment:
             return Response(200, "text/html; charset=utf-8", live.encode())
         title = f"{job['status'] or job['state']} {job['commit'][:12]} {job['branch']}"
         body = f'<p><a href="/">&larr; all results</a></p>\n<h1>Job <span class=sha>{e(job_id)}</span></h1>\n{live}'
         return _html(title, body)
 
+    @staticmethod
+    def _job_tests(store: Store, job: dict[str, Any]) -> str:
+        """The job's failing tests, each with since when it fails as of this job, and its flaky ones."""
+        kept = store.tests(job["job_id"])
+        failing = [t.node_id for t in kept if t.outcome in history.FAILING]
+        flaky = [t.node_id for t in kept if t.outcome == "flaky"]
+        found = store.test_runs(job["repo"], job["branch"], failing[:TESTS_SHOWN])
+        items = [
+            {"test": node, **history.streak_dict(history.failing_streak(history.from_job(runs, job["job_id"])))}
+            for node, runs in found.items()
+        ]
+        return job_tests(job, items, flaky, len(failing))
+
+    def tests(self, query: dict[str, list[str]]) -> Response:
+        params: dict[str, Any] = {k: query[k][0] for k in ("repo", "branch", "test") if k in query}
+        params["flaky"] = query.get("flaky", [""])[0] == "1"
+        try:
+            with self.reader() as store:
+                data = queries.tests(store, params)
+        except queries.QueryError as exc:
+            return _text(400, str(exc))
+        title = f"{data.get('test') or 'tests'} {data['branch'] or ''}".strip()
+        return _html(title, tests_page(data))
+
 
 # -- rendering: every value goes through e() -----------------------------------
 
 
-def _badge(value: str | None, kind: str = "s", title: str = "") -> str:
-    word = value or "-"
-    css = word if re.fullmatch(r"[a-z]+", word) else "other"
-    tip = f' title="{e(title)}"' if title else ""
-    return f'<span class="badge {kind}-{css}"{tip}>{e(word)}</span>'
-
-
-def _when(stamp: str | None) -> str:
-    """An ISO time from queries.iso as 'YYYY-MM-DD HH:MM:SS', in UTC."""
-    if not stamp:
-        return "-"
-    return f'<span title="{e(stamp)}">{e(stamp[:19].replace("T", " "))}</span>'
-
-
-def _duration(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds:.1f} s"
-
-
-def _counts(job: dict[str, Any]) -> str:
-    parts = [f"{job[k]} {k}" for k in ("passed", "failed", "errors", "skipped") if job[k]]
-    return e(", ".join(parts)) if parts else '<span class="muted">-</span>'
-
-
-def _job_link(job_id: str | None, commit: str | None) -> str:
-    if not job_id:
-        return '<span class="muted">-</span>'
-    return f'<a class="sha" href="/jobs/{e(job_id)}">{e((commit or job_id)[:12])}</a>'
-
-
 def _summary(status: dict[str, Any]) -> str:
-    results = " ".join(f"{_badge(k)} {e(v)}" for k, v in sorted(status["results"].items())) or "none yet"
+    results = " ".join(f"{badge(k)} {e(v)}" for k, v in sorted(status["results"].items())) or "none yet"
     jobs = ", ".join(f"{e(k)} {e(v)}" for k, v in sorted(status["jobs"].items())) or "none"
-    return f'<p>Results: {results}</p>\n<p>Jobs: {jobs} <span class="muted">(as of {_when(status["time"])} UTC)</span></p>\n'
+    return f'<p>Results: {results}</p>\n<p>Jobs: {jobs} <span class="muted">(as of {when(status["time"])} UTC)</span></p>\n'
 
 
 def _runners(status: dict[str, Any]) -> str:
@@ -384,8 +412,8 @@ def _runners(status: dict[str, Any]) -> str:
         age = r["seconds_since_heartbeat"]
         stale = ' class="stale"' if age > 2 * r["heartbeat_interval_s"] else ""
         out.append(
-            f"<tr><td>{e(r['runner_id'])}</td><td>{e(r['host'])}</td><td>{_badge(r['state'], 'r')}</td>"
-            f"<td>{_job_link(r['job_id'], r['commit'])}</td><td>{e(', '.join(r['labels']) or '-')}</td>"
+            f"<tr><td>{e(r['runner_id'])}</td><td>{e(r['host'])}</td><td>{badge(r['state'], 'r')}</td>"
+            f"<td>{job_link(r['job_id'], r['commit'])}</td><td>{e(', '.join(r['labels']) or '-')}</td>"
             f'<td class="num"><span{stale}>{age:.1f} s ago</span></td></tr>'
         )
     out.append("</table>\n")
@@ -402,14 +430,14 @@ def _waiting(status: dict[str, Any]) -> str:
     ]
     for job in status["waiting"]:
         out.append(
-            f'<tr data-commit="{e(job["commit"])}"><td>{_job_link(job["job_id"], job["commit"])}</td>'
+            f'<tr data-commit="{e(job["commit"])}"><td>{job_link(job["job_id"], job["commit"])}</td>'
             f"<td>{e(job['branch'])}</td><td>{e(job['repo'])}</td><td>{e(job['why'])}</td></tr>"
         )
     out.append("</table>\n")
     return "\n".join(out)
 
 
-def _jobs(jobs: list[dict[str, Any]]) -> str:
+def _jobs(jobs: list[dict[str, Any]], charts: dict[tuple[str, str], str]) -> str:
     out = ["<h2>Recent jobs</h2>"]
     if not jobs:
         return (
@@ -420,19 +448,22 @@ def _jobs(jobs: list[dict[str, Any]]) -> str:
     for job in jobs:  # newest first, so the most recently active branch comes first
         groups.setdefault((job["repo"], job["branch"]), []).append(job)
     for (repo, branch), rows in groups.items():
-        out.append(f'<h3>{e(repo)} <span class="muted">on</span> {e(branch)}</h3>')
+        tests = f' <a class="tests-link" href="{tests_href(repo, branch)}">tests</a>'
+        out.append(f'<h3>{e(repo)} <span class="muted">on</span> {e(branch)}{tests}</h3>')
+        out.append(charts.get((repo, branch), ""))
         out.append(
-            '<table class="jobs"><tr><th>status</th><th>commit</th><th>tests</th><th>duration</th>'
+            '<table class="jobs"><tr><th>status</th><th>commit</th><th>change</th><th>tests</th><th>duration</th>'
             "<th>attempts</th><th>runner</th><th>finished</th></tr>"
         )
         for job in rows[:PER_BRANCH]:
             word = job["status"] or job["state"]
             reason = f'<div class="reason">{e(job["reason"][:300])}</div>' if job["reason"] and word != "passed" else ""
             out.append(
-                f'<tr data-commit="{e(job["commit"])}" data-status="{e(word)}"><td>{_badge(word, title=job["reason"])}</td>'
-                f"<td>{_job_link(job['job_id'], job['commit'])}</td><td>{_counts(job)}{reason}</td>"
-                f'<td class="num">{_duration(job["duration_s"])}</td><td class="num">{e(job["attempts"])}</td>'
-                f"<td>{e(job['runner'])}</td><td>{_when(job['finished_at'])}</td></tr>"
+                f'<tr data-commit="{e(job["commit"])}" data-status="{e(word)}"><td>{badge(word, title=job["reason"])}</td>'
+                f"<td>{job_link(job['job_id'], job['commit'])}</td><td>{subject(job['subject'], job['author'])}</td>"
+                f"<td>{counts(job)}{reason}</td>"
+                f'<td class="num">{duration(job["duration_s"])}</td><td class="num">{e(job["attempts"])}</td>'
+                f"<td>{e(job['runner'])}</td><td>{when(job['finished_at'])}</td></tr>"
             )
         out.append("</table>")
         if len(rows) > PER_BRANCH:
@@ -455,34 +486,37 @@ def _queues(status: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _job(job: dict[str, Any], stored: dict[str, Any]) -> str:
+def _job(job: dict[str, Any], stored: dict[str, Any], extra: str = "") -> str:
     word = job["status"] or job["state"]
     facts = [
-        ("status", _badge(word)),
+        ("status", badge(word)),
         ("state", e(job["state"])),
         ("repository", e(job["repo"])),
         ("branch", e(job["branch"])),
         ("commit", f'<span class="sha">{e(job["commit"])}</span>'),
-        ("tests", _counts(job)),
-        ("duration", _duration(job["duration_s"])),
+        ("subject", e(job["subject"] or None)),
+        ("author", e(job["author"] or None)),
+        ("tests", counts(job)),
+        ("duration", duration(job["duration_s"])),
         ("exit code", e(job["exit_code"])),
         ("attempts", e(job["attempts"])),
         ("runner", e(job["runner"])),
         ("reason", e(job["reason"] or None)),
-        ("seen", _when(job["seen_at"])),
-        ("queued", _when(job["queued_at"])),
-        ("started", _when(job["started_at"])),
-        ("finished", _when(job["finished_at"])),
+        ("seen", when(job["seen_at"])),
+        ("queued", when(job["queued_at"])),
+        ("started", when(job["started_at"])),
+        ("finished", when(job["finished_at"])),
     ]
     out = [f'<div id="live" data-refresh="{0 if job["state"] == "done" else 1}">']
     out.append("<dl>" + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts) + "</dl>")
+    out.append(extra)
     out.append(
         '<h2>History</h2>\n<table id="history"><tr><th>at</th><th>attempt</th><th>event</th><th>runner</th><th>status</th><th>reason</th></tr>'
     )
     for ev in job.get("history", []):
         out.append(
-            f'<tr><td>{_when(ev["at"])}</td><td class="num">{e(ev["attempt"])}</td><td>{e(ev["kind"])}</td>'
-            f"<td>{e(ev['runner'])}</td><td>{_badge(ev['status']) if ev['status'] else '-'}</td><td>{e(ev['reason'] or None)}</td></tr>"
+            f'<tr><td>{when(ev["at"])}</td><td class="num">{e(ev["attempt"])}</td><td>{e(ev["kind"])}</td>'
+            f"<td>{e(ev['runner'])}</td><td>{badge(ev['status']) if ev['status'] else '-'}</td><td>{e(ev['reason'] or None)}</td></tr>"
         )
     out.append("</table>")
     out.append(_log(job["job_id"], stored))

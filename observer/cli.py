@@ -189,7 +189,7 @@ def notify_main(args: argparse.Namespace) -> int:
     from common.messages import check_commit, check_labels
     from common.naming import is_local, normalize_repo
     from common.voltfile import Asks
-    from observer.publish import AsksRead, publish_commit
+    from observer.publish import AboutRead, AsksRead, publish_commit
 
     try:
         repo = normalize_repo(args.repo)
@@ -217,22 +217,25 @@ def notify_main(args: argparse.Namespace) -> int:
         labels = set(check_labels(args.label))
     except ValueError as exc:
         raise SettingsError(f"--label: {exc}") from None
+    # Both read by git while the broker connects: a hook pays for neither.
     reading = AsksRead(repo, commit) if is_local(repo) else None
+    reading_about = AboutRead(repo, commit) if is_local(repo) else None
     broker = Broker(BrokerSettings.from_args(args), "volt-notify")
     # A refused connection fails at once, anything else within the timeout:
     # a hook never holds up a commit for long, and the next poll finds it.
     connect_within(broker, timeout)
     asks = reading.result() if reading is not None else Asks()
+    about = reading_about.result() if reading_about is not None else ("", "")
     try:
         try:
-            publish_commit(broker, repo, branch, commit, source="notify", labels=labels, asks=asks)
+            publish_commit(broker, repo, branch, commit, source="notify", labels=labels, asks=asks, about=about)
         except (BrokerUnavailable, Unroutable):
             # Declaring costs round trips a hook should not pay every time:
             # only when the topology is not there yet.
             broker.close()
             connect_within(broker, timeout)
             broker.declare_commit_path()
-            publish_commit(broker, repo, branch, commit, source="notify", labels=labels, asks=asks)
+            publish_commit(broker, repo, branch, commit, source="notify", labels=labels, asks=asks, about=about)
     finally:
         broker.close()
     print(f"published {commit[:12]} on {branch} of {repo}")

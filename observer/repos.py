@@ -26,6 +26,7 @@ from common.gitutil import one_line
 from common.messages import check_branch
 from common.naming import is_local
 from common.voltfile import CONFIG_FILE, MAX_CONFIG_BYTES, Asks, ConfigError, needed_asks
+from observer.publish import MAX_COMMIT_BYTES, commit_about
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,18 @@ class WatchedRepo:
                 one_line(exc),
             )
         return Asks()
+
+    def about_at(self, commit: str) -> tuple[str, str]:
+        """The commit's (subject, author), read as its labels are, through the
+        cat-file GitPython keeps running; empty when it cannot be read."""
+        try:
+            _, kind, size = self.repo.git.get_object_header(commit)
+            if kind != b"commit" or size > MAX_COMMIT_BYTES:
+                return "", ""
+            return commit_about(self.repo.git.get_object_data(commit)[3])
+        except Exception as exc:  # noqa: BLE001 - a commit is published whatever its text holds
+            log.warning("repo=%s commit=%s published without its subject: %s", self.url, commit[:12], one_line(exc))
+            return "", ""
 
     def _config_text(self, commit: str) -> str | None:
         # git's own cat-file reads the blob (GitPython keeps one running), and

@@ -382,8 +382,8 @@ class Observer:
         for commit in commits:
             if self.stopping:
                 return count  # the cursor has what was published; the rest waits for the next start
-            asks = watch.repo.asks_at(commit)
-            publish_commit(self.broker, url, branch, commit, source=source, asks=asks)
+            asks, about = watch.repo.asks_at(commit), watch.repo.about_at(commit)
+            publish_commit(self.broker, url, branch, commit, source=source, asks=asks, about=about)
             self.cursor.record(url, branch, commit)
             count += 1
             log.info("repo=%s branch=%s commit=%s published", url, branch, commit[:12])

@@ -12,10 +12,10 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -24,6 +24,9 @@ from common.broker import Broker
 from common.settings import BrokerSettings
 from dispatcher.client import QueryFailed, ask
 from dispatcher.registry import RunnerInfo
+
+if TYPE_CHECKING:
+    from dispatcher.store import JobRow, Store
 
 # PostgreSQL for the store's tests and the cluster test: a server that lets this
 # user create databases (the machine's own on 127.0.0.1:5432 by default).
@@ -71,6 +74,60 @@ def runner_info(
         last_seen=last_seen,
         deadline=100.0,
     )
+
+
+def finished_job(
+    store: Store,
+    repo: str,
+    branch: str,
+    commit: str,
+    at: float,
+    status: str = "passed",
+    tests: Sequence[tuple[str, str, float]] = (),
+    subject: str = "",
+    author: str = "",
+    split: int = 1,
+    duration_s: float = 7.0,
+    wait_s: float = 2.0,
+) -> JobRow:
+    """A job seen at `at` and taken to its result as the dispatcher records one:
+    its (node id, outcome, seconds) reported by its runner, or with split > 1 a
+    split run whose one shard reported them chunk by chunk under the run's id."""
+    from common.messages import CommitSeen, JobResult
+
+    seen = CommitSeen(repo=repo, branch=branch, commit=commit, seen_at=at, subject=subject, author=author, split=split)
+    row = store.add_job(seen)
+    job = row.job_id
+    if split > 1:
+        (first, *_) = store.make_run(job, at + 1)
+        job = first.job_id
+    store.mark_queued(job, 1, at + 1)
+    lease = store.assign(job, 1, "r1", at + 1 + wait_s)
+    assert lease and store.start(job, lease, "r1", "s", started_at=at + 1 + wait_s, now=at + 1 + wait_s)
+    counts = {k: sum(1 for t in tests if t[1] == k) for k in ("passed", "failed")}
+    if split > 1:
+        store.run_started(row.job_id, at + 1 + wait_s)
+        store.add_chunks(row.job_id, [([t[0] for t in tests], 1.0)])
+        assert store.take_chunk(row.job_id, 0, lease, 1)
+        store.record_chunk(row.job_id, [(node, outcome, secs, 0) for node, outcome, secs in tests], "r1")
+        done = JobResult(job_id=job, attempt=1, runner_id="r1", status="passed", lease=lease)
+        assert store.finish(done, at + 9 + wait_s)
+        assert store.finish_run(row.job_id, status, (counts["passed"], counts["failed"], 0, 0), "", "", at + 10 + wait_s)
+    else:
+        done = JobResult(
+            job_id=job,
+            attempt=1,
+            runner_id="r1",
+            status=status,
+            lease=lease,
+            tests=[list(t) for t in tests],
+            duration_s=duration_s,
+            **counts,
+        )
+        assert store.finish(done, at + 10 + wait_s)
+    got = store.get(row.job_id)
+    assert got is not None
+    return got
 
 
 class GitRepo:

@@ -1,4 +1,4 @@
-"""The answers to `volt status`, `results` and `log`: what they say, and what they cost."""
+"""The answers to `volt status`, `results`, `tests` and `log`: what they say, and what they cost."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from support import runner_info
+from support import finished_job, runner_info
 
 from common import naming
 from common.broker import Delivery
@@ -188,6 +188,94 @@ def test_results_say_how_many_there_are_beyond_the_limit(store: Store) -> None:
 def test_results_refuse_bad_params(store: Store, params: dict[str, Any]) -> None:
     with pytest.raises(queries.QueryError):
         queries.results_with_total(store, params)
+
+
+# -- volt tests ---------------------------------------------------------------
+
+NODE = "tests/test_app.py::test_parse"
+
+
+def branch_history(store: Store) -> list[JobRow]:
+    """main: NODE passes twice, then fails three times (once in a split run); t::ok passes;
+    t::flaky is flaky twice. dev: one later job where NODE passes."""
+    plan = [("passed", "passed"), ("passed", "passed"), ("failed", "flaky"), ("error", "passed"), ("failed", "flaky")]
+    rows = []
+    for i, (outcome, other) in enumerate(plan):
+        tests = [(NODE, outcome, 1.0 + i), ("t::ok", "passed", 0.1), ("t::flaky", other, 0.2)]
+        status = "passed" if outcome == "passed" else "failed"
+        subject = f"change {i}"
+        rows.append(
+            finished_job(store, REPO, "main", f"{i + 1:040x}", 10.0 * (i + 1), status, tests, subject, split=1 + i % 2)
+        )
+    finished_job(store, REPO, "dev", "d" * 40, 100.0, tests=[(NODE, "passed", 9.0)])
+    return rows
+
+
+def test_a_tests_history_says_since_when_it_fails_and_when_it_passed_before(store: Store) -> None:
+    rows = branch_history(store)
+    got = queries.tests(store, {"repo": REPO, "branch": "main", "test": NODE})
+    assert [(r["commit"], r["outcome"], r["subject"]) for r in got["runs"]] == [
+        (rows[i].commit_sha, outcome, f"change {i}")
+        for i, outcome in ((4, "failed"), (3, "error"), (2, "failed"), (1, "passed"), (0, "passed"))
+    ]
+    assert got["runs"][0]["job_id"] == rows[4].job_id and got["runs"][0]["duration_s"] == 5.0
+    assert got["failing_since"]["commit"] == rows[2].commit_sha and got["failing_since"]["subject"] == "change 2"
+    assert got["passed_before"]["commit"] == rows[1].commit_sha and got["failing_runs"] == 3
+    assert got["trend"]["recent_median_s"] == 3.0 and got["total"] == 5
+    limited = queries.tests(store, {"repo": REPO, "branch": "main", "test": NODE, "limit": 2})
+    assert len(limited["runs"]) == 2 and limited["total"] == 5 and limited["failing_since"] == got["failing_since"]
+    # Without a branch: the branch of the repository's latest finished job.
+    other = queries.tests(store, {"repo": REPO, "test": NODE})
+    assert other["branch"] == "dev" and other["failing_since"] is None and len(other["runs"]) == 1
+
+
+def test_the_tests_failing_now_each_with_its_failing_since(store: Store) -> None:
+    rows = branch_history(store)
+    got = queries.tests(store, {"repo": REPO, "branch": "main"})
+    assert got["job"]["job_id"] == rows[4].job_id and got["total"] == 1
+    (failing,) = got["failing"]
+    assert failing["test"] == NODE and failing["failing_since"]["job_id"] == rows[2].job_id
+    assert failing["passed_before"]["job_id"] == rows[1].job_id
+    assert queries.tests(store, {"repo": REPO, "branch": "dev"})["failing"] == []
+    assert queries.tests(store, {"repo": "/srv/git/none"}) == {
+        "repo": "/srv/git/none",
+        "branch": None,
+        "job": None,
+        "failing": [],
+        "total": 0,
+    }
+
+
+def test_flaky_tests_with_how_often_they_flaked(store: Store) -> None:
+    branch_history(store)
+    got = queries.tests(store, {"repo": REPO, "flaky": True})
+    assert got["flaky"] == [{"test": "t::flaky", "flaky_runs": 2}] and got["jobs"] == 6
+    assert queries.tests(store, {"repo": REPO, "branch": "dev", "flaky": True})["flaky"] == []
+
+
+def test_tests_are_asked_through_the_handler_table(store: Store) -> None:
+    branch_history(store)
+    d = SimpleNamespace(store=store)
+    got = queries.answer(d, Request(method="tests", params={"repo": REPO, "flaky": True}))  # type: ignore[arg-type]
+    assert got["flaky"][0]["test"] == "t::flaky"
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {},
+        {"repo": 5},
+        {"repo": REPO, "branch": 1},
+        {"repo": REPO, "test": ""},
+        {"repo": REPO, "test": "x" * 1001},
+        {"repo": REPO, "limit": 0},
+        {"repo": REPO, "limit": 1001},
+        {"repo": REPO, "limit": False},
+    ],
+)
+def test_tests_refuse_bad_params(store: Store, params: dict[str, Any]) -> None:
+    with pytest.raises(queries.QueryError):
+        queries.tests(store, params)
 
 
 # -- log replies: bounded in bytes ---------------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import pg_database
+from support import finished_job, pg_database
 
 from common.messages import CommitSeen, Job, JobResult
 from dispatcher import store as store_module
@@ -668,3 +668,57 @@ def test_a_failed_change_in_a_batch_undoes_only_itself(store: Store, monkeypatch
     store.commit_batch()
     assert current(store, kept).state == "queued"
     assert store.assign(kept.job_id, 1, "r1", now=3.0)
+
+
+def test_a_results_tests_are_kept_on_both_databases(store: Store) -> None:
+    row = running(store)
+    tests = [["t::a", "passed", 0.5], ["t::b", "failed", 1.5], ["t::c", "bogus", 1.0]]
+    assert store.finish(result(row, status="failed", tests=tests), now=104.0)
+    assert [(t.node_id, t.outcome, t.duration_s) for t in store.tests(row.job_id)] == [
+        ("t::a", "passed", 0.5),
+        ("t::b", "failed", 1.5),
+    ]
+
+
+# -- test history ---------------------------------------------------------------
+
+NODE = "tests/test_app.py::test_parse"
+
+
+def sha(i: int) -> str:
+    return f"{i:040x}"
+
+
+def test_a_tests_runs_are_read_from_the_runs_newest_first_never_from_shards(store: Store) -> None:
+    finished_job(store, REPO, "main", sha(1), 100.0, tests=[(NODE, "passed", 1.0)], subject="one")
+    run = finished_job(store, REPO, "main", sha(2), 200.0, "failed", [(NODE, "failed", 2.0)], subject="two", split=2)
+    finished_job(store, REPO, "main", sha(3), 300.0, "failed", [(NODE, "error", 3.0)], subject="three")
+    finished_job(store, REPO, "dev", sha(4), 400.0, tests=[(NODE, "passed", 4.0)])  # another branch
+    finished_job(store, "/srv/git/other", "main", sha(5), 500.0, tests=[(NODE, "passed", 5.0)])
+    # A shard's own rows are not results: a stray one (a shard's result that carried tests) is not read.
+    shard = store.shards(run.job_id)[0]  # the one that ran; the other ended, not needed
+    assert shard.status == "passed" and shard.parent == run.job_id
+    with store._tx() as db:
+        store._record_tests(db, shard.job_id, [[NODE, "passed", 9.0]], chunk=-1, runner="r1")
+
+    runs = store.test_runs(REPO, "main", [NODE, "tests/test_app.py::never_ran"])
+    assert [(r.commit_sha, r.outcome, r.duration_s, r.subject) for r in runs[NODE]] == [
+        (sha(3), "error", 3.0, "three"),
+        (sha(2), "failed", 2.0, "two"),
+        (sha(1), "passed", 1.0, "one"),
+    ]
+    assert runs[NODE][1].job_id == run.job_id
+    assert runs["tests/test_app.py::never_ran"] == []
+    assert [r.commit_sha for r in store.test_runs(REPO, "main", [NODE], jobs=2)[NODE]] == [sha(3), sha(2)]
+
+
+def test_flaky_tests_are_counted_over_the_last_jobs_most_often_first(store: Store) -> None:
+    for i in range(6):
+        tests = [(NODE, "flaky" if i % 2 else "passed", 1.0), ("t::b", "flaky" if i < 3 else "passed", 1.0)]
+        finished_job(store, REPO, "main" if i < 5 else "dev", sha(i), 100.0 + i, tests=tests, split=2 if i == 4 else 1)
+    finished_job(store, "/srv/git/other", "main", sha(9), 900.0, tests=[(NODE, "flaky", 1.0)])
+    running(store, sha(10))  # not finished: not one of the jobs looked at
+    assert store.flaky_tests(REPO, None, 100) == (6, [("t::b", 3), (NODE, 3)])
+    assert store.flaky_tests(REPO, "main", 100) == (5, [("t::b", 3), (NODE, 2)])
+    # The last 3 of the repository: 5 (dev), 4 and 3.
+    assert store.flaky_tests(REPO, None, 3) == (3, [(NODE, 2)])

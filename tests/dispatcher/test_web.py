@@ -17,10 +17,10 @@ from types import MappingProxyType, SimpleNamespace
 from typing import Any
 
 import pytest
-from support import runner_info
+from support import finished_job, runner_info
 
 from common.messages import CommitSeen, JobResult
-from dispatcher import web
+from dispatcher import chart, web
 from dispatcher.metrics import Metrics
 from dispatcher.registry import RunnerInfo
 from dispatcher.snapshot import Snapshot
@@ -445,3 +445,149 @@ def test_requests_past_the_limit_are_told_503_at_once(db: tuple[Path, Store, dic
             time.sleep(0.05)
     server.shutdown()
     server.server_close()
+
+
+# -- tests, shards and charts -------------------------------------------------------
+
+HOSTILE_NODE = 'tests/test_x.py::test_y["><script>alert(2)</script>]'
+HOSTILE_SUBJECT = '<img src=x onerror=alert(3)> & "more"'
+NODE = "tests/test_cart.py::test_total"
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Iterator[tuple[web.Web, list[JobRow]]]:
+    """main: NODE passes in jobs 0-2 and fails from job 3 on; HOSTILE_NODE fails in the
+    last job, whose subject and author are hostile too; t::flaky flakes in the last.
+    Jobs 2 and 5 are split runs of two shards."""
+    path = tmp_path / "dispatcher.db"
+    store = Store(path, durable=False)
+    rows = []
+    for i in range(6):
+        last = i == 5
+        tests = [(NODE, "failed" if i >= 3 else "passed", 0.5 + i), ("t::flaky", "flaky" if last else "passed", 0.1)]
+        tests += [(HOSTILE_NODE, "failed", 0.1)] if last else []
+        status = "failed" if i >= 3 else "passed"
+        rows.append(
+            finished_job(
+                store,
+                REPO,
+                "main",
+                f"{i + 1:040x}",
+                NOW + 100 * i,
+                status,
+                tests,
+                HOSTILE_SUBJECT if last else f"change {i}",
+                "<b>Mallory</b>" if last else "Ada",
+                split=2 if i in (2, 5) else 1,
+                duration_s=10.0 + i,
+                wait_s=1.0 + i,
+            )
+        )
+    store.close()
+    snap = Snapshot(runners=(), queues=MappingProxyType({}), queues_at=0.0, clock_at=50.0, wall_at=NOW)
+    yield web.Web(path, "ns", Metrics(), lambda: snap, wall=lambda: NOW), rows
+
+
+def test_the_jobs_list_shows_subjects_and_authors_escaped(runs: tuple[web.Web, list[JobRow]]) -> None:
+    site, rows = runs
+    page = text(site.get("/"))
+    assert "change 1" in page and "Ada" in page
+    assert "<img src=x" not in page and "&lt;img src=x onerror=alert(3)&gt; &amp; &quot;more&quot;" in page
+    assert "<b>Mallory</b>" not in page and "&lt;b&gt;Mallory&lt;/b&gt;" in page
+    assert 'href="/tests?repo=%2Fsrv%2Fgit%2Fapp&amp;branch=main"' in page
+
+
+def test_each_branch_has_a_chart_of_duration_and_queue_wait_with_failed_jobs_in_red(
+    runs: tuple[web.Web, list[JobRow]],
+) -> None:
+    site, rows = runs
+    page = text(site.get("/"))
+    svg = page[page.index('<svg class="chart"') : page.index("</svg>")]
+    assert svg.count('<circle class="failed"') == 3 and svg.count('<circle class="job"') == 3
+    assert svg.count('<circle class="wait"') == 6
+    assert ">0 s</text>" in svg and ">10 s</text>" in svg and ">20 s</text>" in svg  # durations 10 to 15 s
+    assert "last 6 finished jobs, oldest to newest" in svg and ">queue wait</text>" in svg
+    for row in rows:
+        assert f'<a href="/jobs/{row.job_id}">' in svg
+    assert "<img" not in svg and "&lt;img src=x" in svg  # a point's title names the subject, escaped
+    # Oldest on the left: the first point is the first job's.
+    first = svg.index(f'<a href="/jobs/{rows[0].job_id}">')
+    assert all(first < svg.index(f'<a href="/jobs/{r.job_id}">') for r in rows[1:])
+
+
+def test_a_chart_reads_at_a_glance(db: tuple[Path, Store, dict[str, JobRow]]) -> None:
+    assert [chart.nice_top(s) for s in (0, 7, 45, 55, 100, 3599, 4000)] == [1.0, 10, 50, 60, 120, 3600, 7200]
+    assert [chart.seconds_label(s) for s in (0, 2.5, 60, 90, 7200)] == ["0 s", "2.5 s", "1 min", "1.5 min", "2 h"]
+    _, store, jobs = db
+    assert chart.chart([jobs["passed"]], "one") == ""  # one point says nothing
+
+
+def test_a_job_page_names_its_failing_tests_since_when_and_its_flaky_ones(runs: tuple[web.Web, list[JobRow]]) -> None:
+    site, rows = runs
+    page = text(site.get(f"/jobs/{rows[5].job_id}"))
+    failing = page[page.index('<table id="failing-tests">') : page.index("</table>", page.index("failing-tests"))]
+    assert "Failing tests (2)" in page
+    link = 'href="/tests?repo=%2Fsrv%2Fgit%2Fapp&amp;branch=main&amp;test=tests%2Ftest_cart.py%3A%3Atest_total"'
+    assert link in failing
+    assert f'failing since <a class="sha" href="/jobs/{rows[3].job_id}">{rows[3].commit_sha[:12]}</a>' in failing
+    assert f'passed before on <a class="sha" href="/jobs/{rows[2].job_id}">' in failing
+    assert '(<span class="subject">change 3</span>)' in failing
+    # The hostile node id: escaped in the text and in its link, which stays one attribute.
+    assert "<script>alert(2)" not in page and "&lt;script&gt;alert(2)&lt;/script&gt;" in failing
+    assert "test=tests%2Ftest_x.py%3A%3Atest_y%5B%22%3E%3Cscript%3Ealert%282%29%3C%2Fscript%3E%5D" in failing
+    flaky = page[page.index('<ul id="flaky-tests">') :]
+    assert "t::flaky" in flaky[: flaky.index("</ul>")]
+    # As of an older job: the streak counts only the runs up to it.
+    older = text(site.get(f"/jobs/{rows[4].job_id}"))
+    assert f'failing since <a class="sha" href="/jobs/{rows[3].job_id}">' in older and "Failing tests (1)" in older
+    assert "Failing tests" not in text(site.get(f"/jobs/{rows[1].job_id}"))
+
+
+def test_a_split_runs_page_lists_its_shards_with_their_logs(runs: tuple[web.Web, list[JobRow]]) -> None:
+    site, rows = runs
+    run = rows[5]
+    page = text(site.get(f"/jobs/{run.job_id}"))
+    shards = page[page.index('<table id="shards">') :]
+    shards = shards[: shards.index("</table>")]
+    for k in (1, 2):
+        assert f'href="/jobs/{run.job_id}.{k}/log.txt"' in shards and f'href="/jobs/{run.job_id}.{k}"' in shards
+    assert "<td>r1</td>" in shards and "s-passed" in shards and "s-cancelled" in shards
+    # A shard's id has a dot: its page, its log and its JSON are found.
+    shard = text(site.get(f"/jobs/{run.job_id}.1"))
+    assert f'a shard of the split run <a class="sha" href="/jobs/{run.job_id}">' in shard
+    assert "Failing tests" not in shard  # a run's tests are the run's
+    assert site.get(f"/jobs/{run.job_id}.1/log.txt").status == 200
+    assert json.loads(site.get(f"/api/jobs/{run.job_id}.1").body)["job"]["run"] == run.job_id
+    assert site.get(f"/jobs/{run.job_id}.x").status == 404 and site.get(f"/jobs/{run.job_id}.1234").status == 404
+    assert '<table id="shards">' not in text(site.get(f"/jobs/{rows[4].job_id}"))
+
+
+def test_a_tests_history_page_says_since_when_it_fails(runs: tuple[web.Web, list[JobRow]]) -> None:
+    site, rows = runs
+    resp = site.get("/tests?repo=%2Fsrv%2Fgit%2Fapp&branch=main&test=tests%2Ftest_cart.py%3A%3Atest_total")
+    assert resp.status == 200 and "script-src 'sha256-" in resp.headers["Content-Security-Policy"]
+    page = text(resp)
+    streak = page[page.index('<p id="streak">') :]
+    streak = streak[: streak.index("</p>")]
+    assert f'failing since <a class="sha" href="/jobs/{rows[3].job_id}">{rows[3].commit_sha[:12]}</a>' in streak
+    assert f'passed before on <a class="sha" href="/jobs/{rows[2].job_id}">{rows[2].commit_sha[:12]}</a>' in streak
+    assert "duration: median 3.00 s over the last 6 runs" in page
+    table = page[page.index('<table id="runs">') :]
+    assert [table.index(f'data-commit="{r.commit_sha}"') for r in reversed(rows)] == sorted(
+        table.index(f'data-commit="{r.commit_sha}"') for r in rows
+    )  # newest first
+    assert "5.50 s" in table and "s-failed" in table and "s-passed" in table
+
+
+def test_the_tests_page_of_a_branch_and_its_flaky_tests(runs: tuple[web.Web, list[JobRow]]) -> None:
+    site, rows = runs
+    page = text(site.get("/tests?repo=%2Fsrv%2Fgit%2Fapp&branch=main"))
+    assert "Failing tests (2)" in page and f"/jobs/{rows[5].job_id}" in page
+    assert "&lt;script&gt;alert(2)" in page and "<script>alert(2)" not in page
+    assert 'href="/tests?repo=%2Fsrv%2Fgit%2Fapp&amp;branch=main&amp;flaky=1"' in page
+    flaky = text(site.get("/tests?repo=%2Fsrv%2Fgit%2Fapp&flaky=1"))
+    table = flaky[flaky.index('<table id="flaky">') :]
+    assert "t::flaky" in table and ">1 run</td>" in table and "last 6 finished jobs" in flaky
+    hostile = text(site.get("/tests?repo=%3Cscript%3E&test=%3Cb%3E"))
+    assert "<script>" not in hostile.replace("<script>" + web.SCRIPT, "") and "&lt;b&gt;" in hostile
+    assert site.get("/tests").status == 400 and site.get("/tests?repo=r&test=" + "x" * 1001).status == 400

@@ -16,7 +16,7 @@ import time
 import zlib
 from pathlib import Path
 
-from support import GitRepo, Volt, free_port, rabbit_node
+from support import GitRepo, Volt, finished_job, free_port, rabbit_node
 
 from common import naming
 from common.broker import Broker, shared_queue_arguments
@@ -162,6 +162,52 @@ def test_results_say_when_they_show_fewer_than_there_are(volt: Volt) -> None:
     assert listed.stderr == "volt results: showing 10 of 60; --limit N shows more\n"
     bad, _ = run(volt, "results", "--limit", "0")
     assert bad.returncode == 2 and "must be from 1 to 10000" in bad.stderr
+
+
+def test_volt_tests_tells_since_when_a_test_fails_and_which_tests_flake(volt: Volt) -> None:
+    hostile = "tests/test_a.py::test_x[\x1b[2J\x1b]0;pwned\x07]"
+    store = Store(volt.tmp / "dispatcher.db")
+    plan = [("passed", "passed"), ("passed", "flaky"), ("failed", "flaky"), ("failed", "passed")]
+    shas = [f"{i + 1:040x}" for i in range(len(plan))]
+    for i, (outcome, other) in enumerate(plan):
+        tests = [(hostile, outcome, 1.0 + i), ("t::flaky", other, 0.5)]
+        finished_job(store, REPO, "main", shas[i], 1000.0 + i, outcome, tests, f"change {i}\x1b[31m", "Ada", split=2)
+    store.close()
+    volt.dispatcher()
+    volt.wait_for("the dispatcher", lambda: volt.ask("ping"))
+
+    done, _ = run(volt, "tests", "--repo", REPO, "--branch", "main")
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert "\x1b" not in done.stdout and "\x07" not in done.stdout  # nothing for the terminal to act on
+    lines = done.stdout.splitlines()
+    assert (
+        lines[0]
+        == f"latest finished job on main of {REPO}: {shas[3][:12]} (change 3 [31m) failed, job "
+        + (lines[0].rsplit(" ", 1)[-1])
+    )
+    assert lines[1:] == [
+        "1 failing:",
+        "  tests/test_a.py::test_x[ [2J ]0;pwned ]",
+        f"      failing since {shas[2][:12]} (change 2 [31m); passed before on {shas[1][:12]} (change 1 [31m)",
+    ]
+
+    done, _ = run(volt, "tests", "--repo", REPO, "--test", hostile, "--limit", "3")
+    lines = done.stdout.splitlines()
+    assert lines[1].startswith(f"failing since {shas[2][:12]}")
+    assert lines[2] == "duration: median 2.50 s over the last 4 runs"  # fewer than 10: no "before" yet
+    assert [line.split()[:2] for line in lines[3:6]] == [
+        [shas[3][:12], "failed"],
+        [shas[2][:12], "failed"],
+        [shas[1][:12], "passed"],
+    ]
+    assert lines[6] == "showing 3 of 4; --limit N shows more"
+
+    done, _ = run(volt, "tests", "--repo", REPO, "--flaky", "--json")
+    assert json.loads(done.stdout)["flaky"] == [{"test": "t::flaky", "flaky_runs": 2}]
+    done, _ = run(volt, "tests", "--repo", REPO, "--flaky")
+    assert done.stdout.splitlines() == [f"flaky tests in the last 4 finished jobs in {REPO}:", "     2  t::flaky"]
+    bad, _ = run(volt, "tests", "--repo", REPO, "--flaky", "--test", "t::x")
+    assert bad.returncode != 0 and bad.stderr.strip() == "volt tests: --flaky and --test do not go together"
 
 
 def test_a_log_of_wide_characters_comes_back_cut_to_fit(volt: Volt) -> None:

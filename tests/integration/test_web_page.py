@@ -109,6 +109,7 @@ def test_results_page_in_a_browser_and_metrics(volt, repo, browser) -> None:
     WebDriverWait(browser, 30).until(ec.presence_of_element_located((By.CSS_SELECTOR, row)))
     line = settled(lambda: browser.find_element(By.CSS_SELECTOR, row).text)
     assert sha[:12] in line and "passed" in line and "web-1" in line and "1 passed" in line
+    assert "a commit for the page" in line and "Volt Test" in line  # its subject and author, read by volt notify
     runners = settled(lambda: browser.find_element(By.ID, "runners").text)
     assert "web-1" in runners and "idle" in runners
     ARTIFACTS.mkdir(exist_ok=True)
@@ -151,6 +152,85 @@ def test_results_page_in_a_browser_and_metrics(volt, repo, browser) -> None:
     assert "volt_dead_lettered_total 0.0" in metrics
     volt.broker.publish(naming.commits_exchange(volt.ns), "", b"\xff not json")
     volt.wait_for("the dead letter to be counted", lambda: "volt_dead_lettered_total 1.0" in fetch(f"{base}/metrics"))
+
+
+HOSTILE_SUBJECT = '<img src=x onerror="document.title=1"> Round <b>totals</b> half even'
+TOTAL = "tests/test_cart.py::test_total"
+SOMETIMES = "tests/test_cart.py::test_sometimes"
+
+
+def cart_suite(counter: Path, total_ok: bool) -> dict[str, str]:
+    """A split suite (2 shards, failures run once more): test_total passes or fails,
+    test_sometimes fails every other run (flaky), and a test whose id is markup fails
+    when test_total does."""
+    suite = (
+        "import os\n\nimport pytest\n\n\n"
+        f"def test_total():\n    assert {total_ok}\n\n\n"
+        "def test_sometimes():\n"
+        f"    n = len(open({str(counter)!r}).read()) if os.path.exists({str(counter)!r}) else 0\n"
+        f"    open({str(counter)!r}, 'a').write('x')\n"
+        "    assert n % 2 == 1\n\n\n"
+        "@pytest.mark.parametrize('v', [1], ids=['<script>document.title=2</script>'])\n"
+        f"def test_markup(v):\n    assert {total_ok}\n"
+    )
+    return {"tests/test_cart.py": suite, ".volt.toml": "[test]\nsplit = 2\nrerun_failures = 1\n"}
+
+
+def test_a_split_run_with_a_failing_and_a_flaky_test_in_a_browser(volt, repo, browser, tmp_path) -> None:
+    from selenium.webdriver.common.by import By
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    volt.dispatcher("--http-port", str(port))
+    volt.runner("cart-1", "--allow-repo", str(repo.path))
+    volt.runner("cart-2", "--allow-repo", str(repo.path))
+    volt.wait_for("2 runners", lambda: len(volt.ask("status")["runners"]) == 2)
+    shas = []
+    for ok, subject in ((True, "Add the cart total"), (False, HOSTILE_SUBJECT)):
+        sha = repo.commit(cart_suite(tmp_path / f"count-{ok}", ok), subject)
+        notify = volt.run("notify", "--repo", str(repo.path), "--branch", "main", "--commit", sha)
+        assert notify.returncode == 0, notify.stderr
+        volt.wait_results(1, commit=sha, timeout=180)
+        shas.append(sha)
+    first, (second,) = volt.results(commit=shas[0])[0], volt.results(commit=shas[1])
+    assert first["status"] == "passed" and first["flaky"] == [SOMETIMES]
+    assert second["status"] == "failed" and TOTAL in second["failing_tests"] and second["flaky"] == [SOMETIMES]
+    # volt notify read the subject and author from git.
+    assert (second["subject"], second["author"]) == (HOSTILE_SUBJECT, "Volt Test")
+
+    browser.get(f"{base}/")
+    row = f'tr[data-commit="{shas[1]}"]'
+    line = browser.find_element(By.CSS_SELECTOR, row).text
+    assert HOSTILE_SUBJECT in line and "Volt Test" in line  # shown as text, not markup
+    assert browser.title.startswith("Volt CI") and not browser.find_elements(By.TAG_NAME, "img")
+    svg = browser.find_element(By.CSS_SELECTOR, "svg.chart")
+    assert len(svg.find_elements(By.CSS_SELECTOR, "circle.failed")) == 1
+    assert len(svg.find_elements(By.CSS_SELECTOR, "circle.job")) == 1
+    assert "last 2 finished jobs" in svg.text and "queue wait" in svg.text
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "results-page-split.png"))
+
+    browser.find_element(By.CSS_SELECTOR, f"{row} a.sha").click()
+    failing = browser.find_element(By.ID, "failing-tests")
+    assert "<script>document.title=2</script>" in failing.text  # the markup id, as text
+    assert browser.title.startswith("failed") and len(browser.find_elements(By.TAG_NAME, "script")) == 1
+    assert f"failing since {shas[1][:12]}" in failing.text and f"passed before on {shas[0][:12]}" in failing.text
+    assert SOMETIMES in browser.find_element(By.ID, "flaky-tests").text
+    shards = browser.find_element(By.ID, "shards")
+    assert {"cart-1", "cart-2"} & set(shards.text.split())
+    logs = [a.get_attribute("href") for a in shards.find_elements(By.CSS_SELECTOR, "a.shard-log")]
+    assert logs == [f"{base}/jobs/{second['job_id']}.{k}/log.txt" for k in (1, 2)]
+    assert any("passed" in fetch(link) or "failed" in fetch(link) for link in logs)
+    browser.save_screenshot(str(ARTIFACTS / "job-page-split.png"))
+
+    # The failing test's history: since which commit it fails, when it passed before.
+    failing.find_element(By.LINK_TEXT, TOTAL).click()
+    assert browser.current_url.startswith(f"{base}/tests?") and browser.find_element(By.ID, "test-name").text == TOTAL
+    streak = browser.find_element(By.ID, "streak").text
+    assert streak.startswith(f"failing since {shas[1][:12]}") and f"passed before on {shas[0][:12]}" in streak
+    runs = browser.find_element(By.ID, "runs").text
+    assert runs.index(shas[1][:12]) < runs.index(shas[0][:12])  # newest first
+    browser.save_screenshot(str(ARTIFACTS / "test-history.png"))
 
 
 def test_metrics_count_a_job_taken_back_from_a_lost_runner(volt, repo, tmp_path) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from support import GitHttpServer, GitRepo, many_commits
 
+from observer.publish import MAX_COMMIT_BYTES, AboutRead
 from observer.repos import BranchMissing, RepoError, WatchedRepo
 
 # `repo` (tests/conftest.py) is a GitRepo at tmp_path/repo on branch main.
@@ -217,6 +218,43 @@ def test_a_commit_without_a_config_file_needs_no_labels(repo: GitRepo, history: 
     assert WatchedRepo(str(repo.path), state).labels_at(history[-1]) == []
     sha = repo.commit({".volt.toml/inner": "a folder, not a file"})
     assert WatchedRepo(str(repo.path), state).labels_at(sha) == []
+
+
+# -- subject and author -------------------------------------------------------
+
+HOSTILE = "<img src=x onerror=alert(1)>\x1b[31mred\x07 \u202eevil\u202c\n\nand a body line\n"
+
+
+@pytest.mark.parametrize("reader", ["poll", "notify"])
+def test_a_commits_subject_and_author_are_its_first_line_cleaned_and_bounded(
+    repo: GitRepo, state: Path, reader: str
+) -> None:
+    def about(sha: str) -> tuple[str, str]:
+        if reader == "poll":
+            return WatchedRepo(str(repo.path), state).about_at(sha)
+        return AboutRead(str(repo.path), sha).result()
+
+    sha = repo.commit({"f.txt": "1"}, "Fix the parser\n\nLonger text the page never shows.")
+    assert about(sha) == ("Fix the parser", "Volt Test")
+    sha = repo.commit({"f.txt": "2"}, HOSTILE)
+    assert about(sha) == ("<img src=x onerror=alert(1)> [31mred evil", "Volt Test")
+    repo.git("-c", "user.name=" + "N" * 300, "commit", "-q", "--allow-empty", "-m", "x" * 500)
+    subject, author = about(repo.git("rev-parse", "HEAD"))
+    assert subject == "x" * 200 and author == "N" * 200
+
+
+@pytest.mark.parametrize("reader", ["poll", "notify"])
+def test_a_commit_too_big_to_read_or_missing_has_no_subject(repo: GitRepo, state: Path, reader: str) -> None:
+    message = state.parent / "message.txt"
+    message.write_text("y" * (MAX_COMMIT_BYTES + 10))
+    repo.git("commit", "-q", "--allow-empty", "-F", str(message))
+    sha = repo.git("rev-parse", "HEAD")
+    missing = "f" * 40
+    for commit in (sha, missing):
+        if reader == "poll":
+            assert WatchedRepo(str(repo.path), state).about_at(commit) == ("", "")
+        else:
+            assert AboutRead(str(repo.path), commit).result() == ("", "")
 
 
 # -- bad names ----------------------------------------------------------------

@@ -113,6 +113,14 @@ def test_a_broken_config_is_published_without_labels_and_the_poll_goes_on(
     assert run.poll() == []
 
 
+def test_a_polled_commit_is_published_with_its_subject_and_author(run: Run, repo: GitRepo) -> None:
+    run.poll()
+    sha = repo.commit({"f.txt": "1"}, "Speed up the walk\x1b]0;title\x07\n\nwhy it is faster")
+    assert run.poll() == [sha]
+    seen = run.broker.published[-1]
+    assert (seen.subject, seen.author) == ("Speed up the walk ]0;title", "Volt Test")
+
+
 def test_a_surprise_in_one_branch_does_not_stop_the_others(
     repo: GitRepo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

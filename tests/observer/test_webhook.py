@@ -494,6 +494,15 @@ def test_a_push_publishes_every_new_commit_oldest_first_and_a_poll_then_nothing(
     assert loop.observer.poll_once() == 0 and loop.observer.handle_pushes() == 0
 
 
+def test_a_pushed_commit_is_published_with_its_subject_and_author_as_git_has_them(loop: Loop, repo: GitRepo) -> None:
+    # From git, not the payload: the payload lists 20 commits at most, and git is what the runner checks out.
+    sha = repo.commit({"f.txt": "new"}, "Teach the parser <b>tags</b>\n\nbody")
+    assert loop.tell(f"file://{repo.path}").status == 202
+    assert loop.observer.handle_pushes() == 1
+    (seen,) = [m for m in loop.broker.published if m.commit == sha]
+    assert (seen.subject, seen.author) == ("Teach the parser <b>tags</b>", "Volt Test")
+
+
 def test_a_push_of_more_than_a_payload_lists_and_a_merge_publish_all_in_gits_order(loop: Loop, repo: GitRepo) -> None:
     many = many_commits(repo, 25)  # a forge lists 20 at most
     repo.git("checkout", "-q", "-b", "side", many[9])
