@@ -16,7 +16,9 @@ from common import logs
 
 @pytest.fixture(autouse=True)
 def clean_context() -> Iterator[None]:
+    # From nothing: a test elsewhere that ran `volt` in this process named it.
     saved = dict(logs._CONTEXT)
+    logs._CONTEXT.clear()
     yield
     logs._CONTEXT.clear()
     logs._CONTEXT.update(saved)
