@@ -116,7 +116,7 @@ def _results(raw: Sequence[Any]) -> list[tuple[str, str, float]]:
         if not isinstance(r, list) or len(r) != 3 or not isinstance(r[0], str) or r[1] not in TEST_OUTCOMES:
             continue
         seconds = r[2] if isinstance(r[2], (int, float)) and not isinstance(r[2], bool) and 0 <= r[2] < 1e7 else 0.0
-        out.append((r[0][:MAX_NODE_ID], r[1], float(seconds)))
+        out.append((r[0], r[1], float(seconds)))
     return out
 
 
@@ -149,7 +149,8 @@ class Runs:
             return  # an old copy of an ask answered since: the shard has moved on
         if msg.collected is not None and not self._collected(run, shard, msg.collected):
             self.d._make_durable()
-            self._reply(msg, stop="the run ended: its shards collected different tests")
+            ended = store.get(run.job_id)
+            self._reply(msg, stop=f"the run ended: {ended.reason if ended else 'its collection was refused'}")
             return
         held = [c for c in store.chunks(run.job_id) if c.lease == msg.lease]
         if msg.results:
@@ -163,6 +164,9 @@ class Runs:
             tests = list(again[0].tests) if again else []
         elif msg.more:
             tests = self._take(run, shard, msg)
+            if not tests:
+                # Nothing for it now: it is not counted on to take a rerun any more.
+                store.shard_quit(run.job_id, shard.job_id)
         else:
             store.shard_quit(run.job_id, shard.job_id)
             tests = []
@@ -176,7 +180,12 @@ class Runs:
         """Check a shard's collection against the run's (the first one makes the
         work queue); False if it differs and the run ended."""
         store = self.d.store
-        nodes = sorted({n[:MAX_NODE_ID] for n in raw[:MAX_TESTS] if isinstance(n, str) and n})
+        nodes = sorted({n for n in raw[:MAX_TESTS] if isinstance(n, str) and n})
+        long = [n for n in nodes if len(n) > MAX_NODE_ID]
+        if long:
+            # Handed out whole, kept whole: one cut short would never be found again.
+            self._end(run, "error", f"a test's node id is longer than {MAX_NODE_ID} characters: {long[0][:80]!r}...")
+            return False
         info = store.run_info(run.job_id)
         found = digest(nodes)
         if info is None or info.digest is None:
@@ -206,6 +215,16 @@ class Runs:
             f"runner {info.collected_by} {info.collected} ({which})",
         )
         return False
+
+    def wants_shards(self, job_id: str) -> bool:
+        """Whether a shard given a runner now could still help: the run is under
+        way and collecting, or has chunks waiting."""
+        store = self.d.store
+        run = store.get(job_id)
+        if run is None or run.state != "split":
+            return False
+        info = store.run_info(job_id)
+        return info is None or info.digest is None or bool(store.chunks(job_id, "pending"))
 
     def _take(self, run: JobRow, shard: JobRow, msg: ChunkRequest) -> list[str]:
         """The next chunk for this shard: the first waiting one, but a rerun not on

@@ -533,7 +533,7 @@ class Dispatcher:
             parked = self.store.in_state("parked")
             self._parked_maybe = bool(parked)
             for row in parked:
-                if free:
+                if free and self._wanted(row.as_job()):
                     pick(row.as_job())
         while free and self._backlog_maybe:
             d = self.broker.get(naming.backlog_queue(self.ns))
@@ -555,7 +555,7 @@ class Dispatcher:
                     job.commit[:12],
                     extra=ids(job=job.job_id, commit=job.commit),
                 )
-            if stored.state == "queued" and stored.attempt == job.attempt and not pick(job):
+            if stored.state == "queued" and stored.attempt == job.attempt and self._wanted(job) and not pick(job):
                 self._park(job)
             # Held until the round is durable: the store now has the job assigned or
             # parked (or knows better than this copy, left by a crash or a re-queue).
@@ -566,6 +566,14 @@ class Dispatcher:
             self._make_durable()  # no runner gets a job the store could forget
             for job, runner in picked:
                 self._send(job, runner)
+
+    def _wanted(self, job: Job) -> bool:
+        """Whether a waiting job still needs a runner: a split run's shard does
+        not once the run's work queue is empty (it ends, cancelled, here)."""
+        if not job.run or self.runs.wants_shards(job.run):
+            return True
+        self.store.end_shard(job.job_id, "not needed: no tests were left for it", self.wall())
+        return False
 
     def _lease_window(self, runner: RunnerInfo) -> float:
         """How long a job stays with `runner` after the last heartbeat that echoed its lease."""

@@ -48,7 +48,7 @@ from common.settings import redact_url
 ACTIVE = ("assigned", "running")
 # Tests kept per job, and characters of a node id.
 MAX_TESTS = 100_000
-MAX_NODE_ID = 1000
+MAX_NODE_ID = 4000
 # Characters of a commit's subject and author kept.
 MAX_SUBJECT = 200
 # A test's history reaches back this many finished jobs of its branch.
@@ -152,6 +152,7 @@ CREATE TABLE IF NOT EXISTS meta (
         4,
         """
 CREATE INDEX IF NOT EXISTS jobs_parent ON jobs(parent);
+CREATE INDEX IF NOT EXISTS jobs_branch ON jobs(repo, branch, seen_at);
 CREATE TABLE IF NOT EXISTS test_results (
     job_id     TEXT NOT NULL,
     node_id    TEXT NOT NULL,
@@ -169,6 +170,12 @@ CREATE TABLE IF NOT EXISTS runs (
     collected    {int} NOT NULL DEFAULT 0,
     collected_by TEXT,
     quit         TEXT NOT NULL DEFAULT '[]'
+);
+CREATE TABLE IF NOT EXISTS chunk_results (
+    job_id  TEXT NOT NULL,
+    chunk   {int} NOT NULL,
+    node_id TEXT NOT NULL,
+    PRIMARY KEY (job_id, chunk, node_id)
 );
 CREATE TABLE IF NOT EXISTS chunk_asks (
     lease TEXT PRIMARY KEY,
@@ -1346,15 +1353,23 @@ class Store:
         self, job_id: str, results: Sequence[tuple[str, str, float, int]], runner: str
     ) -> list[tuple[str, int]]:
         """Keep each (node id, outcome, seconds, chunk) once per chunk: the first
-        report from a chunk counts, a chunk run again after its runner was lost
-        adds nothing, and a rerun updates its test (failed, then passed: flaky).
-        Marks the chunks now complete done; returns the (node id, runs) that failed."""
+        report of a test from a chunk counts (`chunk_results` remembers which),
+        one from a chunk run again after its runner was lost adds nothing, and a
+        rerun chunk's updates its test (failed, then passed: flaky). Marks the
+        chunks now complete done; returns the (node id, runs) that failed."""
         failing = []
         with self._tx() as db:
             touched = set()
             for node, outcome, seconds, chunk in results:
+                first = db.execute(
+                    "INSERT INTO chunk_results (job_id, chunk, node_id) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                    (job_id, chunk, node),
+                )
+                if first.rowcount != 1:
+                    continue  # this chunk's report of it counted already
+                touched.add(chunk)
                 old = db.execute(
-                    "SELECT outcome, runs, chunk FROM test_results WHERE job_id = ? AND node_id = ?", (job_id, node)
+                    "SELECT outcome, runs FROM test_results WHERE job_id = ? AND node_id = ?", (job_id, node)
                 ).fetchone()
                 if old is None:
                     db.execute(
@@ -1363,9 +1378,7 @@ class Store:
                         (job_id, node, outcome, seconds, chunk, runner),
                     )
                     runs = 1
-                elif int(old[2]) == chunk:
-                    continue
-                else:
+                else:  # a rerun: every test is in one chunk of the plan, and in reruns
                     runs = int(old[1]) + 1
                     if outcome == "passed" and old[0] in ("failed", "error", "flaky"):
                         outcome = "flaky"
@@ -1374,7 +1387,6 @@ class Store:
                         " WHERE job_id = ? AND node_id = ?",
                         (outcome, seconds, runs, chunk, runner, job_id, node),
                     )
-                touched.add(chunk)
                 if outcome in ("failed", "error"):
                     failing.append((node, runs))
             for chunk in touched:
@@ -1384,7 +1396,7 @@ class Store:
                 if row is None:
                     continue
                 done = db.execute(
-                    "SELECT COUNT(*) FROM test_results WHERE job_id = ? AND chunk = ?", (job_id, chunk)
+                    "SELECT COUNT(*) FROM chunk_results WHERE job_id = ? AND chunk = ?", (job_id, chunk)
                 ).fetchone()[0]
                 if int(done) >= len(json.loads(row[0])):
                     db.execute("UPDATE chunks SET state = 'done' WHERE job_id = ? AND chunk = ?", (job_id, chunk))

@@ -652,6 +652,8 @@ class Runner:
                         link.close()
                 if link is not None:
                     outcome.tests = []  # the dispatcher has them, chunk by chunk
+                    if link.failure and outcome.status in ("passed", "failed"):
+                        outcome.status, outcome.reason = "error", f"split run: {link.failure}"
                     build_log.feed(f"volt: shard of run {job.run}: {link.chunks} chunk(s)\n".encode())
                 return outcome
         except environments.EnvError as exc:

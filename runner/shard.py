@@ -68,6 +68,9 @@ class ShardLink:
         self.seq = 0
         self.asked = 0
         self.chunks = 0
+        # Why the shard was told to stop (by the dispatcher, or here for what
+        # its plugin sent): the shard's result is then an error saying so.
+        self.failure = ""
         self._closed = False
         self.thread = threading.Thread(target=self._serve, name=f"shard-{job.job_id}", daemon=True)
         self.thread.start()
@@ -96,6 +99,8 @@ class ShardLink:
                 if not line or len(line) > MAX_LINE:
                     return
                 answer = self._answer(line)
+                if answer.get("stop") and not self.failure:
+                    self.failure = str(answer["stop"])
                 try:
                     f.write(json.dumps(answer).encode() + b"\n")
                     f.flush()

@@ -19,7 +19,7 @@ from common.settings import BrokerSettings
 from dispatcher import queries
 from dispatcher.registry import RunnerInfo
 from dispatcher.service import Dispatcher, DispatcherSettings
-from dispatcher.store import JobRow, Store
+from dispatcher.store import MAX_NODE_ID, JobRow, Store
 
 REPO = "/srv/git/app"
 
@@ -267,7 +267,7 @@ def test_tests_are_asked_through_the_handler_table(store: Store) -> None:
         {"repo": 5},
         {"repo": REPO, "branch": 1},
         {"repo": REPO, "test": ""},
-        {"repo": REPO, "test": "x" * 1001},
+        {"repo": REPO, "test": "x" * (MAX_NODE_ID + 1)},
         {"repo": REPO, "limit": 0},
         {"repo": REPO, "limit": 1001},
         {"repo": REPO, "limit": False},

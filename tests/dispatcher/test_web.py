@@ -24,7 +24,7 @@ from dispatcher import chart, web
 from dispatcher.metrics import Metrics
 from dispatcher.registry import RunnerInfo
 from dispatcher.snapshot import Snapshot
-from dispatcher.store import JobRow, Store
+from dispatcher.store import MAX_NODE_ID, JobRow, Store
 
 REPO = "/srv/git/app"
 SHA_PASS = "a1" * 20
@@ -590,4 +590,4 @@ def test_the_tests_page_of_a_branch_and_its_flaky_tests(runs: tuple[web.Web, lis
     assert "t::flaky" in table and ">1 run</td>" in table and "last 6 finished jobs" in flaky
     hostile = text(site.get("/tests?repo=%3Cscript%3E&test=%3Cb%3E"))
     assert "<script>" not in hostile.replace("<script>" + web.SCRIPT, "") and "&lt;b&gt;" in hostile
-    assert site.get("/tests").status == 400 and site.get("/tests?repo=r&test=" + "x" * 1001).status == 400
+    assert site.get("/tests").status == 400 and site.get("/tests?repo=r&test=" + "x" * (MAX_NODE_ID + 1)).status == 400
