@@ -9,7 +9,6 @@ failing-then-passing test reported as flaky.
 
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
 import time
@@ -543,3 +542,58 @@ def test_twenty_thousand_tests_split_two_ways_are_each_counted_once(volt, repo, 
     print(f"\n20,000 tests split 2 ways: {took:.1f}s")
     assert (result["status"], result["passed"], result["failed"]) == ("failed", 19999, 1), brief(result)
     assert result["failing_tests"] == ["tests/test_13.py::test_many[7]"]
+
+
+def test_the_broker_restarted_in_the_middle_of_a_split_run(tmp_path):
+    """A private RabbitMQ node, stopped and started while two shards pull chunks."""
+    from support import GitRepo, Volt, rabbit_node
+
+    marks = tmp_path / "ran"
+    with rabbit_node() as node:
+        volt = Volt(node.url, "splitrestart", tmp_path)
+        repo = GitRepo(tmp_path / "repo")
+        try:
+            start(volt, 2)
+            warm(volt, repo)
+            sha = repo.commit(sleepy(marks, 10, 3, 0.4, split=2) | {"tests/test_warm.py": None})
+            publish(volt, repo, sha)
+            volt.wait_for("the run under way", lambda: len(ran(marks)) >= 6)
+            volt.broker.close()
+            node.stop()
+            time.sleep(2)
+            node.start()
+            result = result_of(volt, sha, 180)
+            assert (result["status"], result["passed"], result["failed"]) == ("passed", 30, 0), brief(result)
+            assert {r[0] for r in ran(marks)} == every_test(10, 3)
+            assert concurrent_runs(marks) == []
+            assert len([r for r in volt.results(done_only=False) if r["commit"] == sha]) == 1
+        finally:
+            volt.stop_all()
+
+
+def test_a_suite_of_more_than_100000_tests_ends_as_error_saying_why(volt, repo):
+    """shard.py refuses a collection of more than MAX_TESTS: the run's result
+    should say so (not only a shard's log)."""
+    start(volt, 2)
+    files: dict[str, str | None] = {
+        "tests/test_huge.py": "import pytest\n\n@pytest.mark.parametrize('i', range(100001))\ndef test_h(i):\n    pass\n",
+        ".volt.toml": "[test]\nsplit = 2\ntimeout = 300\n",
+    }
+    sha = repo.commit(files)
+    publish(volt, repo, sha)
+    result = result_of(volt, sha, 400)
+    assert result["status"] == "error", brief(result)
+    assert "100000" in result["reason"], brief(result)
+
+
+def test_a_split_run_on_a_fleet_where_one_runner_has_its_labels_finishes_there(volt, repo, tmp_path):
+    marks = tmp_path / "ran"
+    volt.dispatcher()
+    volt.runner("gpu-0", "--label", "gpu")
+    volt.runner("cpu-0")
+    volt.wait_for("2 runners", lambda: len(volt.ask("status")["runners"]) == 2)
+    sha = repo.commit(sleepy(marks, 4, 2, 0.2, split=2, extra="labels = ['gpu']\n"))
+    publish(volt, repo, sha)
+    result = result_of(volt, sha, 120)
+    assert (result["status"], result["passed"]) == ("passed", 8), brief(result)
+    assert sorted(r[0] for r in ran(marks)) == sorted(every_test(4, 2))
