@@ -87,7 +87,13 @@ def streak(item: dict[str, Any]) -> str:
     return out + f'; <span class="before">passed before on {commit_ref(before)}</span>'
 
 
-def job_tests(job: dict[str, Any], failing: list[dict[str, Any]], flaky: list[str], total: int) -> str:
+def job_tests(
+    job: dict[str, Any],
+    failing: list[dict[str, Any]],
+    flaky: list[str],
+    total: int,
+    flakes: tuple[int, dict[str, int]] = (0, {}),
+) -> str:
     """A job page's failing tests, each with its streak as of this job and a link
     to its history, then its flaky ones."""
     repo, branch = job["repo"], job["branch"]
@@ -107,8 +113,16 @@ def job_tests(job: dict[str, Any], failing: list[dict[str, Any]], flaky: list[st
     if flaky:
         out.append(f'<h2>Flaky tests ({e(len(flaky))})</h2>\n<p class="muted">failed, then passed when run again</p>')
         out.append('<ul id="flaky-tests">')
+        looked, counts = flakes
         for node in flaky[:TESTS_SHOWN]:
-            out.append(f'<li><a class="test" href="{tests_href(repo, branch, node)}"><code>{e(node)}</code></a></li>')
+            often = (
+                f' <span class="muted">flaky in {e(counts[node])} of the last {e(looked)} runs</span>'
+                if node in counts
+                else ""
+            )
+            out.append(
+                f'<li><a class="test" href="{tests_href(repo, branch, node)}"><code>{e(node)}</code></a>{often}</li>'
+            )
         out.append("</ul>")
     return "\n".join(out)
 

@@ -378,7 +378,11 @@ class Web:
             {"test": node, **history.streak_dict(history.failing_streak(history.from_job(runs, job["job_id"])))}
             for node, runs in found.items()
         ]
-        return job_tests(job, items, flaky, len(failing))
+        flakes: tuple[int, dict[str, int]] = (0, {})
+        if flaky:  # how often each flaked lately, on this branch
+            looked, counted = store.flaky_tests(job["repo"], job["branch"], queries.FLAKY_JOBS)
+            flakes = (looked, dict(counted))
+        return job_tests(job, items, flaky, len(failing), flakes)
 
     def tests(self, query: dict[str, list[str]]) -> Response:
         params: dict[str, Any] = {k: query[k][0] for k in ("repo", "branch", "test") if k in query}

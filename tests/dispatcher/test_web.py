@@ -537,6 +537,7 @@ def test_a_job_page_names_its_failing_tests_since_when_and_its_flaky_ones(runs: 
     assert "test=tests%2Ftest_x.py%3A%3Atest_y%5B%22%3E%3Cscript%3Ealert%282%29%3C%2Fscript%3E%5D" in failing
     flaky = page[page.index('<ul id="flaky-tests">') :]
     assert "t::flaky" in flaky[: flaky.index("</ul>")]
+    assert "flaky in 1 of the last 6 runs" in flaky[: flaky.index("</ul>")]  # how often, lately
     # As of an older job: the streak counts only the runs up to it.
     older = text(site.get(f"/jobs/{rows[4].job_id}"))
     assert f'failing since <a class="sha" href="/jobs/{rows[3].job_id}">' in older and "Failing tests (1)" in older
