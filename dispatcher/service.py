@@ -63,7 +63,7 @@ from dispatcher.leases import Leases, why_gone
 from dispatcher.metrics import Metrics
 from dispatcher.registry import Registry, RunnerInfo, first_able
 from dispatcher.runs import Runs
-from dispatcher.snapshot import Snapshot, take_snapshot
+from dispatcher.snapshot import SNAPSHOT_EVERY, Snapshot, take_snapshot
 from dispatcher.store import JobRow, LeaseLost, Store, StoreError, StoreGone, is_shard, run_of
 
 log = logging.getLogger(__name__)
@@ -406,7 +406,7 @@ class Dispatcher:
         # The page and the RPC answers read the snapshot, never the broker.
         if self.clock() >= self._next_snapshot:
             self.snapshot = take_snapshot(self, self.snapshot)
-            self._next_snapshot = self.clock() + 0.25
+            self._next_snapshot = self.clock() + SNAPSHOT_EVERY
 
     def _make_durable(self) -> None:
         """Commit the round so far (before jobs go to runners); the round goes on.

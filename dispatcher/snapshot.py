@@ -9,8 +9,9 @@ so a question never costs the loop a broker call.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,9 @@ if TYPE_CHECKING:
 
 # Queue depths cost the broker a passive declare each, so look only this often.
 QUEUE_LOOK_EVERY = 5.0
+# How often the loop takes a snapshot for the page (which refreshes every 2 s);
+# an RPC answer takes its own.
+SNAPSHOT_EVERY = 1.0
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,13 @@ class Snapshot:
         return self.queues.get(queue)
 
 
+def _copy(info: RunnerInfo) -> RunnerInfo:
+    # copy.copy, not dataclasses.replace: no __init__ per runner, several times a second.
+    out = copy.copy(info)
+    out.labels = list(info.labels)
+    return out
+
+
 def take_snapshot(d: Dispatcher, previous: Snapshot, look_at_queues: bool = True) -> Snapshot:
     """A new snapshot of `d`, on its main thread; the shared queues' depths are looked
     at again only every QUEUE_LOOK_EVERY seconds (and never without look_at_queues),
@@ -53,5 +64,5 @@ def take_snapshot(d: Dispatcher, previous: Snapshot, look_at_queues: bool = True
     if look_at_queues and (queues_at is None or now - queues_at >= QUEUE_LOOK_EVERY):
         queues = MappingProxyType({name: d.broker.queue_depth(name) for name in naming.shared_queues(d.ns)})
         queues_at = now
-    runners = tuple(replace(r, labels=list(r.labels)) for r in d.registry.runners.values())
+    runners = tuple(_copy(r) for r in d.registry.runners.values())
     return Snapshot(runners=runners, queues=queues, queues_at=queues_at, clock_at=now, wall_at=d.wall())
