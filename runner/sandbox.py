@@ -69,11 +69,13 @@ def wrap(
     hidden = sorted({_real(p) for p in hidden_paths(workdir, hide) if os.path.lexists(p)} - {Path("/")})
     shown = [_real(p) for p in expose]
     # The interpreter must keep working when it lives in a hidden place (here
-    # ~/.pyenv). A prefix outside every hidden path is visible already, and
-    # binding it again would uncover what is hidden beneath it.
-    prefix = _real(Path(sys.base_prefix))
-    if _inside_any(prefix, hidden):
-        shown.append(prefix)
+    # ~/.pyenv, or a runner installed under /tmp): shown again read-only, as
+    # visible as it would be anywhere else. A prefix outside every hidden path
+    # is visible already, and binding it again would uncover what is hidden
+    # beneath it.
+    for prefix in {_real(Path(sys.base_prefix)), _real(Path(sys.prefix))}:
+        if _inside_any(prefix, hidden):
+            shown.append(prefix)
     if network:
         # /etc/resolv.conf is often a link into /run (systemd-resolved).
         resolv = _real(Path("/etc/resolv.conf"))

@@ -126,6 +126,19 @@ def test_the_interpreter_works_inside_even_when_it_lives_in_a_hidden_place(tree:
     assert done.stdout.strip() == sys.base_prefix
 
 
+def test_the_runners_own_environment_works_inside_when_it_lives_in_a_hidden_place(tree: Path, work: Path) -> None:
+    # A runner installed under /tmp (a CI checkout's .venv): a command run with its
+    # interpreter (`[env] system = true`, or a test's own sys.executable) must start.
+    venv = os.path.realpath(sys.prefix)
+    argv = sandbox.wrap(
+        [sys.executable, "-c", "import sys; print(sys.prefix)"], tree, {}, workdir=work, hide=[Path(venv).parent]
+    )
+    assert venv in pairs(argv, "--ro-bind")
+    done = run(argv)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == sys.prefix
+
+
 def test_a_hidden_path_inside_an_exposed_one_stays_hidden(tree: Path, work: Path) -> None:
     # A folder shown to the job again (its virtual environment, say) holding one it must not see.
     shown = work / "venv"
