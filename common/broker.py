@@ -758,6 +758,8 @@ class Broker:
                 continue  # the channel died: the broker redelivers them all
             with _translated():
                 if top is not None:
+                    # Every tag up to `top` is settled (AckLedger): handled and,
+                    # with held acks, made durable before this is called.
                     ch.basic_ack(top, multiple=True)
                 for tag in singles:
                     ch.basic_ack(tag)

@@ -319,7 +319,8 @@ def test_a_runner_frozen_past_its_lease_runs_no_test_that_another_shard_runs(vol
     frozen_pytest = ran(marks)[-1][1]
     volt.procs[victim].send_signal(signal.SIGSTOP)
     stopped_at = time.time()
-    time.sleep(6)
+    # Frozen until the dispatcher has given the runner up (its lease is long gone).
+    volt.wait_for(f"{victim} declared lost", lambda: f"runner {victim} lost" in volt.log_of("dispatcher"), every=0.1)
     volt.procs[victim].send_signal(signal.SIGCONT)
     result = result_of(volt, sha, 120)
     assert (result["status"], result["passed"], result["failed"]) == ("passed", 24, 0), brief(result)
@@ -338,7 +339,12 @@ def test_the_dispatcher_killed_in_the_middle_of_a_split_run_and_restarted(volt, 
     publish(volt, repo, sha)
     volt.wait_for("the run under way", lambda: len(ran(marks)) >= 6)
     volt.kill("dispatcher")
-    time.sleep(4)
+    # Down until a shard has asked and, unanswered, asked again.
+    volt.wait_for(
+        "a shard asking a dispatcher that is gone",
+        lambda: any("asking again" in volt.log_of(name) for name in volt.procs if name != "dispatcher"),
+        every=0.1,
+    )
     volt.dispatcher()
     result = result_of(volt, sha, 120)
     assert (result["status"], result["passed"], result["failed"]) == ("passed", 30, 0), brief(result)
@@ -348,6 +354,14 @@ def test_the_dispatcher_killed_in_the_middle_of_a_split_run_and_restarted(volt, 
     assert len(names) == 30, sorted(n for n in set(names) if names.count(n) > 1)  # none ran twice
     results = [r for r in volt.results(done_only=False) if r["commit"] == sha]
     assert len(results) == 1
+
+
+def kill_the_runner_of(volt, pids: Path, what: str) -> None:
+    """Once a shard's pytest has written its pid to `pids`, kill -9 the runner it runs under."""
+    volt.wait_for(what, lambda: pids.exists() and pids.read_text().strip())
+    pid = int(pids.read_text().split()[0])
+    victim = next(name for name, proc in volt.procs.items() if proc.pid == parent_of(pid))
+    volt.kill(victim)
 
 
 def test_a_runner_killed_while_its_shard_collects(volt, repo, tmp_path):
@@ -361,10 +375,7 @@ def test_a_runner_killed_while_its_shard_collects(volt, repo, tmp_path):
     )
     sha = repo.commit(files)
     publish(volt, repo, sha)
-    volt.wait_for("a shard collecting", lambda: collecting.exists() and collecting.read_text().strip())
-    pid = int(collecting.read_text().split()[0])
-    victim = next(name for name, proc in volt.procs.items() if proc.pid == parent_of(pid))
-    volt.kill(victim)
+    kill_the_runner_of(volt, collecting, "a shard collecting")
     result = result_of(volt, sha, 120)
     assert (result["status"], result["passed"]) == ("passed", 12), brief(result)
     names = [r[0] for r in ran(marks)]
@@ -387,13 +398,16 @@ def test_a_runner_killed_after_its_last_chunk_before_its_result(volt, repo, tmp_
     )
     sha = repo.commit(files)
     publish(volt, repo, sha)
-    volt.wait_for("a shard lingering", lambda: lingering.exists() and lingering.read_text().strip())
-    pid = int(lingering.read_text().split()[0])
-    victim = next(name for name, proc in volt.procs.items() if proc.pid == parent_of(pid))
-    volt.kill(victim)
+    kill_the_runner_of(volt, lingering, "a shard lingering")
     result = result_of(volt, sha, 120)
     assert (result["status"], result["passed"]) == ("passed", 12), brief(result)
-    time.sleep(5)
+    # Once every shard has ended (the survivor's result, the victim's taken back),
+    # the run's one result is still the same one.
+    volt.wait_for(
+        "both shards to end",
+        lambda: all(volt.ask("log", {"id": f"{result['job_id']}.{k}"})["job"]["state"] == "done" for k in (1, 2)),
+        timeout=60,
+    )
     again = [r for r in volt.results(done_only=False) if r["commit"] == sha]
     assert len(again) == 1 and (again[0]["status"], again[0]["passed"]) == ("passed", 12), again
 
@@ -560,7 +574,12 @@ def test_the_broker_restarted_in_the_middle_of_a_split_run(tmp_path):
             volt.wait_for("the run under way", lambda: len(ran(marks)) >= 6)
             volt.broker.close()
             node.stop()
-            time.sleep(2)
+            # Down until the workers have noticed and gone to reconnecting.
+            volt.wait_for(
+                "the workers to lose the broker",
+                lambda: all("reconnecting in" in volt.log_of(name) for name in volt.procs),
+                every=0.1,
+            )
             node.start()
             result = result_of(volt, sha, 180)
             assert (result["status"], result["passed"], result["failed"]) == ("passed", 30, 0), brief(result)
