@@ -12,8 +12,8 @@ import random
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -172,6 +172,35 @@ class AckLedger:
             self._above.discard(self.floor)
 
 
+class _Confirms:
+    """The publisher confirms of one channel, by delivery tag, so that many
+    publishes can go out before the first confirm comes back (pika's
+    BlockingChannel waits for each publish's confirm before the next)."""
+
+    def __init__(self) -> None:
+        self.ready = False  # confirm.select-ok came
+        self.last_tag = 0  # the channel numbers its publishes 1, 2, ...
+        self.waiting: set[int] = set()
+        self.nacked = 0
+        # Message ids of the publishes returned unroutable. RabbitMQ sends a
+        # basic.return before the confirm of the same message, and the confirm
+        # may be a multiple one, so a return is matched by its message id.
+        self.returned: set[str] = set()
+
+    def on_select_ok(self, _frame: Any) -> None:
+        self.ready = True
+
+    def on_confirm(self, frame: Any) -> None:
+        method = frame.method
+        done = {t for t in self.waiting if t <= method.delivery_tag} if method.multiple else {method.delivery_tag}
+        self.waiting -= done
+        if isinstance(method, pika.spec.Basic.Nack):
+            self.nacked += len(done)
+
+    def on_return(self, _channel: Any, _method: Any, props: Any, _body: bytes) -> None:
+        self.returned.add(props.message_id)
+
+
 @contextmanager
 def _translated() -> Iterator[None]:
     try:
@@ -253,6 +282,9 @@ class Broker:
         self._rpc_consuming = False
         self._hold = False
         self._ledger = AckLedger()
+        # publish_all()'s channel, its confirms tracked by us rather than pika.
+        self._batch_ch: BlockingChannel | None = None
+        self._confirms = _Confirms()
         # basic.get has a channel (and so delivery tags) of its own.
         self._get_ch: BlockingChannel | None = None
         self._get_ledger = AckLedger()
@@ -343,7 +375,7 @@ class Broker:
         told.add_on_connection_unblocked_callback(lambda *_: self._set_blocked(False))
         self._ch = self._conn.channel()
         self._ch.confirm_delivery()
-        self._fire_ch = self._get_ch = None
+        self._fire_ch = self._get_ch = self._batch_ch = None
         self._consumers = []
         self._rpc_consuming = False
         # Tags of the old channel mean nothing on this one; what they
@@ -424,6 +456,7 @@ class Broker:
 
     def close(self) -> None:
         conn, self._conn, self._ch, self._fire_ch, self._get_ch = self._conn, None, None, None, None
+        self._batch_ch = None
         if conn is not None and conn.is_open:
             try:
                 conn.close()
@@ -618,6 +651,66 @@ class Broker:
         with _translated():
             ch = self._channel() if confirm else self._fire_channel()
             ch.basic_publish(exchange, routing_key, body, properties=props, mandatory=mandatory and confirm)
+
+    def publish_all(self, items: Sequence[tuple[str, str, Message]]) -> list[bool]:
+        """Publish each (exchange, routing key, message), persistent, mandatory
+        and confirmed like publish(), but all before waiting: one wait for the
+        broker's confirms of the lot, where publish() waits once each.
+
+        Returns, per item, whether it was routed (False: returned unroutable,
+        where publish() raises Unroutable). Raises BrokerUnavailable if the
+        broker nacks any of them or the connection or channel goes; then
+        none of them may be taken as sent.
+        """
+        if not items:
+            return []
+        bodies = [message.to_json() for _, _, message in items]
+        ch, confirms = self._confirming_channel()
+        confirms.returned.clear()
+        confirms.nacked = 0
+        ids = []
+        try:
+            with _translated():
+                for (exchange, routing_key, message), body in zip(items, bodies, strict=True):
+                    confirms.last_tag += 1
+                    confirms.waiting.add(confirms.last_tag)
+                    ids.append(str(confirms.last_tag))
+                    props = pika.BasicProperties(
+                        content_type="application/json",
+                        delivery_mode=pika.DeliveryMode.Persistent,
+                        type=message.TYPE,
+                        message_id=ids[-1],
+                    )
+                    ch._impl.basic_publish(exchange, routing_key, body, properties=props, mandatory=True)
+                ch._flush_output(lambda: not confirms.waiting)
+        except BaseException:
+            # Confirms still owed would be counted against the next batch: start that one afresh.
+            self._batch_ch = None
+            if ch.is_open:
+                with suppress(pika.exceptions.AMQPError, OSError):
+                    ch.close()
+            raise
+        if confirms.nacked:
+            raise BrokerUnavailable(f"broker refused (nacked) {confirms.nacked} of {len(items)} publish(es)")
+        return [i not in confirms.returned for i in ids]
+
+    def _confirming_channel(self) -> tuple[BlockingChannel, _Confirms]:
+        """publish_all()'s channel, in confirm mode with our own bookkeeping.
+
+        pika's BlockingChannel cannot have several publishes waiting for their
+        confirms, so this talks to the channel underneath it (`_impl`) and waits
+        with the blocking channel's `_flush_output`, which, unlike
+        process_data_events, runs no consumer's callback meanwhile: both private
+        to pika 1.x (pinned below 2 in pyproject.toml)."""
+        if self._batch_ch is None or not self._batch_ch.is_open:
+            confirms = _Confirms()
+            with _translated():
+                ch = self._connection().channel()
+                ch._impl.confirm_delivery(ack_nack_callback=confirms.on_confirm, callback=confirms.on_select_ok)
+                ch._impl.add_on_return_callback(confirms.on_return)
+                ch._flush_output(lambda: confirms.ready)
+            self._batch_ch, self._confirms = ch, confirms
+        return self._batch_ch, self._confirms
 
     def probe_blocked(self) -> None:
         """Publish a message that goes nowhere, without waiting: if RabbitMQ blocks

@@ -152,6 +152,9 @@ class Dispatcher:
         self._parked_maybe = True
         # A handler freed a runner or brought a job: assign at the end of the round.
         self._assign_due = False
+        # Jobs bound for the backlog queue, published together (one wait for
+        # their confirms) before the round assigns or commits.
+        self._to_backlog: list[Job] = []
         self._lost_reasons: dict[str, str] = {}
         self.leases = Leases(clock)
         # label set -> when a live runner last had all of them
@@ -279,6 +282,7 @@ class Dispatcher:
             backlog = b.queue_depth(naming.backlog_queue(self.ns))
             if backlog is not None and backlog[0] == 0:
                 self._repair_backlog()
+            self._publish_backlog()
             self.store.commit_batch()
         except BaseException:
             self._abort_round()
@@ -381,6 +385,7 @@ class Dispatcher:
                 self.sweep()
                 self.assign()
                 self._next_sweep = self.clock() + 0.25
+            self._publish_backlog()
             self.store.commit_batch()
         except StoreError as exc:
             self._abort_round()
@@ -393,7 +398,9 @@ class Dispatcher:
             # Said once, by the loop that backs off and retries (Broker.run).
             raise StoreError(f"{exc}: nothing of this round is acked") from None
         except BaseException:
-            # What was handled is whole (a savepoint per change): keep it.
+            # What was handled is whole (a savepoint per change): keep it. Jobs
+            # not published yet stay pending, and setup() publishes them.
+            self._to_backlog.clear()
             try:
                 self.store.commit_batch()
             except StoreError:
@@ -426,6 +433,7 @@ class Dispatcher:
         self.store.rollback_batch()
         self.broker.drop_held_acks()
         self._after_commit.clear()
+        self._to_backlog.clear()
         self._backlog_maybe = self._parked_maybe = True
 
     def _later(self, level: int, fmt: str, *args: Any, extra: dict[str, Any] | None = None) -> None:
@@ -481,9 +489,25 @@ class Dispatcher:
             self._enqueue(shard.as_job())
 
     def _enqueue(self, job: Job) -> None:
-        """Put a pending job in the backlog queue; queued once confirmed."""
-        self.broker.publish(naming.jobs_exchange(self.ns), naming.BACKLOG_ROUTING_KEY, job)
-        self.store.mark_queued(job.job_id, job.attempt, self.wall())
+        """Put a pending job in the backlog queue (_publish_backlog, before the
+        round assigns or commits); it is queued once its publish is confirmed."""
+        self._to_backlog.append(job)
+
+    def _publish_backlog(self) -> None:
+        """Publish the round's jobs for the backlog, all before waiting for
+        their confirms, then mark them queued."""
+        jobs, self._to_backlog = self._to_backlog, []
+        if not jobs:
+            return
+        self._to_backlog_queue(jobs)
+        self.store.mark_all_queued([(job.job_id, job.attempt) for job in jobs], self.wall())
+
+    def _to_backlog_queue(self, jobs: list[Job]) -> None:
+        key = naming.BACKLOG_ROUTING_KEY
+        routed = self.broker.publish_all([(naming.jobs_exchange(self.ns), key, job) for job in jobs])
+        if not all(routed):
+            # The backlog queue is gone: declaring the topology again (on reconnecting) brings it back.
+            raise Unroutable(f"the backlog queue {naming.backlog_queue(self.ns)} is missing")
         self._backlog_maybe = True
 
     def _repair_backlog(self) -> None:
@@ -491,10 +515,8 @@ class Dispatcher:
         its message (a purge, a lost node): publish them again. A copy too many
         is harmless: only the first one finds the job still queued."""
         orphans = self.store.in_state("queued")
-        for row in orphans:
-            self.broker.publish(naming.jobs_exchange(self.ns), naming.BACKLOG_ROUTING_KEY, row.as_job())
         if orphans:
-            self._backlog_maybe = True
+            self._to_backlog_queue([row.as_job() for row in orphans])
             log.warning("%d queued job(s) had no backlog message; published them again", len(orphans))
 
     # -- assignment -------------------------------------------------------
@@ -508,6 +530,7 @@ class Dispatcher:
         free runner can take is parked, so it does not block the ones behind it.
         The assignments are made durable together before any job is sent.
         """
+        self._publish_backlog()
         if not (self._backlog_maybe or self._parked_maybe):
             return
         # The store is asked only when some runner says it is free.
@@ -564,8 +587,7 @@ class Dispatcher:
             for job, _ in picked:
                 self.leases.watch(job.job_id, job.lease, max(self.s.start_timeout, job.lease_s))
             self._make_durable()  # no runner gets a job the store could forget
-            for job, runner in picked:
-                self._send(job, runner)
+            self._send(picked)
 
     def _wanted(self, job: Job) -> bool:
         """Whether a waiting job still needs a runner: a split run's shard does
@@ -579,11 +601,15 @@ class Dispatcher:
         """How long a job stays with `runner` after the last heartbeat that echoed its lease."""
         return runner.interval * self.registry.misses
 
-    def _send(self, job: Job, runner: RunnerInfo) -> None:
-        """Publish an assigned job to its runner's queue."""
-        try:
-            self.broker.publish(naming.jobs_exchange(self.ns), naming.runner_routing_key(runner.runner_id), job)
-        except Unroutable:
+    def _send(self, picked: list[tuple[Job, RunnerInfo]]) -> None:
+        """Publish assigned jobs to their runners' queues, all before waiting for the confirms."""
+        exchange = naming.jobs_exchange(self.ns)
+        routed = self.broker.publish_all([(exchange, naming.runner_routing_key(r.runner_id), j) for j, r in picked])
+        for (job, runner), ok in zip(picked, routed, strict=True):
+            self._sent(job, runner, ok)
+
+    def _sent(self, job: Job, runner: RunnerInfo, routed: bool) -> None:
+        if not routed:
             # Its queue is gone, so is the runner: the job waits for the next one.
             log.warning(
                 "runner=%s has no queue; job=%s waits for another runner",

@@ -985,12 +985,16 @@ class Store:
         assert row is not None
         return row
 
-    @_store_op
     def mark_queued(self, job_id: str, attempt: int, now: float) -> None:
+        self.mark_all_queued([(job_id, attempt)], now)
+
+    @_store_op
+    def mark_all_queued(self, jobs: Sequence[tuple[str, int]], now: float) -> None:
+        """The pending jobs (job id, attempt) whose backlog publish was confirmed are queued."""
         with self._tx() as db:
-            db.execute(
+            db.executemany(
                 "UPDATE jobs SET state = 'queued', queued_at = ? WHERE job_id = ? AND attempt = ? AND state = 'pending'",
-                (now, job_id, attempt),
+                [(now, job_id, attempt) for job_id, attempt in jobs],
             )
 
     @_store_op

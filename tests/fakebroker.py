@@ -25,6 +25,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pika.exceptions
+import pika.spec
 
 
 @dataclass
@@ -205,6 +206,7 @@ class FakeChannel:
         self.unacked: dict[int, tuple[Queue, Msg, Consumer | None]] = {}
         self.buffer: deque[tuple[int, Queue, Msg, Consumer]] = deque()
         self.consumers: list[Consumer] = []
+        self.impl: FakeImpl | None = None
 
     # -- the state a broker keeps per channel ----------------------------
 
@@ -386,10 +388,64 @@ class FakeChannel:
         if self.rabbit.blocked and self.confirming:
             # A real broker holds the confirm until it unblocks; pika gives up after its timeout.
             raise pika.exceptions.ConnectionBlockedTimeout()
-        queues = self.rabbit.route(exchange, routing_key)
-        if not queues and mandatory and self.confirming:
+        if not self.deliver(exchange, routing_key, body, properties, mandatory and self.confirming):
             raise pika.exceptions.UnroutableError([])
+
+    def deliver(self, exchange: str, routing_key: str, body: bytes, properties: Any, mandatory: bool) -> bool:
+        """Route a published message; False if it was mandatory and found no queue."""
+        queues = self.rabbit.route(exchange, routing_key)
+        if not queues and mandatory:
+            return False
         msg = Msg(body, properties or SimpleNamespace(headers=None), exchange, routing_key)
         self.rabbit.published.append(msg)
         for q in queues:
             q.messages.append(Msg(body, msg.props, exchange, routing_key))
+        return True
+
+    # -- what Broker.publish_all reaches under the blocking channel --------
+
+    @property
+    def _impl(self) -> FakeImpl:
+        if self.impl is None:
+            self.impl = FakeImpl(self)
+        return self.impl
+
+    def _flush_output(self, *waiters: Callable[[], bool]) -> None:
+        self._check()
+        if any(ready() for ready in waiters):
+            return
+        if self.rabbit.blocked:
+            raise pika.exceptions.ConnectionBlockedTimeout()
+        raise AssertionError("a fake broker answers at once: nothing left to wait for")
+
+
+class FakeImpl:
+    """pika's asynchronous channel under a BlockingChannel: confirms and
+    returns go to callbacks, each publish confirmed at once (or, while the
+    broker blocks publishers, never)."""
+
+    def __init__(self, ch: FakeChannel) -> None:
+        self.ch = ch
+        self.tag = 0
+        self.on_confirm: Callable[[Any], None] = lambda frame: None
+        self.on_return: Callable[..., None] = lambda *args: None
+
+    def confirm_delivery(self, ack_nack_callback: Callable[[Any], None], callback: Callable[[Any], None]) -> None:
+        self.ch.confirming = True
+        self.on_confirm = ack_nack_callback
+        callback(None)
+
+    def add_on_return_callback(self, fn: Callable[..., None]) -> None:
+        self.on_return = fn
+
+    def basic_publish(
+        self, exchange: str, routing_key: str, body: bytes, properties: Any = None, mandatory: bool = False
+    ) -> None:
+        self.ch._check()
+        self.ch.conn.note_publish()
+        self.tag += 1
+        if self.ch.rabbit.blocked:
+            return  # held until the broker unblocks
+        if not self.ch.deliver(exchange, routing_key, body, properties, mandatory):
+            self.on_return(self, SimpleNamespace(reply_code=312), properties, body)
+        self.on_confirm(SimpleNamespace(method=pika.spec.Basic.Ack(delivery_tag=self.tag, multiple=False)))

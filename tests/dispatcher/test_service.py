@@ -492,6 +492,34 @@ def test_queued_jobs_whose_backlog_message_is_gone_are_published_again(
     assert done == 3 and d.store.count_by_status() == {"passed": 3}
 
 
+def test_a_round_sends_its_jobs_together_and_one_to_a_vanished_runner_waits_for_another(
+    rabbit: FakeRabbit, peer: Peer, tmp_path: Path, clock: Clock
+) -> None:
+    d = start(tmp_path, clock)
+    for r in ("r1", "r2", "r3"):
+        runner_queue(rabbit, r)
+        peer.hello(r)
+    rounds(d, clock, 1)
+    del rabbit.queues[naming.runner_queue(NS, "r2")]  # r2's queue expired: r2 is gone
+    for i in range(4):
+        peer.commit(i)
+    d.run_once()  # one round: four jobs to the backlog, then three assignments sent at once
+    sent = {r: jobs_for(rabbit, r) for r in ("r1", "r3")}
+    assert [len(jobs) for jobs in sent.values()] == [1, 1]
+    assert d.registry.get("r2") is None
+    states = d.store.count_by_state()
+    assert states == {"assigned": 2, "parked": 1, "queued": 1}, states
+    (parked,) = d.store.in_state("parked")
+    assert [e["kind"] for e in d.store.events(parked.job_id)] == ["assigned", "unroutable"]
+    # The next free runner takes the parked job first, at the same attempt.
+    job = sent["r1"][0]
+    peer.send(JobResult(job_id=job.job_id, attempt=1, runner_id="r1", status="passed", lease=job.lease))
+    peer.hello("r1")
+    rounds(d, clock, 1)
+    (again,) = jobs_for(rabbit, "r1")
+    assert (again.job_id, again.attempt) == (parked.job_id, 1)
+
+
 def test_a_parked_job_whose_labels_no_runner_has_ends_as_error_after_the_park_timeout(
     rabbit: FakeRabbit, peer: Peer, tmp_path: Path, clock: Clock
 ) -> None:
