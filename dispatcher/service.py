@@ -567,6 +567,10 @@ class Dispatcher:
             job = self._decode(d, Job)
             if job is None:
                 continue
+            if not job.run and pick(job):
+                # The store had it waiting at this attempt (its assign says so): no need to read it first.
+                d.ack()
+                continue
             stored = self.store.get(job.job_id)
             if stored is None:
                 # A store that started empty on a namespace with a backlog.

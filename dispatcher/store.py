@@ -37,7 +37,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -279,6 +279,11 @@ class Dialect:
     def serialize(self, db: Any) -> None:
         """Keep two dispatchers starting at once from migrating at once (inside a transaction)."""
 
+    def change(self, db: Any) -> AbstractContextManager[Any]:
+        """Where one change of a batch runs: as it comes (SQLite, in-process),
+        or a pipeline (see PostgreSQL.change)."""
+        return nullcontext()
+
 
 class SQLite(Dialect):
     name = "sqlite"
@@ -374,6 +379,14 @@ class PostgreSQL(Dialect):
     def serialize(self, db: Any) -> None:
         db.execute("SELECT pg_advisory_xact_lock(7140)")  # any fixed number: Volt CI's migrations
 
+    def change(self, db: Any) -> AbstractContextManager[Any]:
+        # A change's statements (its savepoint and release included) go to the
+        # server together and are answered together: one round trip for the
+        # change instead of one per statement, and a statement's error still
+        # surfaces within its own change (at a read of a result, or at the
+        # pipeline's end), so it undoes that change only.
+        return db.pipeline()
+
 
 class _Conn:
     """A connection that speaks this module's SQL (? placeholders) on either database."""
@@ -381,9 +394,15 @@ class _Conn:
     def __init__(self, dialect: Dialect, db: Any) -> None:
         self.dialect = dialect
         self.raw = db
+        self.pipeline: Any = None  # PostgreSQL: the change's pipeline while it runs
 
-    def execute(self, sql: str, args: Sequence[Any] = ()) -> Any:
-        return self.raw.execute(self.dialect.sql(sql), self.dialect.params(args))
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> _Result:
+        return _Result(self.raw.execute(self.dialect.sql(sql), self.dialect.params(args)), self)
+
+    def settle(self) -> None:
+        """Have every statement sent so far answered (a round trip, in a pipeline)."""
+        if self.pipeline is not None:
+            self.pipeline.sync()
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         if rows:  # one round trip for them all (psycopg pipelines them)
@@ -393,6 +412,38 @@ class _Conn:
                 cur.executemany(self.dialect.sql(sql), [self.dialect.params(r) for r in rows])
             finally:
                 cur.close()
+
+
+class _Result:
+    """A statement's result. In a pipeline psycopg fetches rows when asked, but
+    knows a row count only once the statement's answer is in, and says -1
+    until then: the count waits for it here. A change reads a count after its
+    `with` block, where it costs nothing."""
+
+    def __init__(self, cur: Any, conn: _Conn) -> None:
+        self._cur = cur
+        self._conn = conn
+        # Outside a pipeline the rows are read at once: SQLite cannot release a
+        # savepoint while a statement still has rows to give.
+        self._rows: list[Any] | None = None
+        if conn.pipeline is None and cur.description is not None:
+            self._rows = list(cur.fetchall())
+
+    @property
+    def rowcount(self) -> int:
+        self._conn.settle()
+        return int(self._cur.rowcount)
+
+    def fetchone(self) -> Any:
+        if self._rows is None:
+            return self._cur.fetchone()
+        return self._rows.pop(0) if self._rows else None
+
+    def fetchall(self) -> list[Any]:
+        if self._rows is None:
+            return list(self._cur.fetchall())
+        rows, self._rows = self._rows, []
+        return rows
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -560,7 +611,6 @@ class Store:
         self._durable = durable
         self._readonly = readonly
         self._batch = False
-        self._release_pending = False  # a savepoint's RELEASE waits to go with the next statement
         self._lock_file: Any = None
         # (holder, term) while this store writes as the lease's holder: every
         # commit then checks and renews the lease first (see _commit).
@@ -765,7 +815,6 @@ class Store:
             )
             if renewed.rowcount != 1:
                 raise LeaseLost(f"the dispatcher lease (term {term}) was taken over; nothing of this round is kept")
-        self._release_pending = False
         if then_begin and self.dialect.combines:
             self._x(f"COMMIT; {self.dialect.begin}")
             return
@@ -804,12 +853,6 @@ class Store:
                 self._rollback()
                 raise
 
-    def _release(self, now: bool) -> None:
-        if now:
-            self._x("RELEASE change")
-        else:
-            self._release_pending = True
-
     @_store_op
     def checkpoint(self) -> None:
         """Make the batch so far durable and go on batching."""
@@ -827,7 +870,6 @@ class Store:
         self._rollback()
 
     def _rollback(self) -> None:
-        self._release_pending = False
         # SQLite may have rolled back by itself (a full disk does that), and
         # then ROLLBACK says "no transaction is active"; a PostgreSQL connection
         # may be gone: either way none is open now.
@@ -841,19 +883,18 @@ class Store:
     def _tx(self) -> Iterator[_Conn]:
         db = _Conn(self.dialect, self.db)
         if self._batch:
-            # Where the database takes several statements at once, a change's
-            # RELEASE goes with the next one's SAVEPOINT (COMMIT and ROLLBACK
-            # release every savepoint anyway): one round trip a change, not two.
-            self._x("RELEASE change; SAVEPOINT change" if self._release_pending else "SAVEPOINT change")
-            self._release_pending = False
             try:
-                yield db
+                with self.dialect.change(self.db) as db.pipeline:
+                    self._x("SAVEPOINT change")
+                    yield db
+                    self._x("RELEASE change")
             except BaseException:
+                db.pipeline = None
                 if self.dialect.in_transaction(self.db):  # a full disk may have rolled it all back already
                     self._x("ROLLBACK TO change")
-                    self._release(now=not self.dialect.combines)
+                    self._x("RELEASE change")
                 raise
-            self._release(now=not self.dialect.combines)
+            db.pipeline = None
             return
         self._reopen_if_broken()
         db = _Conn(self.dialect, self.db)
@@ -949,7 +990,7 @@ class Store:
         """Insert the job for a commit unless it exists (idempotent, delivery rule 4)."""
         job_id = job_id_for(seen.repo, seen.branch, seen.commit)
         with self._tx() as db:
-            new = db.execute(
+            inserted = db.execute(
                 "INSERT INTO jobs (job_id, repo, branch, commit_sha, state, seen_at, labels, split, reruns,"
                 " subject, author) VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
                 f" RETURNING {_ROW_COLUMNS}",
@@ -965,7 +1006,8 @@ class Store:
                     seen.subject[:MAX_SUBJECT],
                     seen.author[:MAX_SUBJECT],
                 ),
-            ).fetchone()
+            )
+        new = inserted.fetchone()
         row = JobRow(*new) if new is not None else self.get(job_id)  # new, or the one there already
         assert row is not None
         return row
@@ -1007,8 +1049,8 @@ class Store:
                 " WHERE job_id = ? AND attempt = ? AND state IN ('queued', 'parked')",
                 (runner, now, lease, job_id, attempt),
             )
-            if cur.rowcount:
-                self._event(db, job_id, attempt, runner, "assigned", now)
+            # Only the update just made can have given the job this new token.
+            self._event_where(db, "assigned", now, "job_id = ? AND lease = ?", (job_id, lease))
         return lease if cur.rowcount == 1 else None
 
     @_store_op
@@ -1047,16 +1089,24 @@ class Store:
         """The assignment under `lease` started: returns when the job was queued
         (0.0 if it never was), or None if it is not that assignment any more."""
         with self._tx() as db:
-            row = db.execute(
+            started = db.execute(
                 "UPDATE jobs SET state = 'running', session = ?, started_at = ?"
                 " WHERE job_id = ? AND lease = ? AND runner = ? AND state = 'assigned'"
                 " RETURNING attempt, queued_at",
                 (session, started_at, job_id, lease, runner),
-            ).fetchone()
-            if row is None:
-                return None
-            self._event(db, job_id, row[0], runner, "started", now)
-        return float(row[1] or 0.0)
+            )
+            # Sent with the update, not after reading it: an attempt starts once,
+            # so a repeated JobStarted (the update finds it running) adds nothing.
+            self._event_where(
+                db,
+                "started",
+                now,
+                "job_id = ? AND lease = ? AND runner = ? AND state = 'running' AND NOT EXISTS (SELECT 1 FROM events"
+                " e WHERE e.job_id = jobs.job_id AND e.attempt = jobs.attempt AND e.kind = 'started')",
+                (job_id, lease, runner),
+            )
+        row = started.fetchone()
+        return None if row is None else float(row[1] or 0.0)
 
     @_store_op
     def requeue(self, job_id: str, lease: str, reason: str, now: float, *, failure: bool, max_failures: int) -> str:
@@ -1503,6 +1553,16 @@ class Store:
             "INSERT INTO test_results (job_id, node_id, outcome, duration_s, chunk, runner)"
             " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
             rows,
+        )
+
+    @staticmethod
+    def _event_where(db: _Conn, kind: str, now: float, where: str, args: Sequence[Any]) -> None:
+        """Note `kind` for each job row `where` holds, at its attempt and runner: an event
+        that depends on an update sent just before, without waiting for that update's answer."""
+        db.execute(
+            "INSERT INTO events (job_id, attempt, runner, kind, status, reason, at, detail)"
+            f" SELECT job_id, attempt, runner, ?, NULL, '', ?, NULL FROM jobs WHERE {where}",
+            (kind, now, *args),
         )
 
     @staticmethod

@@ -661,13 +661,58 @@ def test_a_failed_change_in_a_batch_undoes_only_itself(store: Store, monkeypatch
     def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(store, "_event", broken)
+    monkeypatch.setattr(store, "_event_where", broken)
     with pytest.raises(RuntimeError):
         store.assign(kept.job_id, 1, "r1", now=2.0)  # its UPDATE ran, then its event failed
     monkeypatch.undo()
     store.commit_batch()
     assert current(store, kept).state == "queued"
     assert store.assign(kept.job_id, 1, "r1", now=3.0)
+
+
+def test_a_batch_keeps_the_same_steps_answers_and_history_as_changes_on_their_own(store: Store) -> None:
+    # In a batch each change is a savepoint (on PostgreSQL a pipeline, whose
+    # statements are answered together): what each step returns, and what it
+    # notes, must not depend on that.
+    store.begin_batch()
+    row = store.add_job(seen())
+    assert store.add_job(seen()).job_id == row.job_id  # a duplicate commit: the same job
+    store.mark_all_queued([(row.job_id, 1), ("no-such-job", 1)], now=101.0)
+    assert not store.assign(row.job_id, 2, "r1", now=101.5)  # wrong attempt
+    lease = store.assign(row.job_id, 1, "r1", now=102.0)
+    assert lease and not store.assign(row.job_id, 1, "r2", now=102.5)
+    assert store.start(row.job_id, lease, "r2", "s2", started_at=103.0, now=103.0) is None  # not its runner
+    assert store.start(row.job_id, lease, "r1", "s1", started_at=103.0, now=103.5) == 101.0
+    assert store.start(row.job_id, lease, "r1", "s1", started_at=103.0, now=103.6) is None  # said again
+    done = current(store, row)
+    assert store.finish(result(done), now=110.0)
+    assert not store.finish(result(done, status="failed"), now=111.0)
+    store.commit_batch()
+    row = current(store, row)
+    assert (row.state, row.status, row.runner, row.queued_at, row.started_at) == ("done", "passed", "r1", 101.0, 103.0)
+    assert kinds(store, row) == ["assigned", "started", "result", "late_result"]
+    assert [(e["attempt"], e["runner"]) for e in store.events(row.job_id)][:2] == [(1, "r1"), (1, "r1")]
+    assert store.count_by_state() == {"done": 1}
+
+
+def test_an_error_the_database_raises_in_a_batch_undoes_only_its_own_change(store: Store) -> None:
+    store.begin_batch()
+    before = queued(store, SHA_A)
+    victim = running(store, SHA_B)
+    # A count no 64-bit column holds: refused by the database itself on PostgreSQL
+    # (on a statement already on its way), by the driver on SQLite. Either way it
+    # is the message's fault, not the store's: not a StoreError.
+    with pytest.raises(Exception) as caught:
+        store.finish(result(victim, passed=2**70), now=110.0)
+    assert not isinstance(caught.value, StoreError)
+    after = store.add_job(seen(SHA_C))
+    store.commit_batch()
+    victim = current(store, victim)
+    assert (victim.state, victim.status) == ("running", None)
+    assert kinds(store, victim) == ["assigned", "started"]
+    assert current(store, before).state == "queued"
+    assert current(store, after).state == "pending"
+    assert store.finish(result(victim), now=112.0)  # the next result of that job is taken
 
 
 def test_a_results_tests_are_kept_on_both_databases(store: Store) -> None:
