@@ -8,7 +8,9 @@ that refused it, a runner queue that vanished) leaves the backlog queue and
 waits here as `parked`, so it does not block the jobs behind it. Each
 assignment gets a lease token; only messages that carry it can start, finish
 or hand back that assignment. Every change is one transaction, or one
-savepoint of a batch that commits a round of changes at once.
+savepoint of a batch that commits a round of changes at once; on PostgreSQL
+a batch's change goes to the server as one pipeline (one round trip), so a
+change reads what it must know after its statements, not between them.
 
 Both databases run the same SQL, the same schema and the same migrations;
 what differs between them (connecting, column types, placeholders, which
@@ -49,6 +51,9 @@ ACTIVE = ("assigned", "running")
 # Tests kept per job, and characters of a node id.
 MAX_TESTS = 100_000
 MAX_NODE_ID = 4000
+# The most bytes of a node id kept whole as a key (node_key): far below what
+# one index entry may hold on PostgreSQL (about 2,700 bytes).
+NODE_KEY_BYTES = 1000
 # Characters of a commit's subject and author kept.
 MAX_SUBJECT = 200
 # A test's history reaches back this many finished jobs of its branch.
@@ -323,6 +328,14 @@ class SQLite(Dialect):
         return {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
 
 
+# SQLSTATE classes that are the database's trouble, not the data's: invalid
+# transaction state, connection, transaction rollback (serialization, deadlock),
+# insufficient resources (disk, memory, connections), object not in prerequisite
+# state (a lock timeout), operator intervention (shutdown, a cancelled
+# statement), system error (I/O), configuration file error and internal error.
+PG_TROUBLE = frozenset(("25", "08", "40", "53", "55", "57", "58", "F0", "XX"))
+
+
 class PostgreSQL(Dialect):
     name = "postgresql"
     combines = True
@@ -349,8 +362,16 @@ class PostgreSQL(Dialect):
         elif not durable:
             options.append("-c synchronous_commit=off")  # tests only: a commit need not wait for its fsync
         # Autocommit: this module says BEGIN and COMMIT itself, as with SQLite.
+        # No prepared statements: in a pipeline that an error aborts, psycopg may
+        # count a PREPARE the server skipped as done, and every later use of that
+        # statement then fails ("prepared statement ... does not exist").
         return self.psycopg.connect(
-            where, autocommit=True, connect_timeout=5, options=" ".join(options), application_name="volt-dispatcher"
+            where,
+            autocommit=True,
+            connect_timeout=5,
+            options=" ".join(options),
+            application_name="volt-dispatcher",
+            prepare_threshold=None,
         )
 
     @functools.lru_cache(maxsize=512)  # noqa: B019 - the statements are this module's own, a bounded set
@@ -363,8 +384,16 @@ class PostgreSQL(Dialect):
         return [a.replace("\0", "\ufffd") if isinstance(a, str) and "\0" in a else a for a in args]
 
     def trouble(self, exc: BaseException) -> bool:
+        # By the error's SQLSTATE class, not psycopg's class: psycopg files some
+        # errors of the data (an index entry over its size limit, class 54)
+        # under OperationalError, and retrying those would stop every round.
         p = self.psycopg
-        return isinstance(exc, (p.OperationalError, p.InternalError, p.InterfaceError)) or type(exc) is p.DatabaseError
+        state = getattr(exc, "sqlstate", None)
+        if state is None:  # the client's own: a connection that failed or went away
+            return (
+                isinstance(exc, (p.OperationalError, p.InternalError, p.InterfaceError)) or type(exc) is p.DatabaseError
+            )
+        return state[:2] in PG_TROUBLE
 
     def in_transaction(self, db: Any) -> bool:
         return db.info.transaction_status != self.psycopg.pq.TransactionStatus.IDLE
@@ -466,6 +495,17 @@ def _store_op(fn: _F) -> _F:
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:500] or type(exc).__name__
+
+
+def node_key(node_id: str) -> str:
+    """How the store keys a test's node id: whole up to NODE_KEY_BYTES of UTF-8,
+    else cut there and ended with a digest of the whole, so that two long ids
+    that begin alike stay two. A key is its own key."""
+    raw = node_id.encode()
+    if len(raw) <= NODE_KEY_BYTES:
+        return node_id
+    mark = "~" + hashlib.sha256(raw).hexdigest()[:16]
+    return raw[: NODE_KEY_BYTES - len(mark)].decode(errors="ignore") + mark
 
 
 def job_id_for(repo: str, branch: str, commit: str) -> str:
@@ -1234,9 +1274,11 @@ class Store:
     ) -> dict[str, list[TestRun]]:
         """Each of `node_ids` in the branch's last `jobs` finished jobs that ran it, newest first."""
         out: dict[str, list[TestRun]] = {node: [] for node in node_ids}
+        asked = {node_key(node): node for node in node_ids}
+        keys = list(asked)
         order = self.dialect.order
-        for i in range(0, len(node_ids), 500):
-            part = list(node_ids[i : i + 500])
+        for i in range(0, len(keys), 500):
+            part = keys[i : i + 500]
             rows = self._x(
                 "SELECT t.node_id, t.outcome, t.duration_s, j.job_id, j.commit_sha, j.subject, j.author,"
                 " j.finished_at FROM test_results t JOIN jobs j ON j.job_id = t.job_id"
@@ -1246,7 +1288,7 @@ class Store:
                 (repo, branch, jobs, *part),
             ).fetchall()
             for r in rows:
-                out[r[0]].append(TestRun(r[0], r[1], float(r[2]), r[3], r[4], r[5], r[6], r[7]))
+                out[asked[r[0]]].append(TestRun(r[0], r[1], float(r[2]), r[3], r[4], r[5], r[6], r[7]))
         return out
 
     @_store_op
@@ -1415,21 +1457,22 @@ class Store:
         with self._tx() as db:
             touched = set()
             for node, outcome, seconds, chunk in results:
+                key = node_key(node)
                 first = db.execute(
                     "INSERT INTO chunk_results (job_id, chunk, node_id) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
-                    (job_id, chunk, node),
+                    (job_id, chunk, key),
                 )
                 if first.rowcount != 1:
                     continue  # this chunk's report of it counted already
                 touched.add(chunk)
                 old = db.execute(
-                    "SELECT outcome, runs FROM test_results WHERE job_id = ? AND node_id = ?", (job_id, node)
+                    "SELECT outcome, runs FROM test_results WHERE job_id = ? AND node_id = ?", (job_id, key)
                 ).fetchone()
                 if old is None:
                     db.execute(
                         "INSERT INTO test_results (job_id, node_id, outcome, duration_s, chunk, runner)"
                         " VALUES (?, ?, ?, ?, ?, ?)",
-                        (job_id, node, outcome, seconds, chunk, runner),
+                        (job_id, key, outcome, seconds, chunk, runner),
                     )
                     runs = 1
                 else:  # a rerun: every test is in one chunk of the plan, and in reruns
@@ -1439,7 +1482,7 @@ class Store:
                     db.execute(
                         "UPDATE test_results SET outcome = ?, duration_s = ?, runs = ?, chunk = ?, runner = ?"
                         " WHERE job_id = ? AND node_id = ?",
-                        (outcome, seconds, runs, chunk, runner, job_id, node),
+                        (outcome, seconds, runs, chunk, runner, job_id, key),
                     )
                 if outcome in ("failed", "error"):
                     failing.append((node, runs))
@@ -1548,7 +1591,7 @@ class Store:
             if len(test) != 3 or not isinstance(test[0], str) or not test[0] or test[1] not in TEST_OUTCOMES:
                 continue
             seconds = test[2] if isinstance(test[2], (int, float)) and 0 <= test[2] < 1e7 else 0.0
-            rows.append((job_id, test[0][:MAX_NODE_ID], test[1], float(seconds), chunk, runner))
+            rows.append((job_id, node_key(test[0]), test[1], float(seconds), chunk, runner))
         db.executemany(
             "INSERT INTO test_results (job_id, node_id, outcome, duration_s, chunk, runner)"
             " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",

@@ -5,6 +5,7 @@ same promises."""
 from __future__ import annotations
 
 import base64
+import random
 import sqlite3
 import zlib
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from support import finished_job, pg_database
 
 from common.messages import CommitSeen, Job, JobResult
 from dispatcher import store as store_module
-from dispatcher.store import JobRow, LeaseLost, Store, StoreError, job_id_for
+from dispatcher.store import NODE_KEY_BYTES, JobRow, LeaseLost, Store, StoreError, job_id_for, node_key
 
 SHA_A = "a" * 40
 SHA_B = "b" * 40
@@ -504,6 +505,49 @@ def test_a_lost_database_connection_is_a_store_error_and_the_next_round_reconnec
     assert current(pg_store, row).state == "queued"
 
 
+def test_an_error_in_the_data_is_not_the_stores_even_where_psycopg_calls_it_operational(pg_store: Store) -> None:
+    # An index entry over PostgreSQL's size limit (SQLSTATE 54000) is the data's
+    # fault: taken for the store's, it would roll back and retry every round for ever.
+    row = running(pg_store)
+    pg_store.begin_batch()
+    with pytest.raises(psycopg_errors().ProgramLimitExceeded):
+        pg_store.note(row.job_id + random_text(1500), 1, "r1", "odd", "too long a key", now=105.0)
+    assert pg_store.finish(result(row), now=106.0)  # the round goes on
+    pg_store.commit_batch()
+    assert current(pg_store, row).status == "passed"
+
+
+def test_a_change_that_fails_on_the_server_leaves_the_connection_sound(pg_store: Store) -> None:
+    # psycopg prepares a statement on its sixth use. In a pipeline that an error
+    # aborts, the statements after the error are skipped, a PREPARE among them
+    # too, yet psycopg took it as done: every later use of that statement failed
+    # ("prepared statement ... does not exist"), and with it every round.
+    row = running(pg_store)
+    for _ in range(8):  # the same round, tried again and again
+        pg_store.begin_batch()
+        with pytest.raises(psycopg_errors().ProgramLimitExceeded):
+            pg_store.note(row.job_id + random_text(1500), 1, "r1", "odd", "too long a key", now=105.0)
+        pg_store.rollback_batch()
+    pg_store.begin_batch()
+    for i in range(3):
+        pg_store.note(row.job_id, 1, "r1", "ok", f"after {i}", now=106.0)
+    assert pg_store.finish(result(row), now=107.0)
+    pg_store.commit_batch()
+    assert kinds(pg_store, row).count("ok") == 3 and current(pg_store, row).status == "passed"
+
+
+def random_text(n: int) -> str:
+    """CJK characters, three bytes each: random, so they do not compress to fit an index entry."""
+    rnd = random.Random(7)
+    return "".join(chr(rnd.randrange(0x4E00, 0x9FFF)) for _ in range(n))
+
+
+def psycopg_errors() -> Any:
+    import psycopg
+
+    return psycopg.errors
+
+
 def test_a_password_in_the_database_url_is_never_shown() -> None:
     with pytest.raises(StoreError) as caught:
         Store("postgresql://volt:hunter2@127.0.0.1:1/volt")
@@ -723,6 +767,24 @@ def test_a_results_tests_are_kept_on_both_databases(store: Store) -> None:
         ("t::a", "passed", 0.5),
         ("t::b", "failed", 1.5),
     ]
+
+
+def test_node_ids_too_long_for_an_index_entry_are_kept_as_distinct_bounded_keys(store: Store) -> None:
+    # 1000 CJK characters are 3000 bytes: more than one index entry takes on
+    # PostgreSQL. The test is still recorded, and one that begins alike stays apart.
+    long_a = "tests/test_x.py::test_" + random_text(1000)
+    long_b = long_a + "_b"
+    row = running(store)
+    tests = [[long_a, "failed", 1.0], [long_b, "passed", 2.0], ["t::short", "passed", 0.1]]
+    assert store.finish(result(row, status="failed", tests=tests), now=104.0)
+    kept = {t.node_id: t.outcome for t in store.tests(row.job_id)}
+    assert len(kept) == 3 and kept["t::short"] == "passed"
+    assert kept[node_key(long_a)] == "failed" and kept[node_key(long_b)] == "passed"
+    assert all(len(k.encode()) <= NODE_KEY_BYTES for k in kept)
+    assert node_key(node_key(long_a)) == node_key(long_a) and node_key("t::short") == "t::short"
+    assert node_key(long_a).startswith(long_a[:300])
+    # Asked for by its whole id, its history is found.
+    assert [r.outcome for r in store.test_runs(REPO, "main", [long_a])[long_a]] == ["failed"]
 
 
 # -- test history ---------------------------------------------------------------
