@@ -200,6 +200,10 @@ class Runner:
         self.paused = False
         self.abandon = False
         self._next_heartbeat = 0.0
+        # When this runner last finished listening to its queue (time.monotonic()):
+        # a job handed over long after that waited while the runner could not
+        # hear, nor heartbeat (a freeze), and may have gone to another runner.
+        self._listened_at = time.monotonic()
         self._warned: set[str] = set()
         # Results and hand-backs that could not go to the outbox or the broker yet.
         self._unsent: list[Message] = []
@@ -315,7 +319,12 @@ class Runner:
             now = time.monotonic()
             if now >= self._next_heartbeat:
                 self._send_status(Heartbeat)
-            self.broker.process(min(0.2, max(0.0, self._next_heartbeat - time.monotonic())))
+            self.listen(min(0.2, max(0.0, self._next_heartbeat - time.monotonic())))
+
+    def listen(self, time_limit: float) -> None:
+        """Take what the broker has for this runner, waiting up to time_limit."""
+        self.broker.process(time_limit)
+        self._listened_at = time.monotonic()
 
     def _on_blocked(self, blocked: bool) -> None:
         """While the broker blocks publishers no heartbeat gets through, and the
@@ -392,11 +401,18 @@ class Runner:
             delivery.ack()
             return
         missing = sorted(set(job.labels) - set(self.s.labels))
-        if current is not None or self.draining or self.paused or missing:
+        # Deaf for longer than the job's lease window: the dispatcher may have
+        # taken the job back and given it to another runner meanwhile, and its
+        # cancel could come only after this run began.
+        deaf = time.monotonic() - self._listened_at - 0.2  # less listen()'s longest wait
+        stale = job.lease_s > 0 and deaf > job.lease_s - self.s.heartbeat_interval / 2
+        if current is not None or self.draining or self.paused or missing or stale:
             if current is not None:
                 reason = f"busy with job {current.job.job_id}"
             elif missing:
                 reason = f"lacks labels {', '.join(missing)}"
+            elif stale:
+                reason = f"it came after this runner heard nothing for {deaf:.1f}s (frozen?); it may be another's now"
             else:
                 reason = "draining" if self.draining else "paused"
             log.info("%s rejected: %s", who, reason, extra=fields)

@@ -55,7 +55,7 @@ def step(r: Runner) -> None:
     """One turn of the runner's main loop."""
     r._finish_thread()
     r.flush_outbox()
-    r.broker.process(0)
+    r.listen(0)
 
 
 def spin(r: Runner, until: Callable[[], Any], timeout: float = 20) -> Any:
@@ -109,6 +109,29 @@ def test_a_job_starts_before_its_ack_and_its_result_carries_the_lease(
     (result,) = spin(runner, lambda: results.of(JobResult))
     assert (result.status, result.lease, result.runner_id) == ("passed", "L" * 32, "r1")
     spin(runner, lambda: runner.current is None)  # free again once its result is out
+
+
+def test_a_job_that_waited_while_the_runner_was_frozen_is_refused_not_run(
+    runner: Runner, rabbit: FakeRabbit, dispatcher_side: Broker, repo: GitRepo, tmp_path: Path, monkeypatch: Any
+) -> None:
+    # Sent while the runner could hear nothing (SIGSTOP): by the time it wakes,
+    # the dispatcher may have given the job to another runner.
+    marker = tmp_path / "runs"
+    sha = counting_suite(repo, marker)
+    results = Results(rabbit)
+    send(dispatcher_side, job_for(repo, sha, lease_s=6.0))
+    woke = time.monotonic() + 8.0  # frozen for 8 s since it last listened
+    monkeypatch.setattr("runner.service.time.monotonic", lambda: woke)
+    step(runner)
+    monkeypatch.undo()
+    (rejected,) = results.of(JobRejected)
+    assert "heard nothing for" in rejected.reason and rejected.lease == "L" * 32
+    assert results.of(JobStarted) == [] and not marker.exists()
+    # Listening again, the next job (the same one given back to it, say) runs.
+    send(dispatcher_side, job_for(repo, sha, lease="M" * 32))
+    step(runner)
+    spin(runner, lambda: results.of(JobResult))
+    assert marker.read_text().splitlines() == ["1"]
 
 
 def test_a_job_delivered_again_runs_once(
