@@ -138,6 +138,18 @@ class QueueMismatch(SettingsError):
     declares (RabbitMQ cannot change them in place); one line says how to migrate."""
 
 
+# The reply code of a refusal to touch another connection's exclusive queue.
+RESOURCE_LOCKED = 405
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The broker's refusal of a question (Broker.ask): its reply code and text."""
+
+    code: int
+    text: str
+
+
 class AckLedger:
     """Which delivery tags of one channel are settled, so that an ack never
     covers a delivery that is not handled yet (delivery rule 2).
@@ -277,7 +289,9 @@ class Broker:
         # Unconfirmed publishes (probes, replies) go on a channel of their own,
         # so they never wait on the broker, even while it blocks publishers.
         self._fire_ch: BlockingChannel | None = None
-        self._consumers: list[str] = []
+        self._consumers: dict[str, str] = {}  # consumer tag -> its queue
+        # Queues whose consumer the broker cancelled (the queue was deleted).
+        self._cancelled_by_broker: list[str] = []
         self._rpc_replies: dict[str, bytes] = {}
         self._rpc_consuming = False
         self._hold = False
@@ -375,8 +389,10 @@ class Broker:
         told.add_on_connection_unblocked_callback(lambda *_: self._set_blocked(False))
         self._ch = self._conn.channel()
         self._ch.confirm_delivery()
+        self._ch.add_on_cancel_callback(self._on_cancelled_by_broker)
         self._fire_ch = self._get_ch = self._batch_ch = None
-        self._consumers = []
+        self._consumers = {}
+        self._cancelled_by_broker = []
         self._rpc_consuming = False
         # Tags of the old channel mean nothing on this one; what they
         # covered and was not acked, the broker delivers again.
@@ -463,10 +479,21 @@ class Broker:
             except (pika.exceptions.AMQPError, OSError):
                 pass
 
+    def _on_cancelled_by_broker(self, frame: Any) -> None:
+        queue = self._consumers.pop(frame.method.consumer_tag, None)
+        if queue is not None:
+            self._cancelled_by_broker.append(queue)
+
     def process(self, time_limit: float) -> None:
         """Run callbacks for up to time_limit seconds (returns sooner on activity)."""
         with _translated():
             self._connection().process_data_events(time_limit=max(0.0, time_limit))
+        if self._cancelled_by_broker:
+            # Nothing more would come, and nothing says so but this: start over,
+            # and the worker's setup declares its queues again.
+            raise BrokerUnavailable(
+                f"the broker cancelled our consumer of {', '.join(self._cancelled_by_broker)} (queue deleted?)"
+            )
         if self._ch is None or not self._ch.is_open:
             # The broker closed our channel (a consumer timeout, a refused
             # operation): pika says so only when the channel is next used.
@@ -586,22 +613,8 @@ class Broker:
 
     def queue_depth(self, queue: str) -> tuple[int, int] | None:
         """(ready messages, consumers) of a queue, or None if it does not exist."""
-        conn = self._connection()
-        with _translated():
-            # A passive declare of a missing queue closes its channel, so
-            # ask on a throwaway one.
-            ch = conn.channel()
-        try:
-            ok = ch.queue_declare(queue, passive=True)
-            return ok.method.message_count, ok.method.consumer_count
-        except pika.exceptions.ChannelClosedByBroker:
-            return None
-        except (pika.exceptions.AMQPError, OSError) as exc:
-            raise BrokerUnavailable(_describe(exc)) from None
-        finally:
-            if ch.is_open:
-                with _translated():
-                    ch.close()
+        ok = self.ask(lambda ch: ch.queue_declare(queue, passive=True))
+        return None if isinstance(ok, Refused) else (ok.method.message_count, ok.method.consumer_count)
 
     def delete_queue(self, queue: str) -> None:
         with _translated():
@@ -712,13 +725,6 @@ class Broker:
             self._batch_ch, self._confirms = ch, confirms
         return self._batch_ch, self._confirms
 
-    def probe_blocked(self) -> None:
-        """Publish a message that goes nowhere, without waiting: if RabbitMQ blocks
-        publishers (a memory or disk alarm), it tells this connection so
-        (`blocked_since`, `on_blocked`) once it reads it. An idle connection is
-        never told, so a worker that must know asks this way."""
-        self.publish("", f"{self.ns}.probe.{uuid.uuid4().hex[:8]}", b"", persistent=False, confirm=False)
-
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Move a message we cannot use to the dead-letter queue, with the reason."""
         log.warning("dead-lettering a message from %s: %s", delivery.queue, reason)
@@ -768,7 +774,7 @@ class Broker:
                 tag = ch.basic_consume(
                     queue, on_message, exclusive=exclusive and self.queue_type == "classic", arguments=arguments
                 )
-                self._consumers.append(tag)
+                self._consumers[str(tag)] = queue
             except pika.exceptions.ChannelClosedByBroker as exc:
                 if exc.reply_code == 403 and "exclusive" in exc.reply_text:
                     self.close()
@@ -780,31 +786,38 @@ class Broker:
         """Cancel one consumer (consume()'s tag); messages not yet taken stay in its queue."""
         with _translated():
             self._channel().basic_cancel(tag)
-        self._consumers = [t for t in self._consumers if t != tag]
+        self._consumers.pop(tag, None)
 
     def lock(self, queue: str) -> None:
         """Hold `queue`'s lock (an exclusive queue of this connection's, gone with
-        it), or raise InUse if another connection holds it. On a throwaway
-        channel: the refusal closes the channel it comes on."""
-        name = naming.lock_queue(queue)
+        it), or raise InUse if another connection holds it."""
+        refused = self.ask(lambda ch: ch.queue_declare(naming.lock_queue(queue), exclusive=True))
+        if isinstance(refused, Refused):
+            if refused.code == RESOURCE_LOCKED:
+                raise InUse(f"queue {queue} is in use by another consumer")
+            raise BrokerUnavailable(f"cannot lock {queue}: {refused.text}")
+
+    def locked(self, queue: str) -> bool:
+        """Whether some connection holds `queue`'s lock (asked about another
+        connection's exclusive queue, RabbitMQ says it is locked)."""
+        answer = self.ask(lambda ch: ch.queue_declare(naming.lock_queue(queue), passive=True))
+        return not isinstance(answer, Refused) or answer.code == RESOURCE_LOCKED
+
+    def ask(self, question: Callable[[BlockingChannel], Any]) -> Any:
+        """`question`'s answer on a throwaway channel (a refusal closes the channel
+        it comes on), or the broker's Refused; BrokerUnavailable if it is gone."""
         with _translated():
             ch = self._connection().channel()
         try:
-            ch.queue_declare(name, exclusive=True)
+            return question(ch)
         except pika.exceptions.ChannelClosedByBroker as exc:
-            if exc.reply_code == 405:  # RESOURCE_LOCKED
-                raise InUse(f"queue {queue} is in use by another consumer") from None
-            raise BrokerUnavailable(f"cannot lock {queue}: {exc.reply_text}") from None
+            return Refused(exc.reply_code, exc.reply_text)
         except (pika.exceptions.AMQPError, OSError) as exc:
             raise BrokerUnavailable(_describe(exc)) from None
         finally:
             if ch.is_open:
                 with _translated():
                     ch.close()
-
-    def locked(self, queue: str) -> bool:
-        """Whether some connection holds `queue`'s lock."""
-        return self.queue_depth(naming.lock_queue(queue)) is not None
 
     def _delivery(
         self,
@@ -833,9 +846,9 @@ class Broker:
         """Cancel every consumer; messages not yet taken stay in their queues."""
         ch = self._channel()
         with _translated():
-            for tag in self._consumers:
+            for tag in list(self._consumers):
                 ch.basic_cancel(tag)
-        self._consumers = []
+        self._consumers = {}
 
     def hold_acks(self) -> None:
         """From now on, acks wait for release_acks(): a worker that makes a whole
@@ -1059,21 +1072,8 @@ def was_blocked(exc: BaseException) -> bool:
 
 
 def _passes(broker: Broker, check: Callable[[BlockingChannel], Any]) -> bool:
-    """Whether `check` passes on a throwaway channel: False when the broker
-    refuses it (and so closes that channel), BrokerUnavailable when it is gone."""
-    with _translated():
-        ch = broker._connection().channel()
-    try:
-        check(ch)
-        return True
-    except pika.exceptions.ChannelClosedByBroker:
-        return False
-    except (pika.exceptions.AMQPError, OSError) as exc:
-        raise BrokerUnavailable(_describe(exc)) from None
-    finally:
-        if ch.is_open:
-            with _translated():
-                ch.close()
+    """Whether `check` passes on a throwaway channel (False: the broker refused it)."""
+    return not isinstance(broker.ask(check), Refused)
 
 
 def exchange_exists(broker: Broker, exchange: str) -> bool:

@@ -263,6 +263,15 @@ class Goodbye(Message):
 
 
 @dataclass(frozen=True)
+class Mark(Message):
+    """The dispatcher to itself, through its control queue: once it comes back,
+    every heartbeat sent before it has been heard (dispatcher/hearing.py)."""
+
+    TYPE: ClassVar[str] = "mark"
+    token: str
+
+
+@dataclass(frozen=True)
 class JobStarted(Message):
     TYPE: ClassVar[str] = "job_started"
     job_id: str
@@ -391,6 +400,7 @@ TYPES: dict[str, type[Message]] = {
         Hello,
         Heartbeat,
         Goodbye,
+        Mark,
         JobStarted,
         JobRejected,
         JobAbandoned,
@@ -428,12 +438,33 @@ def decode(body: bytes) -> Message:
     for f in dataclasses.fields(cls):
         if f.name in data:
             kwargs[f.name] = _check_type(cls, f.name, data[f.name])
+    _check_sizes(cls.TYPE, kwargs)
     try:
         return cls(**kwargs)
     except TypeError as exc:  # a required field is missing
         raise DecodeError(f"{kind}: {exc}") from None
     except ValueError as exc:
         raise DecodeError(f"{kind}: {exc}") from None
+
+
+# Ids (a job's, a runner's, a lease, a session) are short and plain wherever
+# they are made; a repository is a URL or a path. Either is a key in the
+# dispatcher's store, whose index entries have a size limit on PostgreSQL.
+_ID = re.compile(r"[A-Za-z0-9_.:-]{0,128}")
+_ID_FIELDS = ("job_id", "runner_id", "lease", "session", "run")
+MAX_REPO_BYTES = 1000
+
+
+def _check_sizes(kind: str, fields: dict[str, Any]) -> None:
+    for name in _ID_FIELDS:
+        value = fields.get(name)
+        if isinstance(value, str) and not _ID.fullmatch(value):
+            raise DecodeError(
+                f"{kind}: field {name!r} is not an id (at most 128 letters, digits and _.:-): {value!r:.60}"
+            )
+    repo = fields.get("repo")
+    if isinstance(repo, str) and len(repo.encode()) > MAX_REPO_BYTES:
+        raise DecodeError(f"{kind}: field 'repo' is longer than {MAX_REPO_BYTES} bytes")
 
 
 _LONE_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")

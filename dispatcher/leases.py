@@ -54,17 +54,18 @@ class Leases:
         for watch in self.watches.values():
             watch.deadline = max(watch.deadline, until)
 
-    def due(self, active: Iterable[JobRow], grace: float) -> list[JobRow]:
-        """The active jobs whose lease ran out. One not watched yet (after a
-        restart) gets `grace` to be echoed first."""
+    def due(self, active: Iterable[JobRow], grace: float, as_of: float | None = None) -> list[JobRow]:
+        """The active jobs whose lease had run out at `as_of` (by default now).
+        One not watched yet (after a restart) gets `grace` to be echoed first."""
         now = self.clock()
+        limit = now if as_of is None else as_of
         out, seen = [], set()
         for row in active:
             seen.add(row.job_id)
             watch = self.watches.get(row.job_id)
             if watch is None or watch.lease != row.lease:
                 self.watches[row.job_id] = Watch(row.lease or "", now + grace)
-            elif watch.deadline < now:
+            elif watch.deadline < limit:
                 out.append(row)
         if len(self.watches) > 2 * len(seen) + 100:  # ended jobs nobody dropped
             self.watches = {k: v for k, v in self.watches.items() if k in seen}

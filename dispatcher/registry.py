@@ -86,10 +86,11 @@ class Registry:
     def remove(self, runner_id: str) -> RunnerInfo | None:
         return self.runners.pop(runner_id, None)
 
-    def expire(self) -> list[RunnerInfo]:
-        """Remove and return the runners whose heartbeats stopped."""
-        now = self.clock()
-        lost = [r for r in self.runners.values() if r.deadline < now]
+    def expire(self, as_of: float | None = None) -> list[RunnerInfo]:
+        """Remove and return the runners whose heartbeats stopped: whose deadline
+        had passed at `as_of` (by default now)."""
+        limit = self.clock() if as_of is None else as_of
+        lost = [r for r in self.runners.values() if r.deadline < limit]
         for r in lost:
             del self.runners[r.runner_id]
         return lost

@@ -52,6 +52,7 @@ from common.messages import (
     JobRejected,
     JobResult,
     JobStarted,
+    Mark,
     Reply,
     Request,
     RunnerCommand,
@@ -59,6 +60,7 @@ from common.messages import (
 )
 from common.settings import BrokerSettings, SettingsError
 from dispatcher import queries
+from dispatcher.hearing import Hearing
 from dispatcher.leases import Leases, why_gone
 from dispatcher.metrics import Metrics
 from dispatcher.registry import Registry, RunnerInfo, first_able
@@ -71,8 +73,6 @@ log = logging.getLogger(__name__)
 # A round that took longer than this means the dispatcher itself stalled
 # (paused, swapped out, a slow disk): nobody was heard meanwhile.
 STALL_AFTER = 2.0
-# How long after a probe for a blocking broker the dispatcher waits for RabbitMQ's word.
-PROBE_ANSWER = 1.0
 # How often parked jobs are checked against --park-timeout.
 PARK_CHECK_EVERY = 5.0
 # Standby dispatchers (PostgreSQL): the lease holds this long after its last
@@ -159,8 +159,7 @@ class Dispatcher:
         self.leases = Leases(clock)
         # label set -> when a live runner last had all of them
         self._labels_seen: dict[tuple[str, ...], float] = {}
-        self._probed_at = -1e9
-        self._behind_since: float | None = None
+        self.hearing = Hearing(clock)
         # What to do once the round is durable (log lines that say "recorded",
         # metrics): never for a change that was rolled back.
         self._after_commit: list[Callable[[], None]] = []
@@ -273,6 +272,7 @@ class Dispatcher:
         # Runners could not be heard while we were disconnected: give them a
         # full heartbeat timeout (and the restart grace) to report in.
         self._forgive(self.s.restart_grace)
+        self.hearing.forget()
         self.started = self._last_round = self.clock()  # the time away is forgiven above, not a stall
         self._backlog_maybe = self._parked_maybe = True
         self.store.begin_batch()
@@ -369,9 +369,7 @@ class Dispatcher:
         rolls the round back and acks none of it.
         """
         now = self.clock()
-        if now - self._last_round > STALL_AFTER:
-            log.warning("the dispatcher stalled for %.1fs; giving runners a fresh lease", now - self._last_round)
-            self._forgive(0.0)
+        self._stalled(now - self._last_round)
         self.store.begin_batch()
         try:
             self.broker.process(time_limit)
@@ -414,6 +412,13 @@ class Dispatcher:
         if self.clock() >= self._next_snapshot:
             self.snapshot = take_snapshot(self, self.snapshot)
             self._next_snapshot = self.clock() + SNAPSHOT_EVERY
+
+    def _stalled(self, silent: float) -> None:
+        """The dispatcher heard nothing for `silent` seconds of its own doing:
+        past STALL_AFTER, every runner and lease gets a fresh window."""
+        if silent > STALL_AFTER:
+            log.warning("the dispatcher stalled for %.1fs; giving runners a fresh lease", silent)
+            self._forgive(0.0)
 
     def _make_durable(self) -> None:
         """Commit the round so far (before jobs go to runners); the round goes on.
@@ -704,8 +709,13 @@ class Dispatcher:
     # -- runners ----------------------------------------------------------
 
     def on_control(self, d: Delivery) -> None:
-        msg = self._decode(d, Hello, Goodbye)
+        msg = self._decode(d, Hello, Goodbye, Mark)
         if msg is None:
+            return
+        if isinstance(msg, Mark):
+            if self.hearing.came_back(msg.token):
+                self._next_sweep = 0.0  # what it tells is worth acting on now
+            d.ack()
             return
         if isinstance(msg, Hello):  # Heartbeat is a Hello
             seen = self.registry.heartbeat(msg)
@@ -761,52 +771,38 @@ class Dispatcher:
         self._cancel(msg.runner_id, msg.job_id, msg.attempt, msg.lease, "this attempt is no longer yours")
 
     def sweep(self) -> None:
-        """Take back the jobs whose lease was not renewed in time, and forget the
-        runners whose heartbeats stopped; but only after making sure the silence
-        is theirs, not a broker that blocks publishers or a queue we are behind on."""
+        """Take back the jobs whose lease ran out, and forget the runners whose
+        heartbeats stopped: by the runners' silence only, never the dispatcher's
+        own deafness (a pause, a backlog of heartbeats, a predecessor that still
+        holds the control queue, a broker that blocks publishers). A deadline
+        counts once it had passed when a mark went through the control queue
+        and came back (dispatcher/hearing.py); for one that passed since, a mark
+        goes out now."""
         now = self.clock()
         if now >= self._next_park_check:
             self._expire_parked()
             self._next_park_check = now + PARK_CHECK_EVERY
         # A job not watched yet (after a restart) gives its runner the grace to echo it.
         grace = self.s.restart_grace if now - self.started < self.s.restart_grace else self.s.start_timeout
-        due = self.leases.due(self.store.in_state("assigned", "running"), grace)
-        expiring = any(r.deadline < now for r in self.registry.runners.values())
-        if not (due or expiring) or not self._silence_is_theirs():
+        overdue = self.leases.due(self.store.in_state("assigned", "running"), grace)
+        late = sum(r.deadline < now for r in self.registry.runners.values())
+        if not (overdue or late) or self.broker.blocked_since is not None:
             return
-        for info in self.registry.expire():
+        heard = self.hearing.heard_up_to
+        lost = self.registry.expire(as_of=heard)
+        for info in lost:
             silent = self.clock() - info.last_seen
             reason = f"runner {info.runner_id} lost (no heartbeat for {silent:.1f}s)"
             log.warning("%s", reason, extra=ids(runner=info.runner_id))
             self._lost_reasons[info.runner_id] = reason
-        for row in due:
+        gone = [row for row in overdue if self.leases.watches[row.job_id].deadline < heard]
+        for row in gone:
             reason, failure = why_gone(row, self.registry, self._lost_reasons)
             self._requeue(row.job_id, row.lease or "", reason, failure=failure)
-
-    def _silence_is_theirs(self) -> bool:
-        """Whether heartbeats that did not come are the runners' doing. RabbitMQ
-        tells a connection that it blocks publishers only once it publishes, so
-        probe first and decide on a later sweep; and a control queue with
-        heartbeats waiting means we are behind, not they."""
-        now = self.clock()
-        if self.broker.blocked_since is not None:
-            return False
-        # A loaded broker may take a while to say so: decide a second after the
-        # probe at the earliest (lost runners are found that much later).
-        since = now - self._probed_at
-        if since > PROBE_ANSWER + 3.0:
-            self.broker.probe_blocked()
-            self._probed_at = now
-            return False
-        if since < PROBE_ANSWER:
-            return False
-        depth = self.broker.queue_depth(naming.dispatcher_control_queue(self.ns))
-        if depth is not None and depth[0] > 0:
-            self._behind_since = self._behind_since or now
-            if now - self._behind_since < self.s.restart_grace:
-                return False
-        self._behind_since = None
-        return True
+        if (len(gone) < len(overdue) or len(lost) < late) and self.hearing.mark_due():
+            # Unconfirmed: a broker that blocks publishers keeps it, and nobody is judged meanwhile.
+            mark = Mark(token=self.hearing.sent())
+            self.broker.publish(naming.control_exchange(self.ns), "", mark, persistent=False, confirm=False)
 
     def _requeue(self, job_id: str, lease: str, reason: str, failure: bool) -> bool:
         """Take a job back from its current assignment; False if `lease` is not it."""

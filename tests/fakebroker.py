@@ -108,6 +108,15 @@ class FakeRabbit:
             for target in self.route(dlx, msg.routing_key):
                 target.messages.append(Msg(msg.body, msg.props, dlx, msg.routing_key))
 
+    def delete(self, name: str) -> None:
+        """Delete a queue (an operator, its expiry): its consumers are told, as
+        RabbitMQ tells them with basic.cancel."""
+        q = self.queues.pop(name, None)
+        self.bindings = [b for b in self.bindings if b[0] != name]
+        for consumer in q.consumers if q else []:
+            consumer.channel.consumers.remove(consumer)
+            consumer.channel.cancelled.append(consumer.tag)
+
     def depth(self, name: str) -> int:
         return len(self.queues[name].messages)
 
@@ -207,6 +216,8 @@ class FakeChannel:
         self.buffer: deque[tuple[int, Queue, Msg, Consumer]] = deque()
         self.consumers: list[Consumer] = []
         self.impl: FakeImpl | None = None
+        self.cancelled: list[str] = []  # consumer tags the broker cancelled, not told yet
+        self._on_cancel: list[Callable[[Any], None]] = []
 
     # -- the state a broker keeps per channel ----------------------------
 
@@ -224,6 +235,10 @@ class FakeChannel:
             tag, queue, msg, consumer = self.buffer.popleft()
             method = SimpleNamespace(delivery_tag=tag, redelivered=msg.redelivered, routing_key=msg.routing_key)
             consumer.callback(self, method, msg.props, msg.body)
+        while self.cancelled and self.is_open:
+            frame = SimpleNamespace(method=SimpleNamespace(consumer_tag=self.cancelled.pop(0)))
+            for fn in self._on_cancel:
+                fn(frame)
 
     def drop(self) -> None:
         self.is_open = False
@@ -297,9 +312,13 @@ class FakeChannel:
         self.rabbit.bindings = [b for b in self.rabbit.bindings if b != (queue, exchange, routing_key or "")]
 
     def queue_delete(self, queue: str) -> Any:
-        q = self.rabbit.queues.pop(queue, None)
-        self.rabbit.bindings = [b for b in self.rabbit.bindings if b[0] != queue]
-        return SimpleNamespace(method=SimpleNamespace(message_count=len(q.messages) if q else 0))
+        q = self.rabbit.queues.get(queue)
+        count = len(q.messages) if q else 0
+        self.rabbit.delete(queue)
+        return SimpleNamespace(method=SimpleNamespace(message_count=count))
+
+    def add_on_cancel_callback(self, fn: Callable[[Any], None]) -> None:
+        self._on_cancel.append(fn)
 
     def queue_purge(self, queue: str) -> None:
         self.rabbit.queues[queue].messages.clear()

@@ -295,17 +295,15 @@ class Volt:
         broker.close()
 
 
-def suite(marker: Path, first_sleep: float, later_sleep: float = 0.0, extra: str = "") -> dict[str, str]:
-    """A .volt.toml whose command records each run's pid in `marker` and sleeps
-    `first_sleep` on its first run, `later_sleep` after (so a retry is quick).
-
-    A run that starts while an earlier run of the same suite still lives also
-    writes `overlap <pid>`: `overlaps(marker)` says whether a job ran twice at once.
-    """
+def _recording_suite(marker: str, then: str) -> dict[str, str]:
+    """A .volt.toml whose command appends its pid to the file that the Python
+    expression `marker` names, and `overlap <pid>` for each earlier run recorded
+    there that still lives (a job that ran twice at the same time), then runs
+    the code `then` (which may read `runs`: how many ran before)."""
     code = (
         "import os, time\n"
-        f"m = {str(marker)!r}\n"
-        "prev = [p for p in open(m).read().split() if p.isdigit()] if os.path.exists(m) else []\n"
+        f"m = {marker}\n"
+        "prev = [p for p in open(m).read().splitlines() if p.isdigit()] if os.path.exists(m) else []\n"
         "def live(p):\n"
         "    try:\n"
         "        return open('/proc/' + p + '/stat').read().rsplit(')', 1)[1].split()[0] != 'Z'\n"
@@ -314,14 +312,35 @@ def suite(marker: Path, first_sleep: float, later_sleep: float = 0.0, extra: str
         "clash = ''.join('overlap ' + p + chr(10) for p in prev if live(p))\n"
         "open(m, 'a').write(str(os.getpid()) + chr(10) + clash)\n"
         "runs = len(prev)\n"
-        f"{extra}\n"
-        f"time.sleep({first_sleep} if runs == 0 else {later_sleep})\n"
+        f"{then}\n"
     )
     return {".volt.toml": f"[test]\ncommand = [{sys.executable!r}, '-c', {code!r}]\n"}
 
 
+def suite(marker: Path, first_sleep: float, later_sleep: float = 0.0, extra: str = "") -> dict[str, str]:
+    """A .volt.toml whose command records each run's pid in `marker` and sleeps
+    `first_sleep` on its first run, `later_sleep` after (so a retry is quick).
+
+    A run that starts while an earlier run of the same suite still lives also
+    writes `overlap <pid>`: `overlaps(marker)` says whether a job ran twice at once.
+    """
+    return _recording_suite(repr(str(marker)), f"{extra}\ntime.sleep({first_sleep} if runs == 0 else {later_sleep})")
+
+
+def per_commit_suite(folder: Path, sleep: float) -> dict[str, str]:
+    """A .volt.toml whose every run records its pid in `folder`/<commit>, and
+    `overlap <pid>` when an earlier run of the same commit still lives: a job
+    that ran twice at the same time shows as an overlap (`overlapping(folder)`)."""
+    return _recording_suite(f"os.path.join({str(folder)!r}, os.environ['VOLT_COMMIT'])", f"time.sleep({sleep})")
+
+
+def overlapping(folder: Path) -> list[str]:
+    return [f"{f.name}: {line}" for f in folder.iterdir() for line in f.read_text().splitlines() if "overlap" in line]
+
+
 def pids(marker: Path) -> list[int]:
-    return [int(p) for p in marker.read_text().split() if p.isdigit()] if marker.exists() else []
+    """The pid of each run a `suite` recorded (not the ones named by its overlap lines)."""
+    return [int(p) for p in marker.read_text().splitlines() if p.isdigit()] if marker.exists() else []
 
 
 def overlaps(marker: Path) -> list[str]:

@@ -29,6 +29,7 @@ from common.messages import (
     JobRejected,
     JobResult,
     JobStarted,
+    Mark,
     Message,
     Reply,
     Request,
@@ -57,6 +58,7 @@ SAMPLES: list[Message] = [
     Hello(runner_id="r1", session="s1", host="box", pid=42, labels=["linux", "gpu"], sent_at=5.0),
     Heartbeat(runner_id="r1", session="s1", state="busy", job_id="j1", attempt=1, interval=0.5),
     Goodbye(runner_id="r1", session="s1", job_id="j1", attempt=1, reason="shutdown"),
+    Mark(token="5f0c1e2d3a4b"),
     JobStarted(job_id="j1", attempt=1, runner_id="r1", session="s1", started_at=10.25),
     JobRejected(job_id="j1", attempt=1, runner_id="r1", reason="busy", lease="L1"),
     JobAbandoned(job_id="j1", attempt=1, runner_id="r1", lease="L1", reason="lease lost"),
@@ -292,6 +294,32 @@ def test_missing_required_field() -> None:
     assert reason.startswith("job: ")
     assert "missing" in reason
     assert "'commit'" in reason
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (job_body(job_id="j" * 129), "job: field 'job_id' is not an id"),
+        (job_body(job_id="\u4e00" * 1000), "job: field 'job_id' is not an id"),
+        (job_body(lease="a b"), "job: field 'lease' is not an id"),
+        (job_body(run="x\ny"), "job: field 'run' is not an id"),
+        (body(type="heartbeat", schema_version=1, runner_id="r" * 200, session="s"), "heartbeat: field 'runner_id'"),
+        (body(type="job_started", schema_version=1, job_id="j", attempt=1, runner_id="r1", session="s/../x"), "job_started: field 'session'"),
+        (job_body(repo="/srv/" + "\u4e00" * 400), "job: field 'repo' is longer than 1000 bytes"),
+    ],
+)
+def test_ids_and_repositories_of_a_size_no_store_key_can_hold_are_refused(data: bytes, reason: str) -> None:
+    # A job id, a lease or a repository is a key in the dispatcher's store: one
+    # over an index entry's limit (about 2,700 bytes on PostgreSQL) would fail
+    # the store for every message of its round.
+    assert refused(data).startswith(reason)
+
+
+def test_the_ids_volt_ci_makes_are_fine() -> None:
+    shard = "0123456789abcdef.12"
+    msg = decode(job_body(job_id=shard, run="0123456789abcdef", lease="f" * 32))
+    assert isinstance(msg, Job) and (msg.job_id, msg.run) == (shard, "0123456789abcdef")
+    assert decode(job_body(repo="https://git.example.com/" + "a" * 900 + ".git"))
 
 
 @pytest.mark.parametrize("field", ["job_id", "repo", "branch"])

@@ -472,6 +472,71 @@ def test_a_stalled_dispatcher_gives_runners_a_fresh_lease(
     assert row is not None and (row.state, row.attempt) == ("running", 1)
 
 
+def assert_still_running(d: Dispatcher, job: Job) -> None:
+    """r1 still counts as live and keeps its job, at its first attempt."""
+    assert d.registry.get("r1") is not None
+    row = d.store.get(job.job_id)
+    assert row is not None and (row.state, row.attempt) == ("running", 1)
+    assert not [e for e in d.store.events(job.job_id) if e["kind"] == "lost"]
+
+
+def test_heartbeats_the_broker_pushed_but_not_yet_handled_are_heard_before_anyone_is_declared_lost(
+    rabbit: FakeRabbit, peer: Peer, tmp_path: Path, clock: Clock
+) -> None:
+    # The dispatcher was held up (a pause, a slow round): the runners' heartbeats
+    # came meanwhile, and the broker pushed them to it (prefetch), so the control
+    # queue shows none ready; they wait in the client's buffer when the sweep looks.
+    d = start(tmp_path, clock)
+    job = running(rabbit, peer, d, clock)
+    rounds(d, clock, 1)
+    for _ in range(8):  # 6 s, every heartbeat echoing the job, none handled yet
+        clock.advance(0.75)
+        peer.hello("r1", job)
+        rabbit.pump()
+        d.sweep()
+    assert_still_running(d, job)
+
+
+def test_a_round_held_up_in_the_middle_declares_nobody_lost(
+    rabbit: FakeRabbit, peer: Peer, tmp_path: Path, clock: Clock
+) -> None:
+    d = start(tmp_path, clock)
+    job = running(rabbit, peer, d, clock)
+    for _ in range(4):
+        peer.hello("r1", job)
+        rounds(d, clock, 1)
+    process = d.broker.process
+
+    def frozen(time_limit: float) -> None:  # SIGSTOP while it waited for input
+        d.broker.process = process  # type: ignore[method-assign]
+        for _ in range(5):  # the runner goes on heartbeating; the broker pushes them to us
+            clock.advance(1.0)
+            peer.hello("r1", job)
+            rabbit.pump()
+
+    d.broker.process = frozen  # type: ignore[method-assign]
+    d._next_sweep = 0.0
+    d.run_once(0.25)  # its sweep sees every deadline passed, and heard nothing since
+    for _ in range(3):
+        peer.hello("r1", job)
+        rounds(d, clock, 1)
+    assert_still_running(d, job)
+
+
+def test_a_runner_that_really_went_silent_is_lost_once_a_mark_came_back(
+    rabbit: FakeRabbit, peer: Peer, tmp_path: Path, clock: Clock
+) -> None:
+    d = start(tmp_path, clock)
+    job = running(rabbit, peer, d, clock)
+    rounds(d, clock, 1)
+    rounds(d, clock, 12)  # 3.6 s without a heartbeat: more than its 3 s window
+    row = d.store.get(job.job_id)
+    assert row is not None and row.attempt == 2
+    (lost,) = [e for e in d.store.events(job.job_id) if e["kind"] == "lost"]
+    assert lost["reason"].startswith("runner r1 lost (no heartbeat for")
+    assert d.hearing.heard_up_to > 1000.0  # a mark went round
+
+
 def test_queued_jobs_whose_backlog_message_is_gone_are_published_again(
     rabbit: FakeRabbit, peer: Peer, tmp_path: Path, clock: Clock
 ) -> None:

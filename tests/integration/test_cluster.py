@@ -10,42 +10,17 @@ from __future__ import annotations
 
 import signal
 import statistics
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
-from support import GitRepo, Node, Volt, many_commits, pg_database, rabbit_cluster
+from support import GitRepo, Node, Volt, many_commits, overlapping, per_commit_suite, pg_database, pids, rabbit_cluster
 
 from dispatcher.client import QueryFailed
 
 ACTIVE = "is the active one now"
 STOOD_DOWN = "this dispatcher stands by"
-
-
-def per_commit_suite(folder: Path, sleep: float) -> dict[str, str]:
-    """A .volt.toml whose every run records its pid in `folder`/<commit>, and
-    `overlap <pid>` when an earlier run of the same commit still lives: a job
-    that ran twice at the same time shows as an overlap."""
-    code = (
-        "import os, time\n"
-        f"m = os.path.join({str(folder)!r}, os.environ['VOLT_COMMIT'])\n"
-        "prev = [p for p in open(m).read().split() if p.isdigit()] if os.path.exists(m) else []\n"
-        "def live(p):\n"
-        "    try:\n"
-        "        return open('/proc/' + p + '/stat').read().rsplit(')', 1)[1].split()[0] != 'Z'\n"
-        "    except OSError:\n"
-        "        return False\n"
-        "clash = ''.join('overlap ' + p + chr(10) for p in prev if live(p))\n"
-        "open(m, 'a').write(str(os.getpid()) + chr(10) + clash)\n"
-        f"time.sleep({sleep})\n"
-    )
-    return {".volt.toml": f"[test]\ncommand = [{sys.executable!r}, '-c', {code!r}]\n"}
-
-
-def overlapping(folder: Path) -> list[str]:
-    return [f"{f.name}: {line}" for f in folder.iterdir() for line in f.read_text().splitlines() if "overlap" in line]
 
 
 def active_one(volt: Volt, names: tuple[str, ...]) -> str:
@@ -59,6 +34,15 @@ def active_one(volt: Volt, names: tuple[str, ...]) -> str:
         return None
 
     return volt.wait_for("an active dispatcher", which, timeout=30)
+
+
+def two_dispatchers(volt: Volt, db: str, names: tuple[str, str]) -> str:
+    """Start the first dispatcher on `db`, then, once it is active, the second as its standby."""
+    volt.start(names[0], "dispatcher", "--db", db)
+    active = active_one(volt, names[:1])
+    volt.start(names[1], "dispatcher", "--db", db)
+    volt.wait_for("the standby", lambda: "standing by" in volt.log_of(names[1]))
+    return active
 
 
 def node_of(volt: Volt, name: str, nodes: list[Node]) -> Node:
@@ -103,10 +87,7 @@ def test_standby_dispatchers_take_over_from_a_killed_or_paused_one(amqp_url: str
     with pg_database() as db:
         volt = Volt(amqp_url, f"t{uuid.uuid4().hex[:10]}", tmp_path)
         try:
-            volt.start(names[0], "dispatcher", "--db", db)
-            active = active_one(volt, names[:1])
-            volt.start(names[1], "dispatcher", "--db", db)
-            volt.wait_for("the standby", lambda: "standing by" in volt.log_of(names[1]))
+            active = two_dispatchers(volt, db, names)
             # A standby answers while the active one does too: the active one takes the question.
             assert volt.ask("ping")["runners"] == 0
             volt.runner("r1")
@@ -149,6 +130,48 @@ def test_standby_dispatchers_take_over_from_a_killed_or_paused_one(amqp_url: str
             volt.delete_topology()
 
 
+def test_a_standby_that_takes_over_from_a_paused_dispatcher_takes_no_running_job_back(
+    amqp_url: str, tmp_path: Path
+) -> None:
+    # The paused one still holds the input queues (a single active consumer)
+    # and what they had pushed to it: the new active one hears no heartbeat,
+    # and must not take that for the runners' silence.
+    repo = GitRepo(tmp_path / "repo")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    shas = [repo.commit(per_commit_suite(runs, sleep=30)), repo.commit({"two.txt": "2"})]
+    names = ("dispatcher-a", "dispatcher-b")
+    with pg_database() as db:
+        volt = Volt(amqp_url, f"t{uuid.uuid4().hex[:10]}", tmp_path)
+        try:
+            active = two_dispatchers(volt, db, names)
+            for r in ("r1", "r2", "r3"):  # r3 stays idle: where a job taken back would go
+                volt.runner(r)
+            volt.wait_for("three runners", lambda: len(volt.ask("status")["runners"]) == 3)
+            for sha in shas:
+                volt.run("notify", "--repo", str(repo.path), "--branch", "main", "--commit", sha)
+            volt.wait_for("both jobs running", lambda: len(list(runs.iterdir())) == 2, timeout=30)
+            paused = volt.procs[active]
+            paused.send_signal(signal.SIGSTOP)
+            since = time.monotonic()
+            other = next(n for n in names if n != active)
+            volt.wait_for("the other to take over", lambda: ACTIVE in volt.log_of(other), timeout=20)
+            # Past the lease (5 s) and the new one's restart grace (10 s) for runners to report in.
+            time.sleep(max(0.0, 20 - (time.monotonic() - since)))
+            paused.send_signal(signal.SIGCONT)
+            volt.wait_results(2, timeout=60)
+            rows = exactly_one_result_each(volt, shas)
+            for row in rows:
+                kinds = [e["kind"] for e in row["history"]]
+                assert row["attempts"] == 1 and "lost" not in kinds, row
+            assert sorted(f.name for f in runs.iterdir()) == sorted(shas)
+            assert [len(pids(f)) for f in runs.iterdir()] == [1, 1]
+            assert overlapping(runs) == []
+        finally:
+            volt.stop_all()
+            volt.delete_topology()
+
+
 def test_a_cluster_loses_a_node_and_the_active_dispatcher_and_every_commit_gets_one_result(tmp_path: Path) -> None:
     repo = GitRepo(tmp_path / "repo")
     runs = tmp_path / "runs"
@@ -160,10 +183,7 @@ def test_a_cluster_loses_a_node_and_the_active_dispatcher_and_every_commit_gets_
         print(f"3-node cluster up in {time.monotonic() - started:.1f}s")
         volt = Volt(",".join(n.url for n in nodes), f"t{uuid.uuid4().hex[:10]}", tmp_path)
         try:
-            volt.start(names[0], "dispatcher", "--db", db)
-            active = active_one(volt, names[:1])
-            volt.start(names[1], "dispatcher", "--db", db)
-            volt.wait_for("the standby", lambda: "standing by" in volt.log_of(names[1]))
+            active = two_dispatchers(volt, db, names)
             volt.runner("r1")
             volt.runner("r2")
             volt.observer(repo.path)

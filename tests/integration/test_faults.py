@@ -7,7 +7,7 @@ import signal
 import time
 from datetime import datetime
 
-from support import alive, overlaps, pids, suite
+from support import alive, overlapping, overlaps, per_commit_suite, pids, suite
 
 from common import naming
 from common.health import HEALTH_FILE
@@ -169,6 +169,35 @@ def test_a_job_for_a_runner_whose_queue_vanished_goes_to_the_next_runner_at_once
     unroutable = next(e for e in row["history"] if e["kind"] == "unroutable")
     assert unroutable["reason"] == "runner vanished queue missing"
     volt.procs["vanished"].send_signal(signal.SIGCONT)
+
+
+def test_runners_whose_queues_are_deleted_declare_them_again_and_take_jobs(volt, repo, tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    shas = [repo.commit(per_commit_suite(runs, sleep=0.2))]
+    volt.dispatcher()
+    for r in ("qa", "qb"):
+        volt.runner(r, heartbeat=0.5)
+    volt.wait_for("two runners", lambda: len(volt.ask("status")["runners"]) == 2)
+    for r in ("qa", "qb"):  # an operator, or a policy, deletes them
+        volt.broker.delete_queue(naming.runner_queue(volt.ns, r))
+    for r in ("qa", "qb"):
+        volt.wait_for(f"{r} to notice", lambda r=r: "cancelled our consumer" in volt.log_of(r), timeout=15)
+        volt.wait_for(
+            f"{r}'s queue again, consumed",
+            lambda r=r: (depth := volt.broker.queue_depth(naming.runner_queue(volt.ns, r))) and depth[1] == 1,
+            timeout=30,
+        )
+    shas += [repo.commit({"n.txt": str(i)}) for i in range(5)]
+    for sha in shas:
+        volt.run("notify", "--repo", str(repo.path), "--branch", "main", "--commit", sha)
+    rows = volt.wait_results(6, timeout=60)
+    assert sorted(r["commit"] for r in rows) == sorted(shas)
+    assert {r["status"] for r in rows} == {"passed"}
+    assert sorted(f.name for f in runs.iterdir()) == sorted(shas)
+    assert all(len(pids(f)) == 1 for f in runs.iterdir()) and not overlapping(runs)
+    bounced = [e for r in rows for e in r["history"] if e["kind"] == "unroutable"]
+    assert len(bounced) <= 2, bounced  # at most the one sent to each before it noticed
 
 
 def test_dispatcher_killed_mid_stream_loses_nothing_and_records_each_result_once(volt, repo, tmp_path):

@@ -14,6 +14,7 @@ from support import (
     commit_suite,
     jobs_in_store,
     many_commits,
+    pg_database,
     rabbit_node,
     run_quiet,
     runs_per_commit,
@@ -49,6 +50,15 @@ def test_a_second_dispatcher_on_the_namespace_exits_2_with_one_line_and_takes_no
     assert same.stderr.splitlines() == [
         f"volt dispatcher: another dispatcher is using the store {tmp_path / 'dispatcher.db'}"
     ], same.stderr
+
+    # Nor does a dispatcher on PostgreSQL (those stand by for each other, not for this one).
+    with pg_database() as db:
+        on_pg = run_quiet(volt, "dispatcher", "--db", db, timeout=30)
+    assert on_pg.returncode == 2, on_pg.stderr
+    assert on_pg.stderr.splitlines() == [
+        f"volt dispatcher: a dispatcher with a SQLite store runs in namespace {volt.ns!r} (it holds the queues' "
+        "locks); stop it, or give this one another --namespace"
+    ], on_pg.stderr
 
     rows = volt.wait_results(COMMITS, timeout=60)
     assert jobs_in_store(other_db) == []  # it took nothing
