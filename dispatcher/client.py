@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -29,6 +30,7 @@ from common.broker import (
     exchange_exists,
     was_blocked,
 )
+from common.logs import escape
 from common.messages import DecodeError, Reply, Request, RunnerCommand, one_line
 from common.settings import BrokerSettings
 from dispatcher.history import trend_line
@@ -412,8 +414,22 @@ def log_main(args: argparse.Namespace) -> int:
     if cut:
         print(f"# {cut}", file=sys.stderr)
     dropped = "not in this reply" if cut else "not kept"
-    sys.stdout.write(log_text(data["head"], data["tail"], data["bytes"], data["full"], dropped))
+    text = log_text(data["head"], data["tail"], data["bytes"], data["full"], dropped)
+    # The tested commit wrote it: to a terminal, colours only, no other escape
+    # sequence (one can move the cursor over earlier lines, set the clipboard,
+    # or retitle the window). Piped, it goes out as it was.
+    sys.stdout.write(terminal_safe(text) if sys.stdout.isatty() else text)
     return exits.OK
+
+
+# A colour (SGR) sequence, or any other control character but newline and tab.
+_TERMINAL = re.compile(r"(\x1b\[[0-9;]*m)|[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def terminal_safe(text: str) -> str:
+    """`text` with every control character shown as an escape (`\\x1b`), but for
+    newlines, tabs and colour sequences."""
+    return _TERMINAL.sub(lambda m: m.group(1) or escape(m.group()), text)
 
 
 def runner_ctl_main(args: argparse.Namespace) -> int:

@@ -66,7 +66,7 @@ OPTIONS = (
         "job_timeout",
         "--job-timeout",
         "JOB_TIMEOUT",
-        "seconds a test command may run unless its .volt.toml says otherwise",
+        "seconds a test command may run at most (its .volt.toml may ask for less)",
         600.0,
         positive_float,
         metavar="S",

@@ -322,12 +322,18 @@ class _UvRun:
             box,
         )
         self.where = cache.home(plan.repo)
+        (self.where / "uv-cache").mkdir(parents=True, exist_ok=True)
         self.env = uv_environment(self.where / "uv-cache", home or self.where)
         self.editable = plan.editable  # False once its backend turned an editable install down
+        # The one environment this job's build may write (with the uv cache):
+        # not the others of its repository, which other commits' keys name.
+        self.target: Path | None = None
 
     def build(self, env: Path) -> None:
         p = self.plan
         python = str(p.python.executable)
+        env.mkdir()
+        self.target = env
         if p.locked:
             sync = ["sync", "--locked", "--python", python, "--no-default-groups"]
             sync += [f"--group={g}" for g in p.groups] + [f"--extra={e}" for e in p.extras]
@@ -384,6 +390,7 @@ class _UvRun:
         its dependencies untouched. By name where it is known: --reinstall alone
         would also ask the index about the build backend again."""
         again = [f"--reinstall-package={self.plan.name}"] if self.plan.name else ["--reinstall"]
+        self.target = env
         self.uv(["pip", "install", "--python", str(env / "bin" / "python"), "--no-deps", *again, "."])
 
     def add_pytest(self, env: Path) -> None:
@@ -412,10 +419,12 @@ class _UvRun:
             raise EnvError(f"uv {' '.join(args[:2])} failed: {_summary(output) or f'exit code {code}'}")
 
     def run(self, argv: list[str], env: dict[str, str], shown: Sequence[Path]) -> tuple[int, bytearray]:
-        """One step of the build: in the box when there is one, writing only to this repository's folder."""
+        """One step of the build: in the box when there is one, writing only to the
+        environment it builds and this repository's uv cache."""
         if self.box is not None:
             visible = [*shown, *([self.plan.python.prefix] if self.plan.python.prefix != Path("/") else [])]
-            argv = self.box(argv, env, [self.where], visible)
+            writable = [self.where / "uv-cache", *([self.target] if self.target else [])]
+            argv = self.box(argv, env, writable, visible)
         output = bytearray()
         code = _run(argv, self.tree, env, self.log, output, self.stop, self.deadline, self.cache.timeout)
         return code, output
@@ -434,6 +443,9 @@ def uv_environment(cache: Path, home: Path, environ: Mapping[str, str] | None = 
     for key in ("UV_PROJECT_ENVIRONMENT", "UV_SYSTEM_PYTHON", "UV_PYTHON", "UV_PROJECT", "UV_WORKING_DIR"):
         env.pop(key, None)  # where it installs and with what are the runner's to say
     env.update(UV_CACHE_DIR=str(cache), UV_PYTHON_DOWNLOADS="never", UV_NO_PROGRESS="1", HOME=str(home))
+    # Copies, not hard links into the cache: a build that writes to a file of
+    # its environment would otherwise write to every environment sharing it.
+    env["UV_LINK_MODE"] = "copy"
     return env
 
 

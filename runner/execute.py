@@ -45,6 +45,7 @@ class TestConfig:
     network: bool = False  # [test] network = true: it asks for more than loopback
     env: EnvSpec = EnvSpec()  # [env]: the job's Python environment
     submodules: bool = True  # [checkout] submodules
+    notes: tuple[str, ...] = ()  # said at the top of the job's log
 
 
 def default_command(junit_path: Path, tree: Path, python: str | Path | None = None) -> list[str]:
@@ -111,8 +112,9 @@ def read_tree_file(path: Path, limit: int) -> str | None:
         raise ConfigError(f"{path.name} is not valid UTF-8 (so not valid TOML): {exc}") from None
 
 
-def load_config(tree: Path, junit_path: Path, default_timeout: float) -> TestConfig:
-    """Read `[test]`, `[env]` and `[checkout]` from .volt.toml; pytest when absent."""
+def load_config(tree: Path, junit_path: Path, max_timeout: float) -> TestConfig:
+    """Read `[test]`, `[env]` and `[checkout]` from .volt.toml; pytest when absent.
+    The runner's time limit is the default and the most: a commit may ask for less."""
     data: dict[str, object] = {}
     try:
         text = read_tree_file(tree / CONFIG_FILE, voltfile.MAX_CONFIG_BYTES)
@@ -127,10 +129,15 @@ def load_config(tree: Path, junit_path: Path, default_timeout: float) -> TestCon
     network = section.get("network", False)
     if not isinstance(network, bool):
         raise ConfigError(f"{CONFIG_FILE}: test.network must be true or false")
-    timeout = section.get("timeout", default_timeout)
+    timeout = section.get("timeout", max_timeout)
     # TOML has nan and inf; either would switch the time limit off.
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
         raise ConfigError(f"{CONFIG_FILE}: test.timeout must be a positive number of seconds")
+    notes: tuple[str, ...] = ()
+    if timeout > max_timeout:
+        # Else one commit could hold a runner for as long as it liked.
+        notes = (f"test.timeout {timeout:g}s is more than this runner allows (--job-timeout): {max_timeout:g}s",)
+        timeout = max_timeout
     raw = section.get("command")
     if raw is None:
         return TestConfig(
@@ -140,6 +147,7 @@ def load_config(tree: Path, junit_path: Path, default_timeout: float) -> TestCon
             network=network,
             env=env,
             submodules=checkout.submodules,
+            notes=notes,
         )
     if isinstance(raw, str):
         try:
@@ -152,7 +160,7 @@ def load_config(tree: Path, junit_path: Path, default_timeout: float) -> TestCon
         raise ConfigError(f"{CONFIG_FILE}: test.command must be a string or a list of strings")
     if not command:
         raise ConfigError(f"{CONFIG_FILE}: test.command is empty")
-    return TestConfig(command, float(timeout), network=network, env=env, submodules=checkout.submodules)
+    return TestConfig(command, float(timeout), network=network, env=env, submodules=checkout.submodules, notes=notes)
 
 
 class LogCollector:
@@ -270,6 +278,10 @@ def find_command(command: list[str], cwd: Path, env: dict[str, str]) -> str | No
     name = command[0]
     if "/" in name:
         path = cwd / name
+        if not os.path.realpath(path).startswith(os.path.realpath(cwd) + os.sep):
+            # Outside the tree: the host's answer would tell the commit which of
+            # the paths the box hides exist. The box says itself if it cannot run it.
+            return None
         if not path.exists():
             return f"test command not found: {name}"
         return None if os.access(path, os.X_OK) else f"test command not executable: {name}"

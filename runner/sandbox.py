@@ -15,7 +15,10 @@ says at start-up whether bwrap works here. Inside the box:
 - its own session (no TIOCSTI into the runner's terminal), no capabilities,
   no further user namespaces, no new privileges;
 - an environment built only from what the caller passes;
-- network: loopback only, unless the caller allows it.
+- network: a namespace of its own, which holds only loopback; where the
+  caller allows network (an environment's build, a test granted it), a
+  user-mode network in it (runner/netbox.py, slirp4netns) reaches the
+  outside world but never the host's own loopback services.
 
 It does not protect against kernel exploits, and a runner running as root
 runs its jobs as a root without capabilities (it can still read root's
@@ -37,12 +40,20 @@ HOME = "/tmp/home"
 TMPDIR = "/tmp"
 
 
+# The folder Volt CI keeps its state in by default (./.volt: runners' work
+# folders, the dispatcher's store, the observer's state; `volt up`'s too).
+STATE_FOLDER = ".volt"
+
+
 def hidden_paths(workdir: Path, extra: Iterable[Path] = ()) -> list[Path]:
     """What no job may see: the runner's workdir (clones, outbox, other jobs'
-    trees), the homes (keys, tokens, cookies), /run (local services' unix
-    sockets), the host's scratch space, and the operator's own additions."""
+    trees) and, when it lies in a Volt CI state folder, all of that folder
+    (other runners' work folders, the dispatcher's store), the homes (keys,
+    tokens, cookies), /run (local services' unix sockets), the host's scratch
+    space, and the operator's own additions."""
     homes = [Path("/root"), Path("/home"), Path(os.path.expanduser("~"))]
-    return [workdir, *homes, Path("/run"), Path("/var/run"), Path(TMPDIR), Path("/var/tmp"), *extra]
+    state = [workdir.parent] if workdir.parent.name == STATE_FOLDER else []
+    return [workdir, *state, *homes, Path("/run"), Path("/var/run"), Path(TMPDIR), Path("/var/tmp"), *extra]
 
 
 def wrap(
@@ -76,21 +87,17 @@ def wrap(
     for prefix in {_real(Path(sys.base_prefix)), _real(Path(sys.prefix))}:
         if _inside_any(prefix, hidden):
             shown.append(prefix)
-    if network:
-        # /etc/resolv.conf is often a link into /run (systemd-resolved).
-        resolv = _real(Path("/etc/resolv.conf"))
-        if resolv.exists() and _inside_any(resolv, hidden):
-            shown.append(resolv)
     bound = [tree, *map(_real, writable)]
 
     argv = [bwrap, "--die-with-parent", "--new-session", "--unshare-user", "--unshare-pid", "--unshare-ipc"]
     argv += ["--unshare-uts", "--unshare-cgroup-try", "--disable-userns", "--cap-drop", "ALL"]
-    if not network:
-        argv.append("--unshare-net")  # a network namespace of its own holds only loopback
+    # Never the host's network namespace: its loopback holds the broker, the
+    # store and the runner's own services. Network, where allowed, is plugged in.
+    argv.append("--unshare-net")
     argv += ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
     for path in hidden:
         if not _inside_any(path, [p for p in hidden if p != path]):
-            argv += ["--tmpfs", str(path)]
+            argv += _cover(path)
     for path in shown:
         argv += ["--ro-bind", str(path), str(path)]
     for path in bound:
@@ -98,11 +105,12 @@ def wrap(
     # A hidden path inside one shown again (a key inside an exposed folder) is hidden again.
     for path in hidden:
         if _inside_any(path, [p for p in [*shown, *bound] if p != path]):
-            argv += ["--tmpfs", str(path)]
+            argv += _cover(path)
     argv += ["--dir", HOME, "--chdir", str(tree), "--clearenv"]
     for key, value in {**env, "HOME": HOME, "TMPDIR": TMPDIR}.items():
         argv += ["--setenv", key, value]
-    return [*argv, "--", *command]
+    launcher = [sys.executable, "-m", "runner.netbox"] if network else []
+    return [*launcher, *argv, "--", *command]
 
 
 def probe(bwrap: str = BWRAP) -> str | None:
@@ -111,16 +119,31 @@ def probe(bwrap: str = BWRAP) -> str | None:
     found = shutil.which(bwrap)
     if found is None:
         return f"no {bwrap} on PATH (install bubblewrap), or {opt_out}"
-    with tempfile.TemporaryDirectory(prefix="volt-probe-") as tree:
-        argv = wrap(["true"], Path(tree), {}, workdir=Path(tree), bwrap=found)
-        try:
-            done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            return f"{found} cannot run here ({exc}); {opt_out}"
-    if done.returncode != 0:
+    for network in (False, True):
+        with tempfile.TemporaryDirectory(prefix="volt-probe-") as tree:
+            argv = wrap(["true"], Path(tree), {}, workdir=Path(tree), bwrap=found, network=network)
+            try:
+                done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                return f"{found} cannot run here ({exc}); {opt_out}"
         why = " ".join(done.stderr.decode(errors="replace").split())[:200] or f"exit code {done.returncode}"
-        return f"{found} cannot create its namespaces here ({why}); {opt_out}"
+        if done.returncode != 0 and not network:
+            return f"{found} cannot create its namespaces here ({why}); {opt_out}"
+        if done.returncode != 0:
+            return (
+                f"the box cannot have a network here ({why}): environment builds, and tests granted network, "
+                f"reach the outside world through slirp4netns (it needs /dev/net/tun); install it, or {opt_out}"
+            )
     return None
+
+
+def _cover(path: Path) -> list[str]:
+    """bwrap's options that hide `path`: a folder under an empty tmpfs, a file
+    (a credentials file, say) under /dev/null, which reads empty (a tmpfs
+    cannot cover a file, and bwrap would refuse to start)."""
+    if path.is_dir():
+        return ["--tmpfs", str(path)]
+    return ["--dev-bind", "/dev/null", str(path)]
 
 
 def _real(path: Path) -> Path:

@@ -577,7 +577,7 @@ class Runner:
             build_log.feed(f"volt: submodules checked out: {', '.join(done)}\n".encode())
         hide = [*self.s.sandbox_hide, *([self.s.git_credentials] if self.s.git_credentials else [])]
         network = config.network and self.s.allow_network
-        notes = []
+        notes = list(config.notes)
         if config.network and not network:
             notes.append("[test] network = true, but this runner does not grant it (--allow-network): loopback only")
 

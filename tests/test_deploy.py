@@ -693,6 +693,15 @@ def test_systemd_runner_can_write_only_its_own_workdir() -> None:
         assert not _state_directory(role).is_relative_to(_state_directory("runner")), role
 
 
+def test_systemd_runners_on_one_host_hide_each_others_folders_from_their_tests() -> None:
+    # runner@1 and runner@2 share /var/lib/volt: a job of one must not read the
+    # other's clones, outbox (lease tokens, logs) or job trees.
+    argv = shlex.split(_service("runner")["ExecStart"][0])
+    hide = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--sandbox-hide"]
+    other = str(_state_directory("runner", "2"))
+    assert any(Path(other).is_relative_to(h) for h in hide), hide
+
+
 # What bwrap needs from the runner's unit, and what takes it away:
 # ProtectKernelTunables and ProtectKernelLogs mount over parts of /proc (the
 # kernel then refuses the box a /proc of its own); RestrictNamespaces forbids
@@ -965,8 +974,9 @@ def test_k8s_runner_deployment() -> None:
     deployment, _ = _deployment("runner.yaml")
     pod = deployment["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] > JOB_TIMEOUT
-    # Scratch space, and the git credentials.
-    assert all("emptyDir" in v or v["secret"]["secretName"] == "volt-git" for v in pod["volumes"])
+    # Scratch space, the git credentials, and the tun device the boxes' network needs, nothing else of the node.
+    others = [v for v in pod["volumes"] if "emptyDir" not in v and v.get("secret", {}).get("secretName") != "volt-git"]
+    assert others == [{"name": "tun", "hostPath": {"path": "/dev/net/tun", "type": "CharDevice"}}]
     [container] = pod["containers"]
     args = container["args"]
     assert args[0] == "runner"

@@ -13,6 +13,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+from envsupport import project
 from support import GitHttpServer, GitRepo, Volt, free_port
 
 from runner.workspace import _slug
@@ -210,3 +211,57 @@ def test_a_password_in_a_repository_url_appears_nowhere(volt: Volt, repo: GitRep
         assert leaked == []
     finally:
         server.close()
+
+
+def test_an_environment_build_reaches_no_host_service_and_no_other_environment(volt: Volt, tmp_path: Path) -> None:
+    # The build runs the commit's own build backend, with network: it must not
+    # reach the broker, the store or any other service on the host's loopback
+    # (the broker's guest login forges results), nor write another environment
+    # of its repository (another branch's commit, another key, poisoning main's).
+    repo = GitRepo(tmp_path / "repo")
+    workdir = tmp_path / "builder"
+    volt.dispatcher()
+    volt.runner("builder", sandbox="bwrap", env={"UV_OFFLINE": "1"})
+    volt.wait_for("the runner", lambda: volt.ask("status")["runners"])
+    failing = project(code="VALUE = 41\n")  # its test asserts VALUE == 42
+    first = repo.commit(failing, "main: a failing test")
+    volt.run("notify", "--repo", str(repo.path), "--branch", "main", "--commit", first)
+    (row,) = volt.wait_results(1, timeout=120)
+    assert row["status"] == "failed", row
+    mains = list((workdir / "envs").glob("*/*/lib/python*/site-packages"))
+    assert len(mains) == 1, mains
+    attack = (
+        "import glob, os, socket\n"
+        "found = []\n"
+        "for port in (5672, 15672, 5432):\n"
+        "    try:\n"
+        "        socket.create_connection(('127.0.0.1', port), timeout=2).close(); found.append('CONNECTED %d' % port)\n"
+        "    except OSError as e:\n"
+        "        found.append('refused %d' % port)\n"
+        f"for site in glob.glob({str(workdir)!r} + '/envs/*/*/lib/python*/site-packages'):\n"
+        "    try:\n"
+        "        open(os.path.join(site, 'zz_volt_pwn.pth'), 'w').write('import os; os._exit(0)\\n')\n"
+        "        found.append('PLANTED ' + site)\n"
+        "    except OSError as e:\n"
+        "        found.append('refused ' + site)\n"
+        "raise SystemExit('ATTACK ' + ' | '.join(found))\n"
+    )
+    hostile = project(name="app", dependencies=(), code="VALUE = 41\n")
+    hostile["pyproject.toml"] += "\n[tool.voltbuild]\nflavour = 'another key'\n"
+    hostile["_build/voltbuild.py"] = attack + hostile["_build/voltbuild.py"]
+    second = repo.commit(hostile, "a branch's commit whose build attacks")
+    volt.run("notify", "--repo", str(repo.path), "--branch", "feature", "--commit", second)
+    rows = {r["commit"]: r for r in volt.wait_results(2, timeout=120)}
+    log = volt.ask("log", {"id": rows[second]["job_id"]})
+    text = log["full"] or log["head"] + log["tail"]
+    assert "ATTACK" in text, text[-3000:]
+    assert "CONNECTED" not in text and text.count("refused 5") >= 2, text[-3000:]
+    # It may write the environment it builds (which, failed, is never used), and no other.
+    assert f"PLANTED {mains[0]}" not in text and text.count("PLANTED") <= 1, text[-3000:]
+    assert not (mains[0] / "zz_volt_pwn.pth").exists()
+    third = repo.commit({**failing, "notes.txt": "main again"}, "main again: the same project, so its environment")
+    volt.run("notify", "--repo", str(repo.path), "--branch", "main", "--commit", third)
+    rows = {r["commit"]: r for r in volt.wait_results(3, timeout=120)}
+    assert rows[third]["status"] == "failed", rows[third]
+    log = volt.ask("log", {"id": rows[third]["job_id"]})
+    assert ": reused" in (log["full"] or log["head"])  # main's environment, as the first commit left it

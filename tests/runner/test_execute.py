@@ -62,6 +62,15 @@ def test_config_without_a_command_keeps_the_default(tmp_path: Path) -> None:
     assert config.timeout == 30.0
 
 
+@pytest.mark.parametrize("asked", ["1e9", "601", "601.5"])
+def test_a_commit_cannot_ask_for_more_time_than_the_runner_allows(tmp_path: Path, asked: str) -> None:
+    # Else one commit that never ends would hold a runner for good.
+    config = config_in(tmp_path, f"[test]\ncommand = 'sleep 5'\ntimeout = {asked}\n", default_timeout=600.0)
+    assert config.timeout == 600.0
+    assert config.notes == (f"test.timeout {float(asked):g}s is more than this runner allows (--job-timeout): 600s",)
+    assert config_in(tmp_path, "[test]\ntimeout = 599\n", default_timeout=600.0).notes == ()
+
+
 def test_string_command_is_split_like_a_shell(tmp_path: Path) -> None:
     config = config_in(tmp_path, "[test]\ncommand = 'make test ARGS=\"-k slow\"  V=1'\n")
     assert config.command == ["make", "test", "ARGS=-k slow", "V=1"]

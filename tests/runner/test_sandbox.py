@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,14 +91,64 @@ def test_the_caller_cannot_move_home_or_tmpdir(tree: Path, work: Path) -> None:
 
 
 def test_the_network_is_loopback_only_unless_allowed(tree: Path, work: Path) -> None:
-    shut = sandbox.wrap(["true"], tree, {}, workdir=work)
-    assert "--unshare-net" in shut[: shut.index("--")]
-    allowed = sandbox.wrap(["true"], tree, {}, workdir=work, network=True)
-    assert "--unshare-net" not in allowed[: allowed.index("--")]
+    for network in (False, True):
+        argv = sandbox.wrap(["true"], tree, {}, workdir=work, network=network)
+        assert "--unshare-net" in argv[: argv.index("--")]  # never the host's namespace
     links = "print(sorted(l.split(':')[0].strip() for l in open('/proc/net/dev').readlines()[2:]))"
     assert boxed(links, tree, work).stdout.strip() == "['lo']"
-    host = sorted(line.split(":")[0].strip() for line in open("/proc/net/dev").readlines()[2:])
-    assert boxed(links, tree, work, network=True).stdout.strip() == str(host)
+    done = boxed(links + "; print(open('/etc/resolv.conf').read())", tree, work, network=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["['lo', 'tap0']", "nameserver 10.0.2.3"]
+
+
+@pytest.fixture
+def host_services() -> Iterator[dict[str, tuple[str, int]]]:
+    """Two listening sockets of the host's: one on its loopback (as RabbitMQ's
+    guest login, PostgreSQL's trust and the results page are), one on its
+    outward address (as a server elsewhere would be)."""
+    outward = _outward_address()
+    servers = {}
+    for name, host in (("loopback", "127.0.0.1"), ("outward", outward)):
+        server = socket.create_server((host, 0))
+        servers[name] = server
+    yield {name: server.getsockname()[:2] for name, server in servers.items()}
+    for server in servers.values():
+        server.close()
+
+
+def _outward_address() -> str:
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("10.255.255.255", 9))  # no packet is sent; it picks the outward interface
+        return str(probe.getsockname()[0])
+    finally:
+        probe.close()
+
+
+def test_a_box_with_network_reaches_the_world_but_not_the_hosts_own_services(
+    tree: Path, work: Path, host_services: dict[str, tuple[str, int]]
+) -> None:
+    loopback_port = host_services["loopback"][1]
+    code = (
+        "import socket\n"
+        "def reach(h, p):\n"
+        "    try:\n"
+        "        socket.create_connection((h, p), timeout=5).close(); return 'open'\n"
+        "    except OSError: return 'no'\n"
+        f"print(reach({host_services['outward'][0]!r}, {host_services['outward'][1]}),"
+        f" reach('127.0.0.1', {loopback_port}), reach('10.0.2.2', {loopback_port}))\n"
+    )
+    done = boxed(code, tree, work, network=True)
+    assert done.returncode == 0, done.stderr
+    # Out to the world: yes. The host's loopback, by its own name or by slirp's alias for the host: no.
+    assert done.stdout.split() == ["open", "no", "no"]
+    assert boxed(code, tree, work).stdout.split() == ["no", "no", "no"]  # without network: nothing
+
+
+def test_a_box_with_network_exits_as_its_command_did(tree: Path, work: Path) -> None:
+    assert boxed("raise SystemExit(3)", tree, work, network=True).returncode == 3
+    killed = boxed("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", tree, work, network=True)
+    assert killed.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL)
 
 
 def test_hidden_paths_are_covered_whole(tree: Path, work: Path, tmp_path: Path) -> None:
@@ -152,6 +205,27 @@ def test_a_hidden_path_inside_an_exposed_one_stays_hidden(tree: Path, work: Path
     code = f"import os; print(open({str(shown / 'lib.py')!r}).read().strip(), os.listdir({str(shown / 'secret')!r}))"
     done = boxed(code, tree, work, expose=[shown], hide=[shown / "secret"])
     assert done.stdout.strip() == "X = 1 []", done.stderr
+
+
+def test_a_workdir_in_a_state_folder_hides_the_whole_folder(tmp_path: Path) -> None:
+    # ./.volt/runner-a beside ./.volt/runner-b and ./.volt/dispatcher.db: a job
+    # of one runner sees nothing of the others, nor the store.
+    state = tmp_path / "project" / ".volt"
+    assert state in sandbox.hidden_paths(state / "runner-a")
+    elsewhere = tmp_path / "srv" / "runner-a"
+    assert elsewhere.parent not in sandbox.hidden_paths(elsewhere)
+
+
+def test_a_hidden_file_reads_empty_and_the_box_still_starts(tree: Path, work: Path) -> None:
+    # --git-credentials in a folder the box can see (/etc/volt, say): hidden as a file.
+    shown = work / "etc"
+    shown.mkdir()
+    (shown / "git-credentials").write_text("https://ci:SECRET@git.example.com\n")
+    (shown / "other").write_text("ok")
+    code = f"print(repr(open({str(shown / 'git-credentials')!r}).read()), open({str(shown / 'other')!r}).read())"
+    done = boxed(code, tree, work, expose=[shown], hide=[shown / "git-credentials"])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "'' ok"
 
 
 def test_the_tree_and_home_are_writable_the_rest_read_only(tree: Path, work: Path, tmp_path: Path) -> None:
