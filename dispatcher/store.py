@@ -328,12 +328,13 @@ class SQLite(Dialect):
         return {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
 
 
-# SQLSTATE classes that are the database's trouble, not the data's: invalid
-# transaction state, connection, transaction rollback (serialization, deadlock),
-# insufficient resources (disk, memory, connections), object not in prerequisite
-# state (a lock timeout), operator intervention (shutdown, a cancelled
-# statement), system error (I/O), configuration file error and internal error.
-PG_TROUBLE = frozenset(("25", "08", "40", "53", "55", "57", "58", "F0", "XX"))
+# SQLSTATE classes that are the data's fault, not the database's: a value it
+# cannot take (22), a constraint (23), a limit such as an index entry's size
+# (54). Every other class is the store's trouble: the round is rolled back and
+# tried again later, and no message is dead-lettered for it (a connection, a
+# full disk, a lock timeout, a shutdown, a read-only database, a permission
+# revoked, a bug of ours: nothing a message did).
+PG_DATA_ERRORS = frozenset(("22", "23", "54"))
 
 
 class PostgreSQL(Dialect):
@@ -393,7 +394,7 @@ class PostgreSQL(Dialect):
             return (
                 isinstance(exc, (p.OperationalError, p.InternalError, p.InterfaceError)) or type(exc) is p.DatabaseError
             )
-        return state[:2] in PG_TROUBLE
+        return state[:2] not in PG_DATA_ERRORS
 
     def in_transaction(self, db: Any) -> bool:
         return db.info.transaction_status != self.psycopg.pq.TransactionStatus.IDLE

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import random
 import sqlite3
+import uuid
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -515,6 +516,30 @@ def test_an_error_in_the_data_is_not_the_stores_even_where_psycopg_calls_it_oper
     assert pg_store.finish(result(row), now=106.0)  # the round goes on
     pg_store.commit_batch()
     assert current(pg_store, row).status == "passed"
+
+
+def test_a_permission_the_database_refuses_is_the_stores_trouble_not_the_messages(pg_store: Store) -> None:
+    # A role that may read but no longer write (a grant revoked, say): every
+    # message would otherwise be dead-lettered as if it were at fault.
+    import psycopg
+
+    role = f"volt_ro_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_store.url, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN")
+        admin.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}")
+    try:
+        base = pg_store.url.replace("postgresql://postgres@", f"postgresql://{role}@", 1)
+        assert base != pg_store.url
+        reader = Store(base, durable=False)
+        reader.begin_batch()
+        with pytest.raises(StoreError, match="permission denied"):
+            reader.add_job(seen())
+        reader.rollback_batch()
+        reader.close()
+    finally:
+        with psycopg.connect(pg_store.url, autocommit=True) as admin:
+            admin.execute(f"DROP OWNED BY {role}")
+            admin.execute(f"DROP ROLE {role}")
 
 
 def test_a_change_that_fails_on_the_server_leaves_the_connection_sound(pg_store: Store) -> None:
