@@ -79,6 +79,9 @@ log = logging.getLogger(__name__)
 # Results kept after they were confirmed, to answer a job delivered again
 # (after a broker crash) with its result instead of running it twice.
 SENT_KEPT = 100
+# A listen that took this much longer than its time limit was held up (the
+# runner was frozen): what comes within as long after it may have waited all along.
+HELD_UP = 1.0
 
 
 @dataclass(frozen=True)
@@ -204,6 +207,9 @@ class Runner:
         # a job handed over long after that waited while the runner could not
         # hear, nor heartbeat (a freeze), and may have gone to another runner.
         self._listened_at = time.monotonic()
+        # The last time a listen was held up far past its limit (a freeze inside
+        # it, as an idle runner's freeze mostly is): (began, ended).
+        self._held_up = (0.0, 0.0)
         self._warned: set[str] = set()
         # Results and hand-backs that could not go to the outbox or the broker yet.
         self._unsent: list[Message] = []
@@ -323,8 +329,22 @@ class Runner:
 
     def listen(self, time_limit: float) -> None:
         """Take what the broker has for this runner, waiting up to time_limit."""
+        began = time.monotonic()
         self.broker.process(time_limit)
         self._listened_at = time.monotonic()
+        if self._listened_at - began > time_limit + HELD_UP:
+            self._held_up = (began, self._listened_at)
+
+    def _deaf_for(self) -> float:
+        """How long this runner could not hear before what it is handed now: since
+        its last listen ended, or, just after a listen that was held up (what
+        that one left behind comes in the next), that listen's whole length."""
+        now = time.monotonic()
+        deaf = now - self._listened_at - 0.2  # less listen()'s longest wait
+        began, ended = self._held_up
+        if now - ended < HELD_UP:
+            deaf = max(deaf, ended - began)
+        return deaf
 
     def _on_blocked(self, blocked: bool) -> None:
         """While the broker blocks publishers no heartbeat gets through, and the
@@ -404,7 +424,7 @@ class Runner:
         # Deaf for longer than the job's lease window: the dispatcher may have
         # taken the job back and given it to another runner meanwhile, and its
         # cancel could come only after this run began.
-        deaf = time.monotonic() - self._listened_at - 0.2  # less listen()'s longest wait
+        deaf = self._deaf_for()
         stale = job.lease_s > 0 and deaf > job.lease_s - self.s.heartbeat_interval / 2
         if current is not None or self.draining or self.paused or missing or stale:
             if current is not None:

@@ -134,6 +134,29 @@ def test_a_job_that_waited_while_the_runner_was_frozen_is_refused_not_run(
     assert marker.read_text().splitlines() == ["1"]
 
 
+def test_a_job_left_behind_by_a_listen_that_was_held_up_is_refused_too(
+    runner: Runner, rabbit: FakeRabbit, dispatcher_side: Broker, repo: GitRepo, tmp_path: Path
+) -> None:
+    # An idle runner is frozen inside a listen, mostly: that one returns late
+    # and empty-handed, and the job sent meanwhile comes in the next one.
+    marker = tmp_path / "runs"
+    sha = counting_suite(repo, marker)
+    results = Results(rabbit)
+    process = runner.broker.process
+
+    def frozen(time_limit: float) -> None:
+        time.sleep(2.5)  # SIGSTOP while it waited
+
+    runner.broker.process = frozen  # type: ignore[method-assign]
+    runner.listen(0.2)
+    runner.broker.process = process  # type: ignore[method-assign]
+    send(dispatcher_side, job_for(repo, sha, lease_s=2.0))
+    step(runner)
+    (rejected,) = results.of(JobRejected)
+    assert "heard nothing for 2." in rejected.reason
+    assert results.of(JobStarted) == [] and not marker.exists()
+
+
 def test_a_job_delivered_again_runs_once(
     runner: Runner, rabbit: FakeRabbit, dispatcher_side: Broker, repo: GitRepo, tmp_path: Path
 ) -> None:
