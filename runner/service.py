@@ -57,6 +57,7 @@ from common.messages import (
     JobRejected,
     JobResult,
     JobStarted,
+    Mark,
     Message,
     RunnerCommand,
     decode,
@@ -210,6 +211,10 @@ class Runner:
         # The last time a listen was held up far past its limit (a freeze inside
         # it, as an idle runner's freeze mostly is): (began, ended).
         self._held_up = (0.0, 0.0)
+        # After a reconnect, what waits in the queue ahead of this mark (sent to
+        # ourselves then) came while we could not hear; what comes behind it is new.
+        self._fence = ""
+        self._heard_before_fence = 0.0
         self._warned: set[str] = set()
         # Results and hand-backs that could not go to the outbox or the broker yet.
         self._unsent: list[Message] = []
@@ -254,6 +259,7 @@ class Runner:
         if not self.s.allow_repos:
             log.warning("runner=%s accepts jobs for any repository (no --allow-repo set)", self.s.runner_id)
         self.broker.on_blocked = self._on_blocked
+        self._listened_at = time.monotonic()  # the checks above took their time, deaf to nothing
         try:
             self.broker.run(self._setup, self._serve, stopping=self._stopping, on_lost=self._on_lost)
         except InUse:
@@ -295,6 +301,9 @@ class Runner:
     def _setup(self) -> None:
         self.broker.declare_runner_exchanges()
         queue = self.broker.declare_runner_queue(self.s.runner_id)
+        self._fence = uuid.uuid4().hex
+        self._heard_before_fence = self._listened_at
+        self.broker.publish("", queue, Mark(token=self._fence))
         # Exclusive: a second process with this id is refused here. Kept while
         # draining too (it rejects what it gets), so it still hears cancels.
         self.broker.consume(queue, self.on_delivery, prefetch=1, exclusive=True)
@@ -337,10 +346,12 @@ class Runner:
 
     def _deaf_for(self) -> float:
         """How long this runner could not hear before what it is handed now: since
-        its last listen ended, or, just after a listen that was held up (what
-        that one left behind comes in the next), that listen's whole length."""
+        its last listen ended (before a reconnect, until its mark comes back: the
+        last listen on the lost connection), or, just after a listen that was
+        held up (what that one left behind comes in the next), that listen's
+        whole length."""
         now = time.monotonic()
-        deaf = now - self._listened_at - 0.2  # less listen()'s longest wait
+        deaf = now - (self._heard_before_fence if self._fence else self._listened_at) - 0.2  # less the longest wait
         began, ended = self._held_up
         if now - ended < HELD_UP:
             deaf = max(deaf, ended - began)
@@ -387,6 +398,10 @@ class Runner:
                     msg.reason,
                 )
                 current.cancel.set()
+            delivery.ack()
+        elif isinstance(msg, Mark):
+            if msg.token == self._fence:
+                self._fence = ""  # what comes from here on was sent while we hear
             delivery.ack()
         else:
             self.broker.dead_letter(delivery, f"a runner queue takes jobs, not {msg.TYPE}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -46,6 +47,8 @@ def runner(rabbit: FakeRabbit, dispatcher_side: Broker, tmp_path: Path) -> Itera
     r.broker.on_blocked = r._on_blocked
     r.broker.connect()
     r._setup()
+    r.listen(0)  # its mark comes back: from here it hears
+    assert not r._fence
     yield r
     r.workspace.close()
     r.watchdog.close()
@@ -155,6 +158,31 @@ def test_a_job_left_behind_by_a_listen_that_was_held_up_is_refused_too(
     (rejected,) = results.of(JobRejected)
     assert "heard nothing for 2." in rejected.reason
     assert results.of(JobStarted) == [] and not marker.exists()
+
+
+def test_after_a_reconnect_only_what_waited_ahead_of_its_mark_counts_as_sent_while_deaf(
+    runner: Runner, rabbit: FakeRabbit, dispatcher_side: Broker, repo: GitRepo, tmp_path: Path
+) -> None:
+    # Cut off for 8 s, then connected again: the jobs in its queue from then may
+    # be others' by now, however many listens it takes to get them; one sent
+    # after the runner's mark (sent at the reconnect) is new.
+    marker = tmp_path / "runs"
+    sha = counting_suite(repo, marker)
+    results = Results(rabbit)
+    runner._listened_at -= 8.0
+    for job_id in ("stale-1", "stale-2"):
+        send(dispatcher_side, dataclasses.replace(job_for(repo, sha), job_id=job_id))
+    runner.broker.close()
+    runner.broker.connect()
+    runner._setup()  # the reconnect: its mark goes in behind those
+    send(dispatcher_side, dataclasses.replace(job_for(repo, sha, lease="M" * 32), job_id="new"))
+    spin(runner, lambda: results.of(JobResult))
+    assert [(r.job_id, "heard nothing for 7." in r.reason) for r in results.of(JobRejected)] == [
+        ("stale-1", True),
+        ("stale-2", True),
+    ]
+    assert [r.job_id for r in results.of(JobStarted)] == ["new"] and not runner._fence
+    assert marker.read_text().splitlines() == ["1"]
 
 
 def test_a_job_delivered_again_runs_once(
