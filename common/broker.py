@@ -589,7 +589,9 @@ class Broker:
             self._ch.confirm_delivery()
 
     def declare_runner_queue(self, runner_id: str) -> str:
-        """Declare a runner's own queue. One the same runner left as the other
+        """Declare a runner's own queue, and its own exchange of the same name
+        into it (its way to put a mark in its queue: runners may not publish
+        to the default exchange). A queue the same runner left as the other
         queue type is declared anew: it is no one else's, and what it held (a
         job not started yet, a command) the dispatcher sends again once the
         job's start timeout passes."""
@@ -609,6 +611,9 @@ class Broker:
                     dropped,
                 )
             self._channel().queue_bind(queue, naming.jobs_exchange(self.ns), naming.runner_routing_key(runner_id))
+            # Gone with the queue (auto-delete: once its one binding is).
+            self._channel().exchange_declare(queue, exchange_type="fanout", durable=True, auto_delete=True)
+            self._channel().queue_bind(queue, queue)
         return queue
 
     def queue_depth(self, queue: str) -> tuple[int, int] | None:

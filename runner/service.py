@@ -303,7 +303,7 @@ class Runner:
         queue = self.broker.declare_runner_queue(self.s.runner_id)
         self._fence = uuid.uuid4().hex
         self._heard_before_fence = self._listened_at
-        self.broker.publish("", queue, Mark(token=self._fence))
+        self.broker.publish(queue, "", Mark(token=self._fence))  # through its own exchange
         # Exclusive: a second process with this id is refused here. Kept while
         # draining too (it rejects what it gets), so it still hears cancels.
         self.broker.consume(queue, self.on_delivery, prefetch=1, exclusive=True)

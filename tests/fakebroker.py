@@ -270,7 +270,9 @@ class FakeChannel:
     def close(self) -> None:
         self.drop()
 
-    def exchange_declare(self, exchange: str, exchange_type: str = "direct", durable: bool = False) -> None:
+    def exchange_declare(
+        self, exchange: str, exchange_type: str = "direct", durable: bool = False, auto_delete: bool = False
+    ) -> None:
         self._check()
         self.rabbit.exchanges.setdefault(exchange, exchange_type)
 

@@ -112,7 +112,9 @@ def finished_job(
         store.record_chunk(row.job_id, [(node, outcome, secs, 0) for node, outcome, secs in tests], "r1")
         done = JobResult(job_id=job, attempt=1, runner_id="r1", status="passed", lease=lease)
         assert store.finish(done, at + 9 + wait_s)
-        assert store.finish_run(row.job_id, status, (counts["passed"], counts["failed"], 0, 0), "", "", at + 10 + wait_s)
+        assert store.finish_run(
+            row.job_id, status, (counts["passed"], counts["failed"], 0, 0), "", "", at + 10 + wait_s
+        )
     else:
         done = JobResult(
             job_id=job,

@@ -304,7 +304,10 @@ def test_missing_required_field() -> None:
         (job_body(lease="a b"), "job: field 'lease' is not an id"),
         (job_body(run="x\ny"), "job: field 'run' is not an id"),
         (body(type="heartbeat", schema_version=1, runner_id="r" * 200, session="s"), "heartbeat: field 'runner_id'"),
-        (body(type="job_started", schema_version=1, job_id="j", attempt=1, runner_id="r1", session="s/../x"), "job_started: field 'session'"),
+        (
+            body(type="job_started", schema_version=1, job_id="j", attempt=1, runner_id="r1", session="s/../x"),
+            "job_started: field 'session'",
+        ),
         (job_body(repo="/srv/" + "\u4e00" * 400), "job: field 'repo' is longer than 1000 bytes"),
     ],
 )
