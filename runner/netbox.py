@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 SLIRP = "slirp4netns"
 # slirp4netns' defaults: the box's address is 10.0.2.100, its DNS forwarder 10.0.2.3.
@@ -48,27 +49,32 @@ def main(argv: list[str]) -> int:
         if code is not None:
             return code
         # bwrap and slirp4netns each set up the new namespace's network; now
-        # and then one trips over the other. Nothing of the command ran yet.
-        print(f"volt: the box's network did not come up (attempt {attempt}); again", file=sys.stderr, flush=True)
+        # and then one trips over the other ("bwrap: loopback: Failed
+        # RTM_NEWADDR"). Nothing of the command ran yet.
+        print(f"volt: the box did not come up (attempt {attempt}); again", file=sys.stderr, flush=True)
     return NO_NETWORK
 
 
 def _attempt(argv: list[str], last: bool) -> int | None:
     """The command's exit code; None when the box failed before the command began."""
     cut = argv.index("--")
-    info_r, info_w = os.pipe()  # bwrap says its child's pid
+    # bwrap says its child's pid on it, and the command's exit code once it
+    # ends, but only if the command began: nothing more if bwrap failed first.
+    status_r, status_w = os.pipe()
     block_r, block_w = os.pipe()  # bwrap waits on it before the command starts
     resolv_r, resolv_w = os.pipe()  # what /etc/resolv.conf holds in the box
     exit_r, exit_w = os.pipe()  # slirp4netns ends when this closes
     os.write(resolv_w, RESOLV_CONF)
     os.close(resolv_w)
-    options = ["--info-fd", str(info_w), "--block-fd", str(block_r), "--ro-bind-data", str(resolv_r), _resolv_conf()]
-    box = subprocess.Popen([*argv[:cut], *options, *argv[cut:]], pass_fds=(info_w, block_r, resolv_r))
-    for fd in (info_w, block_r, resolv_r):
+    options = ["--json-status-fd", str(status_w), "--block-fd", str(block_r)]
+    options += ["--ro-bind-data", str(resolv_r), _resolv_conf()]
+    box = subprocess.Popen([*argv[:cut], *options, *argv[cut:]], pass_fds=(status_w, block_r, resolv_r))
+    for fd in (status_w, block_r, resolv_r):
         os.close(fd)
+    status = os.fdopen(status_r, "rb")
     slirp: subprocess.Popen[bytes] | None = None
     try:
-        pid = _child_pid(info_r)
+        pid = _child_pid(status)
         if pid is None:  # bwrap failed before its child (it said why)
             return _given_up(box, last)
         try:
@@ -97,8 +103,12 @@ def _attempt(argv: list[str], last: bool) -> int | None:
             os.write(block_w, b"go")
         except BrokenPipeError:  # bwrap gave up before the command began (it said why)
             return _given_up(box, last)
-        return _exit_code(box.wait())
+        code = box.wait()
+        if code > 0 and not last and not _began(status):
+            return None  # bwrap failed after all, before the command (it said why)
+        return _exit_code(code)
     finally:
+        status.close()
         os.close(block_w)
         os.close(exit_w)  # slirp4netns ends
         if slirp is not None:
@@ -115,16 +125,21 @@ def _resolv_conf() -> str:
     return os.path.realpath("/etc/resolv.conf") if Path("/etc/resolv.conf").exists() else "/etc/resolv.conf"
 
 
-def _child_pid(fd: int) -> int | None:
+def _child_pid(status: BinaryIO) -> int | None:
     """The pid bwrap writes (JSON) once its child, the box's first process, exists."""
-    data = b""
-    with os.fdopen(fd, "rb") as f:
-        while b"}" not in data:
-            chunk = f.read1(4096)
-            if not chunk:
-                return None
-            data += chunk
-    return int(json.loads(data[: data.index(b"}") + 1])["child-pid"])
+    line = status.readline()
+    return int(json.loads(line)["child-pid"]) if line.strip() else None
+
+
+def _began(status: BinaryIO) -> bool:
+    """Whether the command began: bwrap, having ended, said its exit code. That
+    comes only from a child that got past its set-up."""
+    os.set_blocking(status.fileno(), False)  # bwrap is gone; a daemon of the command may hold it open
+    try:
+        rest = status.read() or b""
+    except BlockingIOError:
+        rest = b""
+    return b'"exit-code"' in rest
 
 
 def _namespaces(pid: int) -> tuple[int, int]:
