@@ -24,7 +24,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import BinaryIO
 
 SLIRP = "slirp4netns"
 # slirp4netns' defaults: the box's address is 10.0.2.100, its DNS forwarder 10.0.2.3.
@@ -35,6 +34,26 @@ NS_GET_USERNS = 0xB701
 ATTEMPTS = 3
 # How long the network may take to come up.
 READY_WITHIN = 20.0
+# The box's first program: it says bwrap is done setting the box up (its
+# loopback too: slirp4netns, started before that, tripped it up now and then:
+# "Failed RTM_NEWADDR"), waits for the network, then becomes the command. Not bwrap's --block-fd:
+# bwrap's child goes on when that pipe closes unwritten (this process killed,
+# or giving up), and would run the command with nobody watching, outside the
+# job's process group. The gate gives up instead.
+GATE = (
+    "import os, sys\n"
+    "os.write(int(sys.argv[1]), b'1')\n"
+    "os.close(int(sys.argv[1]))\n"
+    "fd = int(sys.argv[2])\n"
+    "go = os.read(fd, 2)\n"
+    "os.close(fd)\n"
+    "if go != b'go':\n"
+    "    sys.exit(125)\n"
+    "try:\n"
+    "    os.execvp(sys.argv[3], sys.argv[3:])\n"
+    "except OSError as exc:\n"
+    "    sys.exit(f'volt: cannot run {sys.argv[3]}: {exc.strerror}')\n"
+)
 # The exit code when the box could not be given its network (bwrap uses 1; 125 is the
 # convention of tools that run commands, such as env and timeout, for their own failure).
 NO_NETWORK = 125
@@ -48,9 +67,7 @@ def main(argv: list[str]) -> int:
         code = _attempt(argv, last=attempt == ATTEMPTS)
         if code is not None:
             return code
-        # bwrap and slirp4netns each set up the new namespace's network; now
-        # and then one trips over the other ("bwrap: loopback: Failed
-        # RTM_NEWADDR"). Nothing of the command ran yet.
+        # Nothing of the command ran yet: bwrap failed to set the box up, or slirp4netns the network.
         print(f"volt: the box did not come up (attempt {attempt}); again", file=sys.stderr, flush=True)
     return NO_NETWORK
 
@@ -58,25 +75,27 @@ def main(argv: list[str]) -> int:
 def _attempt(argv: list[str], last: bool) -> int | None:
     """The command's exit code; None when the box failed before the command began."""
     cut = argv.index("--")
-    # bwrap says its child's pid on it, and the command's exit code once it
-    # ends, but only if the command began: nothing more if bwrap failed first.
-    status_r, status_w = os.pipe()
-    block_r, block_w = os.pipe()  # bwrap waits on it before the command starts
+    info_r, info_w = os.pipe()  # bwrap says its child's pid
+    set_r, set_w = os.pipe()  # the gate says the box is set up
+    gate_r, gate_w = os.pipe()  # the gate waits on it before the command
     resolv_r, resolv_w = os.pipe()  # what /etc/resolv.conf holds in the box
     exit_r, exit_w = os.pipe()  # slirp4netns ends when this closes
     os.write(resolv_w, RESOLV_CONF)
     os.close(resolv_w)
-    options = ["--json-status-fd", str(status_w), "--block-fd", str(block_r)]
-    options += ["--ro-bind-data", str(resolv_r), _resolv_conf()]
-    box = subprocess.Popen([*argv[:cut], *options, *argv[cut:]], pass_fds=(status_w, block_r, resolv_r))
-    for fd in (status_w, block_r, resolv_r):
+    options = ["--info-fd", str(info_w), "--ro-bind-data", str(resolv_r), _resolv_conf()]
+    gate = ["--", sys.executable, "-I", "-S", "-c", GATE, str(set_w), str(gate_r)]
+    passed = (info_w, set_w, gate_r, resolv_r)
+    box = subprocess.Popen([*argv[:cut], *options, *gate, *argv[cut + 1 :]], pass_fds=passed)
+    for fd in passed:
         os.close(fd)
-    status = os.fdopen(status_r, "rb")
     slirp: subprocess.Popen[bytes] | None = None
     try:
-        pid = _child_pid(status)
-        if pid is None:  # bwrap failed before its child (it said why)
-            return _given_up(box, last)
+        pid = _child_pid(info_r)
+        set_up = _said(set_r, box)
+        if pid is None or not set_up:
+            if box.poll() is None:
+                return _fail(box, "bwrap did not set the box up in time", last)
+            return _given_up(box, last)  # bwrap failed before the gate began (it said why)
         try:
             net, owner = _namespaces(pid)
         except OSError as exc:
@@ -96,20 +115,16 @@ def _attempt(argv: list[str], last: bool) -> int | None:
         finally:
             for fd in (ready_w, exit_r, net, owner):
                 os.close(fd)
-        if not _ready(ready_r, slirp):
+        if not _said(ready_r, slirp):
             why = (slirp.stderr.read() if slirp.poll() is not None and slirp.stderr else b"").decode(errors="replace")
             return _fail(box, f"{SLIRP} did not bring it up: {' '.join(why.split())[-300:] or 'no word'}", last)
         try:
-            os.write(block_w, b"go")
+            os.write(gate_w, b"go")
         except BrokenPipeError:  # bwrap gave up before the command began (it said why)
             return _given_up(box, last)
-        code = box.wait()
-        if code > 0 and not last and not _began(status):
-            return None  # bwrap failed after all, before the command (it said why)
-        return _exit_code(code)
+        return _exit_code(box.wait())
     finally:
-        status.close()
-        os.close(block_w)
+        os.close(gate_w)  # a gate still waiting gives up
         os.close(exit_w)  # slirp4netns ends
         if slirp is not None:
             try:
@@ -125,21 +140,16 @@ def _resolv_conf() -> str:
     return os.path.realpath("/etc/resolv.conf") if Path("/etc/resolv.conf").exists() else "/etc/resolv.conf"
 
 
-def _child_pid(status: BinaryIO) -> int | None:
+def _child_pid(fd: int) -> int | None:
     """The pid bwrap writes (JSON) once its child, the box's first process, exists."""
-    line = status.readline()
-    return int(json.loads(line)["child-pid"]) if line.strip() else None
-
-
-def _began(status: BinaryIO) -> bool:
-    """Whether the command began: bwrap, having ended, said its exit code. That
-    comes only from a child that got past its set-up."""
-    os.set_blocking(status.fileno(), False)  # bwrap is gone; a daemon of the command may hold it open
-    try:
-        rest = status.read() or b""
-    except BlockingIOError:
-        rest = b""
-    return b'"exit-code"' in rest
+    data = b""
+    with os.fdopen(fd, "rb") as f:
+        while b"}" not in data:
+            chunk = f.read1(4096)
+            if not chunk:
+                return None
+            data += chunk
+    return int(json.loads(data[: data.index(b"}") + 1])["child-pid"])
 
 
 def _namespaces(pid: int) -> tuple[int, int]:
@@ -158,15 +168,16 @@ def _namespaces(pid: int) -> tuple[int, int]:
     return net, owner
 
 
-def _ready(fd: int, slirp: subprocess.Popen[bytes]) -> bool:
-    """Whether slirp4netns said (one byte on its ready pipe) that the network is up."""
+def _said(fd: int, proc: subprocess.Popen[bytes]) -> bool:
+    """Whether a byte came on `fd` (the gate: set up; slirp4netns: the network
+    is up) in time, and not the end of it, nor `proc`'s."""
     deadline = time.monotonic() + READY_WITHIN
     try:
         while time.monotonic() < deadline:
             readable, _, _ = select.select([fd], [], [], 0.1)
             if readable:
                 return os.read(fd, 1) == b"1"
-            if slirp.poll() is not None:
+            if proc.poll() is not None:
                 return False
         return False
     finally:

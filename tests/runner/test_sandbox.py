@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -154,16 +156,34 @@ def test_a_box_with_network_exits_as_its_command_did(tree: Path, work: Path) -> 
 def test_a_network_box_that_fails_before_its_command_is_tried_again_but_a_failing_command_is_not(
     tree: Path, work: Path
 ) -> None:
-    # bwrap can fail after it was let go but before the command began (its
-    # loopback set-up tripping over slirp4netns'; here: no such program). Only
-    # its word that the command began tells the two apart from a command's own exit 1.
-    unstartable = run(sandbox.wrap([str(tree / "no-such-program")], tree, {}, workdir=work, network=True))
-    assert unstartable.returncode == 1
-    assert unstartable.stderr.count("did not come up") == 2 and unstartable.stderr.count("bwrap: execvp") == 3
+    # bwrap can fail to set a box up (here: a mount of nothing): nothing ran,
+    # so it is tried again; a command's own exit 1 is its result.
+    argv = sandbox.wrap([PYTHON, "-c", "pass"], tree, {}, workdir=work, network=True)
+    cut = argv.index("--")
+    broken = run([*argv[:cut], "--ro-bind", str(tree / "no-such-folder"), "/x", *argv[cut:]])
+    assert broken.returncode == 1
+    assert broken.stderr.count("did not come up") == 2 and broken.stderr.count("Can't find source path") == 3
     runs = tree / "runs"
     failing = boxed(f"open({str(runs)!r}, 'a').write('1'); raise SystemExit(1)", tree, work, network=True)
     assert failing.returncode == 1 and "did not come up" not in failing.stderr
     assert runs.read_text() == "1"
+    missing = run(sandbox.wrap([str(tree / "no-such-program")], tree, {}, workdir=work, network=True))
+    assert missing.returncode == 1 and missing.stderr.count("cannot run") == 1, missing.stderr
+
+
+def test_a_network_box_given_up_before_its_command_began_runs_nothing(tree: Path, work: Path, tmp_path: Path) -> None:
+    # No slirp4netns: the box is given up while its first process waits. That
+    # one must not go on to run the command on its own, with no network and
+    # outside the job's process group.
+    only_bwrap = tmp_path / "bin"
+    only_bwrap.mkdir()
+    (only_bwrap / "bwrap").symlink_to(shutil.which("bwrap") or "/usr/bin/bwrap")
+    runs = tree / "runs"
+    argv = sandbox.wrap([PYTHON, "-c", f"open({str(runs)!r}, 'a').write('1')"], tree, {}, workdir=work, network=True)
+    done = subprocess.run(argv, capture_output=True, text=True, env={"PATH": str(only_bwrap)}, timeout=60)
+    assert done.returncode == 125 and "cannot start slirp4netns" in done.stderr
+    time.sleep(1.0)  # time enough for a box left behind to run it
+    assert not runs.exists()
 
 
 def test_hidden_paths_are_covered_whole(tree: Path, work: Path, tmp_path: Path) -> None:
