@@ -301,8 +301,9 @@ class Runner:
     def _setup(self) -> None:
         self.broker.declare_runner_exchanges()
         queue = self.broker.declare_runner_queue(self.s.runner_id)
+        if not self._fence:  # else the last outage is not over: still from before it
+            self._heard_before_fence = self._listened_at
         self._fence = uuid.uuid4().hex
-        self._heard_before_fence = self._listened_at
         self.broker.publish(queue, "", Mark(token=self._fence))  # through its own exchange
         # Exclusive: a second process with this id is refused here. Kept while
         # draining too (it rejects what it gets), so it still hears cancels.

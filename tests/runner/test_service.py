@@ -160,12 +160,13 @@ def test_a_job_left_behind_by_a_listen_that_was_held_up_is_refused_too(
     assert results.of(JobStarted) == [] and not marker.exists()
 
 
+@pytest.mark.parametrize("reconnects", [1, 2])
 def test_after_a_reconnect_only_what_waited_ahead_of_its_mark_counts_as_sent_while_deaf(
-    runner: Runner, rabbit: FakeRabbit, dispatcher_side: Broker, repo: GitRepo, tmp_path: Path
+    runner: Runner, rabbit: FakeRabbit, dispatcher_side: Broker, repo: GitRepo, tmp_path: Path, reconnects: int
 ) -> None:
     # Cut off for 8 s, then connected again: the jobs in its queue from then may
-    # be others' by now, however many listens it takes to get them; one sent
-    # after the runner's mark (sent at the reconnect) is new.
+    # be others' by now, however many listens (and reconnects) it takes to get
+    # them; one sent after the runner's mark (sent at the reconnect) is new.
     marker = tmp_path / "runs"
     sha = counting_suite(repo, marker)
     results = Results(rabbit)
@@ -175,6 +176,11 @@ def test_after_a_reconnect_only_what_waited_ahead_of_its_mark_counts_as_sent_whi
     runner.broker.close()
     runner.broker.connect()
     runner._setup()  # the reconnect: its mark goes in behind those
+    if reconnects == 2:
+        step(runner)  # the first one refused, then the connection is lost again
+        runner.broker.close()
+        runner.broker.connect()
+        runner._setup()
     send(dispatcher_side, dataclasses.replace(job_for(repo, sha, lease="M" * 32), job_id="new"))
     spin(runner, lambda: results.of(JobResult))
     assert [(r.job_id, "heard nothing for 7." in r.reason) for r in results.of(JobRejected)] == [
