@@ -93,9 +93,11 @@ def _attempt(argv: list[str], last: bool) -> int | None:
         pid = _child_pid(info_r)
         set_up = _said(set_r, box)
         if pid is None or not set_up:
-            if box.poll() is None:
+            try:
+                box.wait(timeout=5)  # bwrap failed before the gate began (it said why), and ends
+            except subprocess.TimeoutExpired:
                 return _fail(box, "bwrap did not set the box up in time", last)
-            return _given_up(box, last)  # bwrap failed before the gate began (it said why)
+            return _given_up(box, last)
         try:
             net, owner = _namespaces(pid)
         except OSError as exc:
