@@ -248,9 +248,6 @@ class Dialect:
     now = ""
     begin = "BEGIN"
     order = "rowid"  # insertion order in find()
-    # Whether one execute() may carry several statements (without parameters):
-    # each round trip saved counts when the database is a network hop away.
-    combines = False
 
     def connect(self, where: str, durable: bool, readonly: bool) -> Any:
         raise NotImplementedError
@@ -339,7 +336,6 @@ PG_DATA_ERRORS = frozenset(("22", "23", "54"))
 
 class PostgreSQL(Dialect):
     name = "postgresql"
-    combines = True
     types = {
         "int": "BIGINT",
         "real": "DOUBLE PRECISION",
@@ -363,16 +359,20 @@ class PostgreSQL(Dialect):
         elif not durable:
             options.append("-c synchronous_commit=off")  # tests only: a commit need not wait for its fsync
         # Autocommit: this module says BEGIN and COMMIT itself, as with SQLite.
-        # No prepared statements: in a pipeline that an error aborts, psycopg may
-        # count a PREPARE the server skipped as done, and every later use of that
-        # statement then fails ("prepared statement ... does not exist").
+        # Every statement is prepared at its first use (the server parses and
+        # plans it once per connection, not at every round). At once, not at
+        # psycopg's default sixth use: a statement first prepared on a later use
+        # inside a pipeline that an error aborts is taken for prepared although
+        # the server skipped it, and every later use of it would then fail
+        # ("prepared statement ... does not exist"); one prepared at its first
+        # use is checked against its own answer, and forgotten if it was skipped.
         return self.psycopg.connect(
             where,
             autocommit=True,
             connect_timeout=5,
             options=" ".join(options),
             application_name="volt-dispatcher",
-            prepare_threshold=None,
+            prepare_threshold=0,
         )
 
     @functools.lru_cache(maxsize=512)  # noqa: B019 - the statements are this module's own, a bounded set
@@ -488,6 +488,7 @@ def _store_op(fn: _F) -> _F:
             return fn(self, *args, **kwargs)
         except self.dialect.errors as exc:
             if self.dialect.trouble(exc):
+                self._troubled = True
                 raise StoreError(f"store {self.path}: {_one_line(exc)}") from None
             raise
 
@@ -652,6 +653,7 @@ class Store:
         self._durable = durable
         self._readonly = readonly
         self._batch = False
+        self._troubled = False  # the store's own trouble since the connection was opened
         self._lock_file: Any = None
         # (holder, term) while this store writes as the lease's holder: every
         # commit then checks and renews the lease first (see _commit).
@@ -785,9 +787,13 @@ class Store:
 
     def _reopen_if_broken(self) -> None:
         """A PostgreSQL connection that went away (a restart, a failover, a
-        session ended by the server) is opened again for the next round."""
-        if not self.dialect.broken(self.db):
+        session ended by the server) is opened again for the next round; so is
+        one that failed for the store's own reasons, so that nothing its session
+        held (a prepared statement the server no longer has, say) outlives the
+        failure."""
+        if not (self.dialect.broken(self.db) or (self._troubled and self.shared)):
             return
+        self._troubled = False
         try:
             self.db.close()
         except self.dialect.errors:
@@ -856,12 +862,10 @@ class Store:
             )
             if renewed.rowcount != 1:
                 raise LeaseLost(f"the dispatcher lease (term {term}) was taken over; nothing of this round is kept")
-        if then_begin and self.dialect.combines:
-            self._x(f"COMMIT; {self.dialect.begin}")
-            return
-        self._x("COMMIT")
-        if then_begin:
-            self._x(self.dialect.begin)
+        with self.dialect.change(self.db):  # both in one round trip on PostgreSQL
+            self._x("COMMIT")
+            if then_begin:
+                self._x(self.dialect.begin)
 
     # -- group commit ----------------------------------------------------
     #

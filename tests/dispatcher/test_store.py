@@ -506,6 +506,28 @@ def test_a_lost_database_connection_is_a_store_error_and_the_next_round_reconnec
     assert current(pg_store, row).state == "queued"
 
 
+def test_a_server_that_forgot_the_prepared_statements_costs_one_round(pg_store: Store) -> None:
+    # The server may lose what a session prepared (a DISCARD, a pooler between,
+    # an operator's DEALLOCATE): the round that finds out fails as the store's
+    # trouble, and the next one runs on a new session.
+    row = running(pg_store)
+    pg_store.begin_batch()
+    pg_store.note(row.job_id, 1, "r1", "ok", "prepared", now=105.0)
+    pg_store.commit_batch()
+    pg_store.db.pgconn.exec_(b"DEALLOCATE ALL")  # behind psycopg's back
+    with pytest.raises(StoreError, match="prepared statement"):
+        pg_store.begin_batch()
+        pg_store.note(row.job_id, 1, "r1", "ok", "lost", now=106.0)
+    pg_store.rollback_batch()
+    pid = pg_store.db.info.backend_pid
+    pg_store.begin_batch()
+    pg_store.note(row.job_id, 1, "r1", "ok", "again", now=107.0)
+    assert pg_store.finish(result(row), now=108.0)
+    pg_store.commit_batch()
+    assert pg_store.db.info.backend_pid != pid
+    assert kinds(pg_store, row).count("ok") == 2 and current(pg_store, row).status == "passed"
+
+
 def test_an_error_in_the_data_is_not_the_stores_even_where_psycopg_calls_it_operational(pg_store: Store) -> None:
     # An index entry over PostgreSQL's size limit (SQLSTATE 54000) is the data's
     # fault: taken for the store's, it would roll back and retry every round for ever.
@@ -543,10 +565,12 @@ def test_a_permission_the_database_refuses_is_the_stores_trouble_not_the_message
 
 
 def test_a_change_that_fails_on_the_server_leaves_the_connection_sound(pg_store: Store) -> None:
-    # psycopg prepares a statement on its sixth use. In a pipeline that an error
-    # aborts, the statements after the error are skipped, a PREPARE among them
-    # too, yet psycopg took it as done: every later use of that statement failed
-    # ("prepared statement ... does not exist"), and with it every round.
+    # In a pipeline that an error aborts, the statements after the error are
+    # skipped, a PREPARE among them too. psycopg, left to prepare a statement at
+    # its sixth use, took such a PREPARE as done: every later use of that
+    # statement failed ("prepared statement ... does not exist"), and with it
+    # every round. The store prepares each statement at its first use instead,
+    # which psycopg checks against the statement's answer.
     row = running(pg_store)
     for _ in range(8):  # the same round, tried again and again
         pg_store.begin_batch()
