@@ -305,6 +305,13 @@ class Broker:
         # Seconds pika waits on a broker that blocks publishers before it gives
         # the connection up (a worker then reconnects; a command says why).
         self.blocked_timeout = 60.0
+        # Seconds without a word after which the broker gives this connection
+        # up (and pika too): pika sends a heartbeat frame every half of it when
+        # nothing else goes out, and so does the broker.
+        self.heartbeat = 30
+        # What the connection had received when last looked at, and when that
+        # changed (monotonic): see silence().
+        self._heard = (-1, 0.0)
         # Since when (monotonic) the broker blocks this connection's publishes
         # (a memory or disk alarm), or None; and who wants to know of changes.
         self.blocked_since: float | None = None
@@ -315,6 +322,21 @@ class Broker:
     @property
     def connected(self) -> bool:
         return bool(self._conn and self._conn.is_open and self._ch and self._ch.is_open)
+
+    def silence(self) -> float:
+        """Seconds since the broker last sent this connection anything (a
+        delivery, an answer, a heartbeat frame), as of the last time pika read
+        it: a connection cut off without a close (a network partition) goes
+        silent long before pika or the broker gives it up."""
+        if self._conn is None:
+            return float("inf")
+        received = getattr(getattr(self._conn, "_impl", None), "bytes_received", None)
+        if received is None:  # a connection without pika's counter (unit tests' in-memory broker)
+            return 0.0
+        now = time.monotonic()
+        if received != self._heard[0]:
+            self._heard = (received, now)
+        return now - self._heard[1]
 
     def connect(self, give_up_after: float | None = None, stopping: Callable[[], bool] = lambda: False) -> None:
         """Connect to one of the broker's nodes, retrying with capped exponential
@@ -377,7 +399,7 @@ class Broker:
         params.connection_attempts = 1
         params.socket_timeout = 5
         params.blocked_connection_timeout = self.blocked_timeout
-        params.heartbeat = 30
+        params.heartbeat = self.heartbeat
         self._conn = type(self).connection_factory(params)
         # BlockingConnection hands Connection.Blocked to its callbacks only
         # once the call that waits returns, and the call that waits is the
@@ -390,6 +412,7 @@ class Broker:
         self._ch = self._conn.channel()
         self._ch.confirm_delivery()
         self._ch.add_on_cancel_callback(self._on_cancelled_by_broker)
+        self._heard = (getattr(getattr(self._conn, "_impl", None), "bytes_received", -1), time.monotonic())
         self._fire_ch = self._get_ch = self._batch_ch = None
         self._consumers = {}
         self._cancelled_by_broker = []

@@ -80,6 +80,12 @@ PARK_CHECK_EVERY = 5.0
 # often. A killed dispatcher's successor takes over within about their sum.
 LEASE_TTL = 5.0
 LEASE_POLL = 0.5
+# Beside standbys, the broker gives up on a silent dispatcher's connection
+# (and so hands its input queues to the next one) this many seconds after its
+# last word, give or take half of it, instead of pika's usual 30: a dispatcher
+# cut off from the broker without a close (a network partition) still holds
+# the queues until then. A round lasts about a quarter of a second.
+STANDBY_HEARTBEAT = 2
 # The active dispatcher takes requests before any standby does.
 ACTIVE_PRIORITY, STANDBY_PRIORITY = 10, 0
 
@@ -135,6 +141,9 @@ class Dispatcher:
         self.ns = settings.broker.namespace
         self.broker = broker or Broker(settings.broker, "volt-dispatcher")
         self.store = store or Store(settings.db)
+        if self.store.shared:
+            self.broker.heartbeat = STANDBY_HEARTBEAT
+            self.store.silence = self.broker.silence
         self.clock = clock
         self.wall = wall
         self.registry = Registry(clock, misses=settings.heartbeat_misses)

@@ -659,6 +659,12 @@ class Store:
         # commit then checks and renews the lease first (see _commit).
         self.fence: tuple[str, int] | None = None
         self.lease_ttl = 5.0
+        # Seconds the holder has not heard its broker: a renewal reaches only
+        # lease_ttl past the broker's last word, so a holder cut off from the
+        # broker (which can neither reach runners nor let go of the input
+        # queues) loses the lease as soon as a killed one would, even while it
+        # still reaches the database.
+        self.silence: Callable[[], float] = lambda: 0.0
         self._identity: tuple[int, int] | None = None
         try:
             self.db = self.dialect.connect(self._where, durable, readonly)
@@ -858,7 +864,7 @@ class Store:
             holder, term = self.fence
             renewed = self._x(
                 f"UPDATE dispatcher_lease SET expires_at = {self.dialect.now} + ? WHERE id = 1 AND holder = ? AND term = ?",
-                (self.lease_ttl, holder, term),
+                (max(0.0, self.lease_ttl - self.silence()), holder, term),
             )
             if renewed.rowcount != 1:
                 raise LeaseLost(f"the dispatcher lease (term {term}) was taken over; nothing of this round is kept")

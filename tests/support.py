@@ -176,21 +176,26 @@ class Volt:
         self.runner_ids: set[str] = set()
         self._broker: Broker | None = None
 
-    def common(self) -> list[str]:
-        return ["--amqp-url", self.amqp_url, "--namespace", self.ns, "--log-level", "DEBUG"]
+    def common(self, amqp_url: str | None = None) -> list[str]:
+        return ["--amqp-url", amqp_url or self.amqp_url, "--namespace", self.ns, "--log-level", "DEBUG"]
 
-    def argv(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "common.cli", *args, *self.common()]
+    def argv(self, *args: str, amqp_url: str | None = None) -> list[str]:
+        return [sys.executable, "-m", "common.cli", *args, *self.common(amqp_url)]
 
     def run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """Run one `volt` command to completion."""
         return subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=timeout, cwd=self.tmp)
 
-    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        """Start `volt ARGS`; `env` is added to this process's environment."""
+    def start(
+        self, name: str, *args: str, env: dict[str, str] | None = None, amqp_url: str | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start `volt ARGS`; `env` is added to this process's environment; `amqp_url`
+        is the broker it connects to, if not the namespace's own."""
         log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
         full_env = {**os.environ, **env} if env else None
-        proc = subprocess.Popen(self.argv(*args), stdout=log, stderr=subprocess.STDOUT, cwd=self.tmp, env=full_env)
+        proc = subprocess.Popen(
+            self.argv(*args, amqp_url=amqp_url), stdout=log, stderr=subprocess.STDOUT, cwd=self.tmp, env=full_env
+        )
         self.procs[name] = proc
         return proc
 
@@ -382,6 +387,103 @@ def _listening(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+class Relay:
+    """A TCP relay to the broker that a test can cut, as a network between a
+    worker and its broker fails: `hang()` keeps the connections and passes
+    nothing more (packets dropped: neither end hears a close), `drop()`
+    closes them and refuses new ones (a node gone); `heal()` passes again."""
+
+    def __init__(self, amqp_url: str) -> None:
+        import threading
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(amqp_url)
+        self.target = (parts.hostname or "127.0.0.1", parts.port or 5672)
+        self.port = free_port()
+        login = parts.netloc.rpartition("@")[0]
+        # amqp_url (a single node's) through this relay.
+        self.url = parts._replace(
+            netloc=f"{login}@127.0.0.1:{self.port}" if login else f"127.0.0.1:{self.port}"
+        ).geturl()
+        self.mode = "pass"  # "pass", "hang" or "drop"
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._server = socket.create_server(("127.0.0.1", self.port))
+        self._server.settimeout(0.2)
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self._closed:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                continue
+            if self.mode != "pass":
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._socks += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        src.settimeout(0.2)
+        while not self._closed:
+            try:
+                data = src.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if not data:
+                break
+            while self.mode == "hang" and not self._closed:
+                time.sleep(0.05)  # held, as a dropped packet: never sent
+            if self.mode != "pass":
+                break
+            try:
+                dst.sendall(data)
+            except OSError:
+                break
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def hang(self) -> None:
+        self.mode = "hang"
+
+    def drop(self) -> None:
+        self.mode = "drop"
+        with self._lock:
+            socks, self._socks = self._socks, []
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def heal(self) -> None:
+        if self.mode == "hang":  # what was held is gone, as after a partition
+            self.drop()
+        self.mode = "pass"
+
+    def close(self) -> None:
+        self.drop()
+        self._closed = True
+        self._server.close()
 
 
 class Node:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import random
 import sqlite3
+import time
 import uuid
 import zlib
 from collections.abc import Iterator
@@ -455,6 +456,26 @@ def test_a_fenced_round_commits_and_renews_the_lease(store: Store) -> None:
     store.commit_batch()
     assert current(store, row).state == "queued"
     assert store.lease().seconds_left > 29  # the commit renewed it
+
+
+def test_a_holder_that_has_not_heard_its_broker_renews_the_lease_only_to_the_broker_s_last_word_and_ttl(
+    store: Store,
+) -> None:
+    term = store.acquire_lease("a", ttl=30)
+    assert term is not None
+    store.fence, store.lease_ttl = ("a", term), 30.0
+    store.silence = lambda: 20.0
+    store.begin_batch()
+    store.commit_batch()
+    assert 9 < store.lease().seconds_left <= 10
+    store.silence = lambda: 45.0  # cut off for longer than the lease: the round commits, the lease runs out
+    store.begin_batch()
+    row = queued(store)
+    store.commit_batch()
+    assert current(store, row).state == "queued"
+    assert store.lease().seconds_left <= 0
+    time.sleep(0.01)  # past the millisecond it ran out in (SQLite's clock)
+    assert store.acquire_lease("b", ttl=30) == term + 1
 
 
 def test_a_dispatcher_that_lost_the_lease_commits_nothing(pg_url: str) -> None:

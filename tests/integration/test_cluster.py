@@ -15,7 +15,18 @@ import uuid
 from pathlib import Path
 
 import pytest
-from support import GitRepo, Node, Volt, many_commits, overlapping, per_commit_suite, pg_database, pids, rabbit_cluster
+from support import (
+    GitRepo,
+    Node,
+    Relay,
+    Volt,
+    many_commits,
+    overlapping,
+    per_commit_suite,
+    pg_database,
+    pids,
+    rabbit_cluster,
+)
 
 from dispatcher.client import QueryFailed
 
@@ -128,6 +139,55 @@ def test_standby_dispatchers_take_over_from_a_killed_or_paused_one(amqp_url: str
         finally:
             volt.stop_all()
             volt.delete_topology()
+
+
+@pytest.mark.parametrize("cut", ["hang", "drop"])
+def test_a_standby_takes_over_from_a_dispatcher_cut_off_from_the_broker(
+    amqp_url: str, tmp_path: Path, cut: str
+) -> None:
+    # "hang": a network partition, where neither end hears a close, so only
+    # silence tells; "drop": its node gone, and no other node reachable. The
+    # cut-off one still reaches PostgreSQL, and must let go anyway.
+    repo = GitRepo(tmp_path / "repo")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    first = repo.commit(per_commit_suite(runs, sleep=0.2))
+    relay = Relay(amqp_url)
+    with pg_database() as db:
+        volt = Volt(amqp_url, f"t{uuid.uuid4().hex[:10]}", tmp_path)
+        try:
+            volt.start("dispatcher-a", "dispatcher", "--db", db, amqp_url=relay.url)
+            active_one(volt, ("dispatcher-a",))
+            volt.start("dispatcher-b", "dispatcher", "--db", db)
+            volt.wait_for("the standby", lambda: "standing by" in volt.log_of("dispatcher-b"))
+            volt.runner("r1")
+            volt.runner("r2")
+            volt.observer(repo.path)
+            volt.wait_results(1)
+
+            cut_at = time.monotonic()
+            getattr(relay, cut)()
+            commits = many_commits(repo, 3)
+            volt.wait_results(4, timeout=60)
+            took = time.monotonic() - cut_at
+            print(f"{cut}: commits made after the cut recorded {took:.1f}s after it")
+            assert took < 10
+            assert ACTIVE in volt.log_of("dispatcher-b")
+
+            relay.heal()  # it comes back, finds the lease gone, and stands by
+            volt.wait_for(
+                "the cut-off one to stand by",
+                lambda: STOOD_DOWN in volt.log_of("dispatcher-a") or "standing by" in volt.log_of("dispatcher-a"),
+                timeout=60,
+            )
+            more = many_commits(repo, 3)
+            volt.wait_results(7, timeout=60)
+            exactly_one_result_each(volt, [first, *commits, *more])
+            assert overlapping(runs) == []
+        finally:
+            volt.stop_all()
+            volt.delete_topology()
+            relay.close()
 
 
 def test_a_standby_that_takes_over_from_a_paused_dispatcher_takes_no_running_job_back(
