@@ -311,7 +311,7 @@ class Broker:
         self.heartbeat = 30
         # What the connection had received when last looked at, and when that
         # changed (monotonic): see silence().
-        self._heard = (-1, 0.0)
+        self._heard = (0, 0.0)
         # Since when (monotonic) the broker blocks this connection's publishes
         # (a memory or disk alarm), or None; and who wants to know of changes.
         self.blocked_since: float | None = None
@@ -328,15 +328,18 @@ class Broker:
         delivery, an answer, a heartbeat frame), as of the last time pika read
         it: a connection cut off without a close (a network partition) goes
         silent long before pika or the broker gives it up."""
-        if self._conn is None:
-            return float("inf")
-        received = getattr(getattr(self._conn, "_impl", None), "bytes_received", None)
-        if received is None:  # a connection without pika's counter (unit tests' in-memory broker)
-            return 0.0
         now = time.monotonic()
-        if received != self._heard[0]:
-            self._heard = (received, now)
+        if self._conn is not None:
+            received = self._received()
+            if received is None:  # unit tests' in-memory broker counts nothing
+                return 0.0
+            if received != self._heard[0]:
+                self._heard = (received, now)
         return now - self._heard[1]
+
+    def _received(self) -> int | None:
+        """Bytes the connection has read so far (pika's count), or None without one."""
+        return getattr(getattr(self._conn, "_impl", None), "bytes_received", None)
 
     def connect(self, give_up_after: float | None = None, stopping: Callable[[], bool] = lambda: False) -> None:
         """Connect to one of the broker's nodes, retrying with capped exponential
@@ -412,7 +415,7 @@ class Broker:
         self._ch = self._conn.channel()
         self._ch.confirm_delivery()
         self._ch.add_on_cancel_callback(self._on_cancelled_by_broker)
-        self._heard = (getattr(getattr(self._conn, "_impl", None), "bytes_received", -1), time.monotonic())
+        self._heard = (self._received() or 0, time.monotonic())
         self._fire_ch = self._get_ch = self._batch_ch = None
         self._consumers = {}
         self._cancelled_by_broker = []

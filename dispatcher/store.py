@@ -864,7 +864,7 @@ class Store:
             holder, term = self.fence
             renewed = self._x(
                 f"UPDATE dispatcher_lease SET expires_at = {self.dialect.now} + ? WHERE id = 1 AND holder = ? AND term = ?",
-                (max(0.0, self.lease_ttl - self.silence()), holder, term),
+                (self.lease_ttl - self.silence(), holder, term),
             )
             if renewed.rowcount != 1:
                 raise LeaseLost(f"the dispatcher lease (term {term}) was taken over; nothing of this round is kept")

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -396,7 +397,6 @@ class Relay:
     closes them and refuses new ones (a node gone); `heal()` passes again."""
 
     def __init__(self, amqp_url: str) -> None:
-        import threading
         from urllib.parse import urlsplit
 
         parts = urlsplit(amqp_url)
@@ -410,14 +410,13 @@ class Relay:
         self.mode = "pass"  # "pass", "hang" or "drop"
         self._socks: list[socket.socket] = []
         self._lock = threading.Lock()
+        self._changed = threading.Condition()  # notified when the mode changes
         self._server = socket.create_server(("127.0.0.1", self.port))
         self._server.settimeout(0.2)
         self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
-        import threading
-
         while not self._closed:
             try:
                 client, _ = self._server.accept()
@@ -447,8 +446,8 @@ class Relay:
                 break
             if not data:
                 break
-            while self.mode == "hang" and not self._closed:
-                time.sleep(0.05)  # held, as a dropped packet: never sent
+            with self._changed:  # while hanging, held, as a dropped packet: never sent
+                self._changed.wait_for(lambda: self.mode != "hang" or self._closed)
             if self.mode != "pass":
                 break
             try:
@@ -461,11 +460,16 @@ class Relay:
             except OSError:
                 pass
 
+    def _set(self, mode: str) -> None:
+        with self._changed:
+            self.mode = mode
+            self._changed.notify_all()
+
     def hang(self) -> None:
-        self.mode = "hang"
+        self._set("hang")
 
     def drop(self) -> None:
-        self.mode = "drop"
+        self._set("drop")
         with self._lock:
             socks, self._socks = self._socks, []
         for s in socks:
@@ -478,11 +482,11 @@ class Relay:
     def heal(self) -> None:
         if self.mode == "hang":  # what was held is gone, as after a partition
             self.drop()
-        self.mode = "pass"
+        self._set("pass")
 
     def close(self) -> None:
-        self.drop()
         self._closed = True
+        self.drop()
         self._server.close()
 
 
